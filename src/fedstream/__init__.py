@@ -1,0 +1,48 @@
+"""fedstream: NVIDIA FLARE-style object streaming on trio.
+
+Everything public is importable from here; modules whose names start with an
+underscore are internal.
+"""
+
+from ._api import ConsumerFactory, ObjectConsumer, ObjectProducer, StreamableEngine
+from ._api import StreamContextKey
+from ._context import FLContext, Signal
+from ._engine import END_RESULT, END_RESULTS, Site, SiteOptions, SyncMode, open_site
+from ._engine import serve_site
+from ._errors import ConnectionLostError, FedstreamError, HandshakeError, LocalProtocolError
+from ._errors import ObjectTooLargeError, ProtocolError, RemoteProtocolError, SiteClosedError
+from ._errors import StreamCancelledError, UnknownTargetError
+from ._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
+from ._version import __version__
+
+__all__ = [
+    "END_RESULT",
+    "END_RESULTS",
+    "ConnectionLostError",
+    "ConsumerFactory",
+    "FLContext",
+    "FedstreamError",
+    "HandshakeError",
+    "LocalProtocolError",
+    "ObjectConsumer",
+    "ObjectProducer",
+    "ObjectTooLargeError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "ReservedHeaderKey",
+    "ReturnCode",
+    "Shareable",
+    "Signal",
+    "Site",
+    "SiteClosedError",
+    "SiteOptions",
+    "StreamCancelledError",
+    "StreamContextKey",
+    "StreamableEngine",
+    "SyncMode",
+    "UnknownTargetError",
+    "__version__",
+    "make_reply",
+    "open_site",
+    "serve_site",
+]

@@ -1,0 +1,8 @@
+"""The trio engine: sites, connections and stream sessions."""
+
+from ._callbacks import SyncMode
+from ._options import SiteOptions
+from ._sender import END_RESULT, END_RESULTS
+from ._site import Site, open_site, serve_site
+
+__all__ = ["END_RESULT", "END_RESULTS", "SiteOptions", "Site", "SyncMode", "open_site", "serve_site"]

@@ -1,0 +1,477 @@
+"""One connection to one peer site: handshake, reader, writer, heartbeat, routing.
+
+Three tasks run per connection, in the connection's own nursery:
+
+* the **reader** feeds received bytes to the sans-io :class:`FrameProtocol`
+  and dispatches every frame *synchronously* to the session it belongs to.
+  It never awaits anything but the socket, so a slow consumer can never stop
+  it from reading (which is what would let two sites deadlock on full socket
+  buffers);
+* the **writer** owns ``send_all``. Sessions hand it frames through an
+  :class:`_Outbox` with two queues: *control* frames (credit, pong, done,
+  rejections: small, produced by the reader, never waited for) and *data*
+  frames (object and reply chunks, bounded in bytes: a session waits for room,
+  which is the connection-level backpressure). The writer coalesces small
+  frames into one ``send_all`` and writes large bodies without copying them;
+* the **heartbeat** sends PING when idle and declares the peer lost when
+  nothing at all was received for ``peer_timeout`` seconds.
+
+Receiver sessions opened by the peer also run in this nursery, so losing the
+connection cancels exactly them (their ``finalize`` still runs, shielded).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from .._errors import ConnectionLostError, HandshakeError, RemoteProtocolError
+from .._wire import (
+    CLOSED,
+    NEED_DATA,
+    Abort,
+    Chunk,
+    Credit,
+    Data,
+    Done,
+    End,
+    ErrorCode,
+    Frame,
+    FrameProtocol,
+    GoAway,
+    Hello,
+    Ping,
+    Pong,
+    Reply,
+)
+
+if TYPE_CHECKING:
+    from ._options import SiteOptions
+
+__all__ = ["Connection", "ReceiveHandler", "SendHandler", "accept_handshake", "dial_handshake"]
+
+logger = logging.getLogger(__name__)
+
+_RECEIVE_SIZE = 256 * 1024
+#: Frames smaller than this are copied into one coalesced ``send_all``.
+_COALESCE_BODY = 64 * 1024
+#: Bytes of small frames gathered into one ``send_all``.
+_COALESCE_LIMIT = 256 * 1024
+#: A peer that makes us queue this many control frames without reading is dropped.
+_MAX_CONTROL_QUEUE = 100_000
+
+
+class ReceiveHandler(Protocol):
+    """What the connection needs from a peer-opened (receiving) session."""
+
+    def on_data(self, frame: Data) -> None: ...
+    def on_chunk(self, frame: Chunk) -> None: ...
+    def on_end(self, frame: End) -> None: ...
+    def on_abort(self, frame: Abort) -> None: ...
+    def on_connection_lost(self) -> None: ...
+
+
+class SendHandler(Protocol):
+    """What the connection needs from a locally opened (sending) link."""
+
+    def on_reply(self, frame: Reply) -> None: ...
+    def on_chunk(self, frame: Chunk) -> None: ...
+    def on_abort(self, frame: Abort) -> None: ...
+    def on_done(self, frame: Done) -> None: ...
+    def on_credit(self, frame: Credit) -> None: ...
+    def on_connection_lost(self) -> None: ...
+
+
+class _Outbox:
+    """Frames waiting for the writer: unbounded control queue, byte-bounded data queue."""
+
+    def __init__(self, data_limit: int) -> None:
+        self.control: collections.deque[tuple[bytes, memoryview | None]] = collections.deque()
+        self.data: collections.deque[tuple[bytes, memoryview | None]] = collections.deque()
+        self.data_bytes = 0
+        self.data_limit = data_limit
+        self.space = trio.lowlevel.ParkingLot()
+        self.wakeup = trio.Event()
+        self.closed = False
+
+    def __bool__(self) -> bool:
+        return bool(self.control or self.data)
+
+
+def _size(item: tuple[bytes, memoryview | None]) -> int:
+    return len(item[0]) + (len(item[1]) if item[1] is not None else 0)
+
+
+async def _read_frame(stream: trio.abc.Stream, protocol: FrameProtocol) -> Frame | None:
+    """Read until one frame arrives; ``None`` if the peer closed first."""
+    while True:
+        event = protocol.next_event()
+        if event is CLOSED:
+            return None
+        if event is not NEED_DATA:
+            return event
+        protocol.receive_data(await stream.receive_some(_RECEIVE_SIZE))
+
+
+async def dial_handshake(
+    stream: trio.abc.Stream, protocol: FrameProtocol, hello: Hello, *, timeout: float
+) -> Hello:
+    """The dialer's half: send our HELLO, then expect HELLO (accepted) or GOAWAY (refused)."""
+    with trio.move_on_after(timeout) as scope:
+        try:
+            await stream.send_all(protocol.send(hello))
+            frame = await _read_frame(stream, protocol)
+        except RemoteProtocolError as exc:
+            raise HandshakeError(f"invalid handshake from peer: {exc}") from exc
+        except (trio.BrokenResourceError, OSError) as exc:
+            raise HandshakeError(f"connection broke during handshake: {exc}") from exc
+    if scope.cancelled_caught:
+        raise HandshakeError(f"no HELLO from peer within {timeout} s")
+    if isinstance(frame, GoAway):
+        raise HandshakeError(f"peer refused the connection: {ErrorCode(frame.code).name if frame.code in ErrorCode._value2member_map_ else frame.code}: {frame.message}")
+    if not isinstance(frame, Hello):
+        raise HandshakeError("peer closed the connection during the handshake")
+    return frame
+
+
+async def accept_handshake(
+    stream: trio.abc.Stream,
+    protocol: FrameProtocol,
+    make_hello: Callable[[Hello], Hello | GoAway],
+    *,
+    timeout: float,
+) -> Hello:
+    """The acceptor's half: read the dialer's HELLO, then answer HELLO or GOAWAY.
+
+    ``make_hello`` decides: it returns our HELLO to accept or a GOAWAY to refuse.
+    """
+    with trio.move_on_after(timeout) as scope:
+        try:
+            frame = await _read_frame(stream, protocol)
+        except RemoteProtocolError as exc:
+            await _refuse(stream, protocol, GoAway(exc.error_code, str(exc)))
+            raise HandshakeError(f"invalid handshake from peer: {exc}") from exc
+        except (trio.BrokenResourceError, OSError) as exc:
+            raise HandshakeError(f"connection broke during handshake: {exc}") from exc
+        if not isinstance(frame, Hello):
+            raise HandshakeError("peer closed the connection during the handshake")
+        answer = make_hello(frame)
+        if isinstance(answer, GoAway):
+            await _refuse(stream, protocol, answer)
+            raise HandshakeError(f"refused {frame.site!r}: {answer.message}")
+        try:
+            await stream.send_all(protocol.send(answer))
+        except (trio.BrokenResourceError, OSError) as exc:
+            raise HandshakeError(f"connection broke during handshake: {exc}") from exc
+        return frame
+    raise HandshakeError(f"no HELLO from peer within {timeout} s") from None
+
+
+async def _refuse(stream: trio.abc.Stream, protocol: FrameProtocol, goaway: GoAway) -> None:
+    with trio.move_on_after(1):
+        try:
+            await stream.send_all(protocol.send(goaway))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        except Exception:  # the refusal itself is best effort
+            logger.debug("could not send GOAWAY", exc_info=True)
+
+
+class Connection:
+    """An established connection to the peer named ``peer``.
+
+    Create it after a successful handshake and run :meth:`run` in a nursery.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        protocol: FrameProtocol,
+        peer_hello: Hello,
+        *,
+        local: str,
+        dialer: bool,
+        options: SiteOptions,
+        url: str,
+    ) -> None:
+        self.stream = stream
+        self.protocol = protocol
+        self.peer = peer_hello.site
+        self.local = local
+        self.url = url
+        self.options = options
+        self.peer_limits = dict(peer_hello.limits)
+        self.peer_features = frozenset(peer_hello.features)
+        self.dialer = dialer
+        self._sids = itertools.count(1 if dialer else 2, 2)
+        self._parity = 1 if dialer else 0
+        #: Sessions the peer opened (we receive), by sid.
+        self.receivers: dict[int, ReceiveHandler] = {}
+        #: Links we opened (we send), by sid.
+        self.senders: dict[int, SendHandler] = {}
+        self._outbox = _Outbox(max(2 * options.chunk_size, 1 << 20))
+        self._pings = itertools.count()
+        self._last_receive = trio.current_time()
+        self.closed = trio.Event()
+        self.close_reason = ""
+        self._cancel_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        #: Called from the reader for a DATA frame with seq 0 on an unknown sid.
+        self.on_open: Callable[[Connection, Data], ReceiveHandler | None] = lambda c, f: None
+
+    # ----------------------------------------------------------------- identity
+
+    @property
+    def peer_window(self) -> float:
+        """Initial per-stream send window the peer grants (inf if it does not use credit)."""
+        window = self.peer_limits.get("window", 0)
+        return math.inf if window == 0 else float(window)
+
+    @property
+    def peer_max_object_size(self) -> float:
+        size = self.peer_limits.get("max_object_size", 0)
+        return math.inf if size == 0 else float(size)
+
+    @property
+    def max_body(self) -> int:
+        """The largest frame body we may send to this peer."""
+        return max(1024, min(self.options.chunk_size, self.protocol.peer_max_frame_size - 4096))
+
+    def new_sid(self) -> int:
+        return next(self._sids)
+
+    def is_ours(self, sid: int) -> bool:
+        return sid % 2 == self._parity
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        assert self._nursery is not None
+        return self._nursery
+
+    # ------------------------------------------------------------------ sending
+
+    def send_control(self, frame: Frame) -> None:
+        """Queue a small frame without waiting (safe from the reader)."""
+        if self._outbox.closed:
+            return
+        self._outbox.control.append(self.protocol.send_parts(frame))
+        if len(self._outbox.control) > _MAX_CONTROL_QUEUE:
+            self.lose("peer does not read what we send")
+            return
+        self._outbox.wakeup.set()
+
+    async def send_data(self, frame: Frame) -> None:
+        """Queue a data frame, waiting while the data queue is full.
+
+        Raises:
+            ConnectionLostError: the connection is closed.
+        """
+        outbox = self._outbox
+        while outbox.data_bytes >= outbox.data_limit and not outbox.closed:
+            await outbox.space.park()
+        if outbox.closed:
+            raise ConnectionLostError(f"connection to {self.peer} is closed: {self.close_reason}")
+        item = self.protocol.send_parts(frame)
+        outbox.data.append(item)
+        outbox.data_bytes += _size(item)
+        outbox.wakeup.set()
+
+    async def _writer(self) -> None:
+        outbox = self._outbox
+        stream = self.stream
+        while True:
+            while not outbox:
+                outbox.wakeup = trio.Event()
+                await outbox.wakeup.wait()
+            batch = bytearray()
+            large: memoryview | None = None
+            while outbox.control and len(batch) < _COALESCE_LIMIT:
+                head, body = outbox.control.popleft()
+                batch += head
+                if body is not None:
+                    batch += body
+            freed = 0
+            while outbox.data and len(batch) < _COALESCE_LIMIT and large is None:
+                head, body = outbox.data.popleft()
+                size = len(head) + (len(body) if body is not None else 0)
+                freed += size
+                batch += head
+                if body is not None:
+                    if len(body) < _COALESCE_BODY:
+                        batch += body
+                    else:
+                        large = body
+            if batch:
+                await stream.send_all(batch)
+            if large is not None:
+                await stream.send_all(large)
+            self.bytes_sent += len(batch) + (len(large) if large is not None else 0)
+            if freed:
+                outbox.data_bytes -= freed
+                outbox.space.unpark_all()
+
+    # ---------------------------------------------------------------- receiving
+
+    async def _reader(self) -> None:
+        stream = self.stream
+        protocol = self.protocol
+        while True:
+            data = await stream.receive_some(_RECEIVE_SIZE)
+            self._last_receive = trio.current_time()
+            self.bytes_received += len(data)
+            protocol.receive_data(data)
+            while True:
+                event = protocol.next_event()
+                if event is NEED_DATA:
+                    break
+                if event is CLOSED:
+                    self.lose("peer closed the connection")
+                    return
+                self._dispatch(event)
+                if self._outbox.closed:
+                    return
+
+    def _dispatch(self, frame: Frame) -> None:
+        if isinstance(frame, (Data, Chunk, End)) or (
+            isinstance(frame, Abort) and not self.is_ours(frame.sid)
+        ):
+            self._dispatch_receiving(frame)
+        elif isinstance(frame, (Reply, Done, Credit, Abort)):
+            if not self.is_ours(frame.sid):
+                raise RemoteProtocolError(f"{type(frame).__name__} on a stream we did not open")
+            sender = self.senders.get(frame.sid)
+            if sender is None:
+                return  # late frame for a finished stream
+            if isinstance(frame, Reply):
+                sender.on_reply(frame)
+            elif isinstance(frame, Done):
+                sender.on_done(frame)
+            elif isinstance(frame, Credit):
+                sender.on_credit(frame)
+            else:
+                sender.on_abort(frame)
+        elif isinstance(frame, Ping):
+            self.send_control(Pong(frame.opaque))
+        elif isinstance(frame, GoAway):
+            code = frame.code
+            self.lose(f"peer said goodbye ({ErrorCode(code).name if code in ErrorCode._value2member_map_ else code}: {frame.message})")
+        # PONG needs nothing: any received byte already counts as liveness.
+
+    def _dispatch_receiving(self, frame: Data | Chunk | End | Abort) -> None:
+        sid = frame.sid
+        if isinstance(frame, Chunk) and self.is_ours(sid):
+            sender = self.senders.get(sid)
+            if sender is not None:
+                sender.on_chunk(frame)
+            return
+        if self.is_ours(sid):
+            raise RemoteProtocolError(f"{type(frame).__name__} on a stream id of ours")
+        receiver = self.receivers.get(sid)
+        if receiver is None:
+            if isinstance(frame, Data):
+                if frame.seq == 0:
+                    receiver = self.on_open(self, frame)
+                    if receiver is not None:
+                        self.receivers[sid] = receiver
+                        receiver.on_data(frame)
+                    return
+                self.reject(sid, frame.seq, "BAD_REQUEST_DATA",
+                            f"object {frame.seq} for unknown stream {sid}")
+            return  # chunk, end or abort for a finished or rejected stream
+        if isinstance(frame, Data):
+            receiver.on_data(frame)
+        elif isinstance(frame, Chunk):
+            receiver.on_chunk(frame)
+        elif isinstance(frame, End):
+            receiver.on_end(frame)
+        else:
+            receiver.on_abort(frame)
+
+    def reject(self, sid: int, seq: int, rc: str, message: str) -> None:
+        """Answer object ``seq`` of ``sid`` with an error reply that ends the stream."""
+        from .._shareable import ReservedHeaderKey, make_reply
+        from .._wire import encode_object
+
+        logger.warning("rejecting object %d of stream %d from %s: %s", seq, sid, self.peer,
+                       message)
+        encoded = encode_object(make_reply(rc, {ReservedHeaderKey.ERROR: message})).to_bytes()
+        self.send_control(Reply(sid, seq, len(encoded), True, encoded))
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def _heartbeat(self) -> None:
+        interval = self.options.heartbeat_interval
+        timeout = self.options.peer_timeout
+        while True:
+            await trio.sleep(min(interval, timeout / 2))
+            silent = trio.current_time() - self._last_receive
+            if silent >= timeout:
+                self.lose(f"nothing received from {self.peer} for {silent:.1f} s")
+                return
+            if silent >= interval:
+                self.send_control(Ping(next(self._pings)))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the connection until it is lost or closed; always closes the stream."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._cancel_scope = nursery.cancel_scope
+                nursery.start_soon(self._guard, self._writer)
+                nursery.start_soon(self._guard, self._reader)
+                nursery.start_soon(self._heartbeat)
+                task_status.started()
+        finally:
+            self.lose("connection closed")
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.stream.aclose()
+
+    async def _guard(self, fn: Callable[[], Any]) -> None:
+        try:
+            await fn()
+        except RemoteProtocolError as exc:
+            logger.warning("protocol error from %s: %s", self.peer, exc)
+            self._goaway(exc.error_code, str(exc))
+            self.lose(f"protocol error: {exc}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.lose(f"connection broke: {exc!r}")
+
+    def _goaway(self, code: int, message: str) -> None:
+        """Best effort: tell the peer why, without waiting."""
+        try:
+            self.send_control(GoAway(code, message[:200]))
+        except Exception:  # the protocol may already be closed for sending
+            logger.debug("could not queue GOAWAY", exc_info=True)
+
+    async def aclose(self, code: int = ErrorCode.NO_ERROR, message: str = "") -> None:
+        """Say GOAWAY, flush what is queued (bounded), and close."""
+        if not self._outbox.closed:
+            self._goaway(code, message)
+            with trio.move_on_after(self.options.finalize_timeout):
+                while self._outbox and not self.closed.is_set():
+                    await trio.sleep(0.01)
+        self.lose(message or "closed locally")
+
+    def lose(self, reason: str) -> None:
+        """Mark the connection gone and tell every session; idempotent, never awaits."""
+        if self.closed.is_set():
+            return
+        self.close_reason = reason
+        logger.info("connection %s -> %s closed: %s", self.local, self.peer, reason)
+        self._outbox.closed = True
+        self._outbox.space.unpark_all()
+        self.closed.set()
+        for handler in list(self.receivers.values()):
+            handler.on_connection_lost()
+        for link in list(self.senders.values()):
+            link.on_connection_lost()
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()

@@ -1,0 +1,79 @@
+"""Site options: every bound and timer in one frozen record, with named defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final
+
+from .._wire import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
+from ._callbacks import SyncMode
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_FINALIZE_TIMEOUT",
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "DEFAULT_MAX_OBJECT_SIZE",
+    "DEFAULT_PEER_TIMEOUT",
+    "DEFAULT_WINDOW",
+    "SiteOptions",
+]
+
+#: Largest object a site accepts (16 GiB).
+DEFAULT_MAX_OBJECT_SIZE: Final = 16 * 1024**3
+#: Object bytes per frame.
+DEFAULT_CHUNK_SIZE: Final = 1024 * 1024
+#: Bytes a sender may have in flight per stream before the receiver grants more.
+DEFAULT_WINDOW: Final = 8 * 1024 * 1024
+#: Idle time after which a PING is sent.
+DEFAULT_HEARTBEAT_INTERVAL: Final = 5.0
+#: Silence after which the peer counts as lost (COMMUNICATION_ERROR).
+DEFAULT_PEER_TIMEOUT: Final = 20.0
+#: Time allowed for the HELLO exchange.
+DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
+#: Bound on each end-of-stream step (finalize, stream_done_cb, return_consumer,
+#: and the sender's wait for receivers to confirm they finalized).
+DEFAULT_FINALIZE_TIMEOUT: Final = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class SiteOptions:
+    """Tunables of a site; see :func:`fedstream.open_site` for their meaning."""
+
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    max_object_size: int = DEFAULT_MAX_OBJECT_SIZE
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    window: int = DEFAULT_WINDOW
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    peer_timeout: float = DEFAULT_PEER_TIMEOUT
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    finalize_timeout: float = DEFAULT_FINALIZE_TIMEOUT
+    sync_callbacks: SyncMode = SyncMode.THREAD
+    max_threads: float = math.inf
+
+    def __post_init__(self) -> None:
+        if not MIN_MAX_FRAME_SIZE <= self.max_frame_size <= 0xFFFF_FFFF:
+            raise ValueError(f"max_frame_size must be in [{MIN_MAX_FRAME_SIZE}, 2**32-1]")
+        if self.max_object_size < 1:
+            raise ValueError("max_object_size must be positive")
+        if not 1024 <= self.chunk_size <= self.max_frame_size - 4096:
+            raise ValueError("chunk_size must be in [1024, max_frame_size - 4096]")
+        if self.window < self.chunk_size:
+            raise ValueError("window must be at least chunk_size")
+        for name in ("heartbeat_interval", "peer_timeout", "handshake_timeout",
+                     "finalize_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.peer_timeout <= self.heartbeat_interval:
+            raise ValueError("peer_timeout must be longer than heartbeat_interval")
+        object.__setattr__(self, "sync_callbacks", SyncMode(self.sync_callbacks))
+
+    def limits(self) -> dict[str, int]:
+        """The limits announced in our HELLO."""
+        return {
+            "max_frame_size": self.max_frame_size,
+            "max_object_size": self.max_object_size,
+            "window": self.window,
+            "heartbeat_ms": int(self.heartbeat_interval * 1000),
+        }

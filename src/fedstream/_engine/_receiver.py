@@ -1,0 +1,354 @@
+"""The receiving side of one stream: a consumer session scoped by a cancel scope.
+
+The connection's reader feeds frames in synchronously (``on_data`` and
+friends): it reassembles each object into its preallocated buffer, grants
+credit, and hands complete objects to the session task through a small inbox.
+The session task asks the factory for a consumer, runs ``consume`` for each
+object in order and sends the replies.
+
+However the session ends, its ``finally`` block runs ``finalize``, then
+``stream_done_cb``, then ``return_consumer``, each exactly once, each isolated
+from the others' errors, each shielded from cancellation and bounded by
+``finalize_timeout``, and then tells the sender with a DONE frame.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .._api import ConsumerFactory, ObjectConsumer, StreamContextKey
+from .._context import FLContext
+from .._errors import LocalProtocolError, ObjectTooLargeError, RemoteProtocolError
+from .._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
+from .._wire import (
+    Abort,
+    Chunk,
+    Credit,
+    Data,
+    Done,
+    End,
+    ObjectAssembler,
+    Reply,
+    decode_object,
+    encode_object,
+)
+
+if TYPE_CHECKING:
+    from ._callbacks import CallbackRunner
+    from ._connection import Connection
+
+__all__ = ["Registration", "ReceiverSession", "send_object"]
+
+logger = logging.getLogger(__name__)
+
+#: Objects that may wait in a session's inbox. The sender waits for a reply
+#: before it sends the next object, so a well-behaved peer never exceeds 1.
+_INBOX_LIMIT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A factory registered for a (channel, topic) pair, with its callbacks."""
+
+    factory: ConsumerFactory
+    stream_done_cb: Callable[..., Any] | None = None
+    consumed_cb: Callable[..., Any] | None = None
+    cb_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+async def send_object(conn: Connection, make_first: Callable[[int, memoryview], Any],
+                      sid: int, seq: int, obj: Shareable) -> None:
+    """Send ``obj`` as a first frame (built by ``make_first(size, body)``) plus CHUNKs."""
+    encoded = encode_object(obj)
+    offset = 0
+    for view in encoded.chunks(conn.max_body):
+        if offset == 0:
+            await conn.send_data(make_first(encoded.size, view))
+        else:
+            await conn.send_data(Chunk(sid, seq, offset, view))
+        offset += len(view)
+
+
+class ReceiverSession:
+    """One peer-opened stream on this site."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        first: Data,
+        registration: Registration,
+        *,
+        site_name: str,
+        runner: CallbackRunner,
+        on_finished: Callable[[ReceiverSession], None],
+    ) -> None:
+        self.conn = conn
+        self.sid = first.sid
+        self.channel = first.channel
+        self.topic = first.topic
+        self.registration = registration
+        self.runner = runner
+        self._on_finished = on_finished
+        self.stream_ctx: dict[str, Any] = dict(first.ctx or {})
+        self.stream_ctx[StreamContextKey.CHANNEL] = first.channel
+        self.stream_ctx[StreamContextKey.TOPIC] = first.topic
+        self.stream_ctx[StreamContextKey.END_STREAM] = self._end_stream
+        self.fl_ctx = FLContext(identity_name=site_name)
+        self.fl_ctx.set_peer_context(FLContext(identity_name=conn.peer))
+        self.abort_signal = self.fl_ctx.get_run_abort_signal()
+        self.site_name = site_name
+        #: How the session ended; the first cause wins.
+        self.rc: str | None = None
+        self._tell_sender = False
+        self._expected_seq = 0
+        self._assembler: ObjectAssembler | None = None
+        self._assembling_seq = -1
+        self._discard_left = 0
+        self._inbox: collections.deque[tuple[int, bytearray]] = collections.deque()
+        self._inbox_event = trio.Event()
+        self._end_received = False
+        self.scope = trio.CancelScope()
+        self.finished = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+        self.objects_received = 0
+        self.bytes_received = 0
+
+    # ---------------------------------------------------- called by the reader
+
+    def on_data(self, frame: Data) -> None:
+        if self.rc is not None:
+            return
+        if frame.seq != self._expected_seq or self._assembler is not None:
+            self.conn.reject(self.sid, frame.seq, ReturnCode.BAD_REQUEST_DATA,
+                             f"expected object {self._expected_seq}, got {frame.seq}")
+            self.end(ReturnCode.BAD_REQUEST_DATA)
+            return
+        self._expected_seq += 1
+        try:
+            self._assembler = ObjectAssembler(frame.size,
+                                              max_size=self.conn.options.max_object_size)
+        except ObjectTooLargeError as exc:
+            self.conn.reject(self.sid, frame.seq, ReturnCode.BAD_REQUEST_DATA, str(exc))
+            self._discard_left = frame.size - len(frame.body)
+            self._assembling_seq = frame.seq
+            self.end(ReturnCode.BAD_REQUEST_DATA)
+            return
+        self._assembling_seq = frame.seq
+        self._feed(0, frame.body)
+
+    def on_chunk(self, frame: Chunk) -> None:
+        if self._assembler is None or frame.seq != self._assembling_seq:
+            if self._discard_left and frame.seq == self._assembling_seq:
+                self._discard_left -= len(frame.body)
+                return
+            if self.rc is None:
+                raise RemoteProtocolError(f"CHUNK for object {frame.seq} of stream {self.sid} "
+                                          "that is not being sent")
+            return
+        self._feed(frame.offset, frame.body)
+
+    def _feed(self, offset: int, body: memoryview | bytes | bytearray) -> None:
+        assembler = self._assembler
+        assert assembler is not None
+        complete = assembler.feed(offset, body)
+        if body:
+            self.conn.send_control(Credit(self.sid, len(body)))
+        if not complete:
+            return
+        self._assembler = None
+        if len(self._inbox) >= _INBOX_LIMIT:
+            self.conn.reject(self.sid, self._assembling_seq, ReturnCode.BAD_REQUEST_DATA,
+                             "objects sent without waiting for replies")
+            self.end(ReturnCode.BAD_REQUEST_DATA)
+            return
+        self._inbox.append((self._assembling_seq, assembler.take()))
+        self._inbox_event.set()
+
+    def on_end(self, frame: End) -> None:
+        self._end_received = True
+        self._inbox_event.set()
+
+    def on_abort(self, frame: Abort) -> None:
+        self.end(frame.rc, tell_sender=False)
+
+    def on_connection_lost(self) -> None:
+        self.end(ReturnCode.COMMUNICATION_ERROR, tell_sender=False)
+
+    # ------------------------------------------------------------ ending
+
+    def end(self, rc: str, *, tell_sender: bool = False) -> None:
+        """End the session with ``rc`` (first call wins) and cancel its work."""
+        if self.rc is not None:
+            return
+        self.rc = rc
+        self._tell_sender = tell_sender
+        self.abort_signal.trigger(rc)
+        self.scope.cancel()
+
+    def _end_stream(self, rc: str = ReturnCode.OK, fl_ctx: FLContext | None = None) -> None:
+        """``stream_ctx[END_STREAM](rc, fl_ctx)``: the consumer ends its own session.
+
+        Safe to call from the consumer's worker thread.
+        """
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            self._token.run_sync_soon(self.end, rc, True)
+        else:
+            self.end(rc, tell_sender=True)
+
+    # ------------------------------------------------------------ the task
+
+    async def run(self) -> None:
+        consumer: ObjectConsumer | None = None
+        factory = self.registration.factory
+        unregister = self.abort_signal.add_listener(self._on_abort_signal)
+        try:
+            with self.scope:
+                try:
+                    consumer = await self.runner(factory.get_consumer, self.stream_ctx,
+                                                 self.fl_ctx)
+                    if not isinstance(consumer, ObjectConsumer):
+                        raise TypeError(f"get_consumer returned {type(consumer).__name__}, "
+                                        "not an ObjectConsumer")
+                    await self._consume_all(consumer)
+                except Exception as exc:
+                    if self.rc is not None:
+                        logger.debug("stream %d raised while ending", self.sid, exc_info=True)
+                        return
+                    logger.exception("stream %d from %s failed", self.sid, self.conn.peer)
+                    self.rc = ReturnCode.EXECUTION_EXCEPTION
+                    await self._reply_error(self._expected_seq - 1,
+                                            ReturnCode.EXECUTION_EXCEPTION,
+                                            f"{type(exc).__name__}: {exc}")
+        finally:
+            unregister()
+            await self._finish(consumer)
+
+    def _on_abort_signal(self, signal: Any) -> None:
+        # Called in whichever thread triggered the signal.
+        if self.rc is None:
+            self._token.run_sync_soon(self.end, ReturnCode.TASK_ABORTED, True)
+
+    async def _consume_all(self, consumer: ObjectConsumer) -> None:
+        reg = self.registration
+        while True:
+            while not self._inbox:
+                if self._end_received:
+                    self.rc = ReturnCode.OK
+                    return
+                self._inbox_event = trio.Event()
+                await self._inbox_event.wait()
+            seq, raw = self._inbox.popleft()
+            self.objects_received += 1
+            self.bytes_received += len(raw)
+            try:
+                shareable = decode_object(raw)
+            except RemoteProtocolError as exc:
+                await self._reply_error(seq, ReturnCode.BAD_REQUEST_DATA, str(exc))
+                self.rc = ReturnCode.BAD_REQUEST_DATA
+                return
+            del raw
+            try:
+                result = await self.runner(consumer.consume, shareable, self.stream_ctx,
+                                           self.fl_ctx)
+                keep_going, reply = _check_consume_result(result)
+                if reg.consumed_cb is not None:
+                    await self.runner(reg.consumed_cb, self.stream_ctx, self.fl_ctx,
+                                      **reg.cb_kwargs)
+            except Exception as exc:
+                if self.rc is not None:  # already ending; the error is a consequence
+                    logger.debug("consume raised while stream %d was ending", self.sid,
+                                 exc_info=True)
+                    return
+                logger.exception("consume failed on stream %d from %s", self.sid,
+                                 self.conn.peer)
+                self.rc = ReturnCode.EXECUTION_EXCEPTION
+                await self._reply_error(seq, ReturnCode.EXECUTION_EXCEPTION,
+                                        f"{type(exc).__name__}: {exc}")
+                return
+            if reply is None:
+                reply = make_reply(ReturnCode.OK)
+            await self._send_reply(seq, reply, last=not keep_going)
+            if not keep_going:
+                self.rc = str(reply.get_return_code(ReturnCode.OK))
+                return
+
+    async def _send_reply(self, seq: int, reply: Shareable, *, last: bool) -> None:
+        sid = self.sid
+        try:
+            await send_object(self.conn, lambda size, body: Reply(sid, seq, size, last, body),
+                              sid, seq, reply)
+        except LocalProtocolError as exc:
+            logger.error("reply to object %d of stream %d cannot be encoded: %s", seq, sid, exc)
+            await self._reply_error(seq, ReturnCode.EXECUTION_EXCEPTION, str(exc), last=last)
+
+    async def _reply_error(self, seq: int, rc: str, message: str, *, last: bool = True) -> None:
+        if seq < 0 or self.conn.closed.is_set():
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(
+                self.conn.options.finalize_timeout):
+            reply = make_reply(rc, {ReservedHeaderKey.ERROR: message[:1000]})
+            await send_object(self.conn, lambda size, body: Reply(self.sid, seq, size, last, body),
+                              self.sid, seq, reply)
+
+    async def _finish(self, consumer: ObjectConsumer | None) -> None:
+        """Run the end-of-session steps exactly once, shielded and bounded."""
+        rc = self.rc or ReturnCode.EXECUTION_EXCEPTION
+        self.rc = rc
+        self.stream_ctx[StreamContextKey.RC] = rc
+        reg = self.registration
+        timeout = self.conn.options.finalize_timeout
+        result: Any = None
+        with trio.CancelScope(shield=True):
+            if self._tell_sender and not self.conn.closed.is_set():
+                self.conn.send_control(Abort(self.sid, rc, "ended by receiver", self.site_name))
+            if consumer is not None:
+                await self._step("finalize", timeout, consumer.finalize, self.stream_ctx,
+                                 self.fl_ctx)
+            if reg.stream_done_cb is not None:
+                result = await self._step("stream_done_cb", timeout, reg.stream_done_cb,
+                                          self.stream_ctx, self.fl_ctx, **reg.cb_kwargs)
+            if consumer is not None:
+                await self._step("return_consumer", timeout, reg.factory.return_consumer,
+                                 consumer, self.stream_ctx, self.fl_ctx)
+        self.send_done(rc, result)
+        self.finished.set()
+        self._on_finished(self)
+
+    async def _step(self, what: str, timeout: float, fn: Callable[..., Any], *args: Any,
+                    **kwargs: Any) -> Any:
+        with trio.move_on_after(timeout) as scope:
+            try:
+                return await self.runner(fn, *args, **kwargs)
+            except Exception:
+                logger.exception("%s failed for stream %d from %s", what, self.sid,
+                                 self.conn.peer)
+                return None
+        if scope.cancelled_caught:
+            logger.error("%s did not finish within %s s for stream %d", what, timeout, self.sid)
+        return None
+
+    def send_done(self, rc: str, result: Any) -> None:
+        if self.conn.closed.is_set():
+            return
+        try:
+            self.conn.send_control(Done(self.sid, rc, result if result else None))
+        except LocalProtocolError:
+            logger.warning("stream_done_cb result %r cannot be sent; sending none", result)
+            self.conn.send_control(Done(self.sid, rc, None))
+
+
+def _check_consume_result(result: Any) -> tuple[bool, Shareable | None]:
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise TypeError(f"consume must return (continue, reply), not {result!r:.100}")
+    keep_going, reply = result
+    if reply is not None and not isinstance(reply, Shareable):
+        raise TypeError(f"consume reply must be a Shareable or None, not {type(reply).__name__}")
+    return bool(keep_going), reply

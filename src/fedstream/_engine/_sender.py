@@ -1,0 +1,370 @@
+"""The sending side of one stream: produce, fan out, collect replies, repeat.
+
+One :class:`TargetLink` per target holds that target's state on its
+connection (stream id, credit, the reply being reassembled, how the target's
+session ended). :func:`run_stream` drives the producer. For each object it
+starts one delivery task per live target in a nursery, so a slow target does
+not delay the others, and waits for all of them before ``process_replies``.
+
+Each delivery has a *no-progress* deadline: it is pushed back by ``timeout``
+every time a chunk is handed to the connection, so a large object that keeps
+moving is never killed, while a target that stops granting credit or does
+not reply within ``timeout`` of the last progress gets a ``TIMEOUT`` reply and
+its session is aborted with ``TIMEOUT``; the other targets carry on.
+
+At the end, every live target is told END (normal) or ABORT (with the rc),
+and the sender waits, bounded by ``finalize_timeout``, for each reachable
+target's DONE: ``stream_objects`` returns only after the receivers finalized.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from .._api import ObjectProducer, StreamContextKey
+from .._context import FLContext
+from .._errors import ConnectionLostError, LocalProtocolError, RemoteProtocolError
+from .._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
+from .._wire import (
+    Abort,
+    Chunk,
+    Credit,
+    Data,
+    Done,
+    EncodedObject,
+    End,
+    ObjectAssembler,
+    Reply,
+    decode_object,
+    encode_object,
+)
+
+if TYPE_CHECKING:
+    from ._callbacks import CallbackRunner
+    from ._connection import Connection
+
+__all__ = ["END_RESULT", "END_RESULTS", "StreamSession", "TargetLink"]
+
+logger = logging.getLogger(__name__)
+
+#: Reply header carrying a target's truthy ``stream_done_cb`` result, on the
+#: last reply of a session the receiver ended itself.
+END_RESULT: Final = "__end_result__"
+#: Sender ``stream_ctx`` key: ``{target: stream_done_cb result}`` for every
+#: target whose result was truthy, filled in before ``stream_objects`` returns.
+END_RESULTS: Final = "__end_results__"
+
+
+class TargetLink:
+    """The sender's view of one target's session."""
+
+    def __init__(self, conn: Connection, name: str) -> None:
+        self.conn = conn
+        self.name = name
+        self.sid = conn.new_sid()
+        self.window = conn.peer_window
+        #: rc of the target's session once it ended (reply ``last``, ABORT, DONE, loss).
+        self.ended_rc: str | None = None
+        self.done = trio.Event()
+        self.done_rc: str | None = None
+        self.done_result: Any = None
+        self._pending_seq = -1
+        #: Whether seq 0 went out, i.e. the target has (or had) a session to finalize.
+        self.opened = False
+        self._reply: Shareable | None = None
+        self._reply_last = False
+        self._assembler: ObjectAssembler | None = None
+        self._changed = trio.Event()
+        self.objects_sent = 0
+        self.bytes_sent = 0
+        conn.senders[self.sid] = self
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await self._changed.wait()
+
+    # ------------------------------------------------ called by the reader
+
+    def on_reply(self, frame: Reply) -> None:
+        if frame.seq != self._pending_seq or self._reply is not None:
+            return  # a late reply to an object that already timed out
+        try:
+            self._assembler = ObjectAssembler(frame.size, max_size=self.conn.options.max_object_size)
+        except RemoteProtocolError:
+            raise
+        except Exception as exc:
+            self._set_reply(make_reply(ReturnCode.COMMUNICATION_ERROR,
+                                       {ReservedHeaderKey.ERROR: str(exc)}), last=True)
+            return
+        self._reply_last = frame.last
+        self._feed(0, frame.body)
+
+    def on_chunk(self, frame: Chunk) -> None:
+        if self._assembler is not None and frame.seq == self._pending_seq:
+            self._feed(frame.offset, frame.body)
+
+    def _feed(self, offset: int, body: memoryview | bytes | bytearray) -> None:
+        assembler = self._assembler
+        assert assembler is not None
+        if not assembler.feed(offset, body):
+            return
+        self._assembler = None
+        try:
+            reply = decode_object(assembler.take())
+        except RemoteProtocolError as exc:
+            reply = make_reply(ReturnCode.BAD_REQUEST_DATA, {ReservedHeaderKey.ERROR: str(exc)})
+        self._set_reply(reply, last=self._reply_last)
+
+    def _set_reply(self, reply: Shareable, *, last: bool) -> None:
+        self._reply = reply
+        if last:
+            self.ended_rc = self.ended_rc or str(reply.get_return_code(ReturnCode.OK))
+        self._notify()
+
+    def on_abort(self, frame: Abort) -> None:
+        logger.info("target %s ended stream %d: %s %s", self.name, self.sid, frame.rc,
+                    frame.reason)
+        self.ended_rc = self.ended_rc or frame.rc
+        self._notify()
+
+    def on_done(self, frame: Done) -> None:
+        self.done_rc = frame.rc
+        self.done_result = frame.result
+        self.ended_rc = self.ended_rc or frame.rc
+        self.done.set()
+        self._notify()
+
+    def on_credit(self, frame: Credit) -> None:
+        self.window += frame.increment
+        self._notify()
+
+    def on_connection_lost(self) -> None:
+        self.ended_rc = self.ended_rc or ReturnCode.COMMUNICATION_ERROR
+        self.done.set()
+        self._notify()
+
+    # ------------------------------------------------------ the delivery
+
+    async def deliver(self, seq: int, encoded: EncodedObject, timeout: float, channel: str,
+                      topic: str, ctx: dict[str, Any] | None) -> Shareable:
+        """Send object ``seq`` and return this target's reply (or a failure reply)."""
+        if self.ended_rc is not None:
+            return make_reply(self.ended_rc)
+        if encoded.size > self.conn.peer_max_object_size:
+            self.ended_rc = ReturnCode.BAD_REQUEST_DATA
+            message = (f"object of {encoded.size} bytes exceeds {self.name}'s "
+                       f"max_object_size {int(self.conn.peer_max_object_size)}")
+            self.conn.send_control(Abort(self.sid, ReturnCode.BAD_REQUEST_DATA, message, ""))
+            return make_reply(ReturnCode.BAD_REQUEST_DATA, {ReservedHeaderKey.ERROR: message})
+        self._pending_seq = seq
+        self._reply = None
+        self._assembler = None
+        with trio.CancelScope() as scope:
+            scope.deadline = trio.current_time() + timeout
+            offset = 0
+            for view in encoded.chunks(self.conn.max_body):
+                size = len(view)
+                await self._wait(lambda: self.window >= size or self.ended_rc is not None)
+                if self.ended_rc is not None:
+                    break
+                if offset == 0:
+                    frame: Data | Chunk = Data(self.sid, seq, encoded.size, channel, topic,
+                                               ctx, view)
+                else:
+                    frame = Chunk(self.sid, seq, offset, view)
+                await self.conn.send_data(frame)
+                self.opened = True
+                self.window -= size
+                offset += size
+                scope.deadline = trio.current_time() + timeout
+            self.objects_sent += 1
+            self.bytes_sent += offset
+            await self._wait(lambda: self._reply is not None or self.ended_rc is not None)
+        if self._reply is not None:
+            reply = self._reply
+            if self._reply_last:
+                await self._attach_end_result(reply)
+            return reply
+        if scope.cancelled_caught:
+            logger.warning("no progress on stream %d to %s for %s s: TIMEOUT", self.sid,
+                           self.name, timeout)
+            self.ended_rc = ReturnCode.TIMEOUT
+            self.conn.send_control(Abort(self.sid, ReturnCode.TIMEOUT,
+                                         f"no progress for {timeout} s", ""))
+            return make_reply(ReturnCode.TIMEOUT)
+        return make_reply(self.ended_rc or ReturnCode.COMMUNICATION_ERROR)
+
+    async def _attach_end_result(self, reply: Shareable) -> None:
+        with trio.move_on_after(self.conn.options.finalize_timeout):
+            await self.done.wait()
+        if self.done_result:
+            reply.set_header(END_RESULT, self.done_result)
+
+
+class StreamSession:
+    """One ``stream_objects`` call: the producer loop and its targets."""
+
+    def __init__(
+        self,
+        *,
+        site_name: str,
+        channel: str,
+        topic: str,
+        stream_ctx: dict[str, Any],
+        links: Sequence[TargetLink],
+        missing: Sequence[str],
+        producer: ObjectProducer,
+        fl_ctx: FLContext,
+        runner: CallbackRunner,
+        finalize_timeout: float,
+    ) -> None:
+        self.site_name = site_name
+        self.channel = channel
+        self.topic = topic
+        self.stream_ctx = stream_ctx
+        self.links = list(links)
+        self.missing = list(missing)
+        self.producer = producer
+        self.fl_ctx = fl_ctx
+        self.runner = runner
+        self.finalize_timeout = finalize_timeout
+        self.scope = trio.CancelScope()
+        self._stop_rc: str | None = None
+        self._stop_reason = ""
+
+    def stop(self, rc: str, reason: str) -> None:
+        """Cancel the stream from outside (abort signal, site shutdown)."""
+        if self._stop_rc is None:
+            self._stop_rc = rc
+            self._stop_reason = reason
+        self.scope.cancel()
+
+    async def run(self) -> tuple[str, Any]:
+        signal = self.fl_ctx.get_run_abort_signal()
+        token = trio.lowlevel.current_trio_token()
+
+        def on_abort(_signal: Any) -> None:
+            token.run_sync_soon(self.stop, ReturnCode.TASK_ABORTED, "abort signal triggered")
+
+        unregister = signal.add_listener(on_abort)
+        error: BaseException | None = None
+        rc: str = ReturnCode.OK
+        result: Any = None
+        normal_end = False
+        try:
+            with self.scope:
+                try:
+                    rc, result, normal_end = await self._loop(signal)
+                except Exception as exc:
+                    error = exc
+                    rc = ReturnCode.EXECUTION_EXCEPTION
+                    self._stop_reason = f"producer failed: {type(exc).__name__}: {exc}"
+            if self._stop_rc is not None:
+                rc, result, normal_end = self._stop_rc, None, False
+        finally:
+            unregister()
+            with trio.CancelScope(shield=True):
+                await self._close_targets(rc, normal_end)
+        if error is not None:
+            raise error
+        return rc, result
+
+    async def _loop(self, signal: Any) -> tuple[str, Any, bool]:
+        seq = 0
+        wire_ctx = {k: v for k, v in self.stream_ctx.items() if k != StreamContextKey.END_STREAM}
+        check_encodable(wire_ctx)
+        while True:
+            if signal.triggered:
+                return ReturnCode.TASK_ABORTED, None, False
+            produced = await self.runner(self.producer.produce, self.stream_ctx, self.fl_ctx)
+            shareable, timeout = _check_produced(produced)
+            if shareable is None:
+                return ReturnCode.OK, None, True
+            encoded = encode_object(shareable)
+            replies: dict[str, Shareable] = {}
+
+            async def deliver(link: TargetLink, seq: int = seq, encoded: EncodedObject = encoded,
+                              timeout: float = timeout) -> None:
+                try:
+                    replies[link.name] = await link.deliver(
+                        seq, encoded, timeout, self.channel, self.topic,
+                        wire_ctx if seq == 0 else None)
+                except ConnectionLostError:
+                    link.on_connection_lost()
+                    replies[link.name] = make_reply(ReturnCode.COMMUNICATION_ERROR)
+
+            async with trio.open_nursery() as nursery:
+                for link in self.links:
+                    nursery.start_soon(deliver, link)
+            for name in self.missing:
+                replies[name] = make_reply(ReturnCode.COMMUNICATION_ERROR)
+            seq += 1
+            outcome = await self.runner(self.producer.process_replies, replies, self.stream_ctx,
+                                        self.fl_ctx)
+            if outcome is not None:
+                if signal.triggered:
+                    return ReturnCode.TASK_ABORTED, outcome, False
+                return (ReturnCode.OK if outcome else ReturnCode.ERROR), outcome, True
+            if all(link.ended_rc is not None for link in self.links):
+                return self._all_ended_rc(), None, True
+
+    def _all_ended_rc(self) -> str:
+        """Every target ended its session: OK if all did so cleanly, else the first failure."""
+        for link in self.links:
+            if link.ended_rc != ReturnCode.OK:
+                return link.ended_rc or ReturnCode.ERROR
+        return ReturnCode.OK
+
+    async def _close_targets(self, rc: str, normal_end: bool) -> None:
+        """Tell every live target how the stream ended and wait for their DONE."""
+        for link in self.links:
+            if link.ended_rc is None and not link.conn.closed.is_set():
+                if normal_end:
+                    link.conn.send_control(End(link.sid, link._pending_seq + 1))
+                else:
+                    link.conn.send_control(Abort(link.sid, rc, self._stop_reason,
+                                                 self.site_name))
+        with trio.move_on_after(self.finalize_timeout):
+            for link in self.links:
+                if link.opened:
+                    await link.done.wait()
+        results = {link.name: link.done_result for link in self.links if link.done_result}
+        if results:
+            self.stream_ctx[END_RESULTS] = results
+        for link in self.links:
+            link.conn.senders.pop(link.sid, None)
+
+
+def check_encodable(stream_ctx: dict[str, Any]) -> None:
+    """Raise a clear error now if the stream context cannot go on the wire."""
+    try:
+        encode_object(stream_ctx)
+    except LocalProtocolError as exc:
+        raise LocalProtocolError(f"stream_ctx cannot be sent: {exc}") from exc
+    if not all(isinstance(key, str) for key in stream_ctx):
+        raise LocalProtocolError("stream_ctx keys must be strings")
+
+
+def _check_produced(produced: Any) -> tuple[Shareable | None, float]:
+    if produced is None:
+        return None, 0.0
+    if not isinstance(produced, tuple) or len(produced) != 2:
+        raise ValueError(f"produce must return (Shareable, timeout) or None, not {produced!r:.100}")
+    shareable, timeout = produced
+    if shareable is None:
+        return None, 0.0
+    if not isinstance(shareable, Shareable):
+        raise ValueError(f"produce returned {type(shareable).__name__}, not a Shareable")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            0 < timeout < math.inf):
+        raise ValueError(f"produce returned timeout {timeout!r}; it must be a positive number")
+    return shareable, float(timeout)

@@ -1,0 +1,414 @@
+"""Sans-io framing: bytes in, typed frames out; frames in, bytes out.
+
+:class:`FrameProtocol` owns no socket. The transport feeds it whatever bytes
+arrive (``receive_data``), pulls frames out (``next_event``) and writes what
+``send`` returns. That keeps every parsing decision testable byte by byte.
+
+Hostile-input rules, all enforced here:
+
+* the 4-byte length is checked against the receive limit *before* any of the
+  frame is buffered beyond what the peer already sent us, and the buffer never
+  holds more than one maximal frame plus one ``receive_data`` call;
+* until the peer's HELLO arrives the limit is :data:`HANDSHAKE_FRAME_LIMIT`;
+* the head is decoded with strict CBOR options (bounded depth, no
+  indefinite-length items, no duplicate map keys, no shared-reference,
+  string-reference or regular-expression tags);
+* every field is type-checked against the frame's declared layout.
+
+Anything that fails raises :class:`~fedstream.RemoteProtocolError` and leaves
+the protocol in the ERROR state: nothing else can be read from it.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import struct
+from typing import Any, Final, Literal
+
+import cbor2
+
+from .._errors import LocalProtocolError, RemoteProtocolError
+from ._frames import (
+    FRAME_TYPES,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    Frame,
+    GoAway,
+    Hello,
+)
+
+__all__ = [
+    "CLOSED",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "HANDSHAKE_FRAME_LIMIT",
+    "MAX_HEAD_DEPTH",
+    "MIN_MAX_FRAME_SIZE",
+    "NEED_DATA",
+    "FrameProtocol",
+    "ProtocolState",
+    "decode_head",
+    "encode_frame",
+]
+
+#: Default bound on one frame (length prefix excluded) that we accept.
+DEFAULT_MAX_FRAME_SIZE: Final = 16 * 1024 * 1024
+#: Smallest ``max_frame_size`` either side may announce.
+MIN_MAX_FRAME_SIZE: Final = 64 * 1024
+#: Bound on frames received before the peer's HELLO.
+HANDSHAKE_FRAME_LIMIT: Final = 64 * 1024
+#: Hard upper bound of the length prefix (u32).
+_U32_MAX: Final = 0xFFFF_FFFF
+_U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
+#: Nesting bound for frame heads (the stream context and DONE result included).
+MAX_HEAD_DEPTH: Final = 32
+
+_LEN = struct.Struct(">I")
+
+
+class _Marker(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+    CLOSED = "CLOSED"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+#: ``next_event`` needs more bytes before it can return a frame.
+NEED_DATA: Final = _Marker.NEED_DATA
+#: The peer closed its side cleanly (EOF at a frame boundary).
+CLOSED: Final = _Marker.CLOSED
+
+
+class ProtocolState(enum.Enum):
+    """Where a :class:`FrameProtocol` is in the connection's life."""
+
+    #: Before the HELLO in that direction.
+    HANDSHAKE = "HANDSHAKE"
+    #: HELLO seen; any frame may follow.
+    OPEN = "OPEN"
+    #: GOAWAY seen (or EOF reached): nothing more will come.
+    CLOSED = "CLOSED"
+    #: A protocol error occurred; the connection must be dropped.
+    ERROR = "ERROR"
+
+
+def _reject_tag(value: object, immutable: bool) -> Any:
+    raise ValueError("tag not allowed in fedstream frames")
+
+
+#: Tags that make a decoder do surprising work: shared references (28, 29),
+#: string references (25, 256) and regular expressions (35).
+_REJECTED_TAGS: Final = {tag: _reject_tag for tag in (25, 28, 29, 35, 256)}
+
+
+def _loads_strict(data: bytes, *, max_depth: int) -> tuple[Any, int]:
+    """Decode one CBOR item from the start of ``data``; return it and its length."""
+    fp = io.BytesIO(data)
+    decoder = cbor2.CBORDecoder(
+        fp,
+        semantic_decoders=_REJECTED_TAGS,
+        max_depth=max_depth,
+        allow_indefinite=False,
+        allow_duplicate_keys=False,
+    )
+    item = decoder.decode()
+    return item, fp.tell()
+
+
+def _check_value(value: Any, types: tuple[type, ...]) -> bool:
+    if types == (int,):
+        return type(value) is int and 0 <= value <= _U64_MAX
+    if types == (bool,):
+        return type(value) is bool
+    if types == (dict,):
+        return isinstance(value, dict) and all(type(k) is str for k in value)
+    if types == (list,):
+        return isinstance(value, list) and all(type(v) is str for v in value)
+    if types == (str,):
+        return type(value) is str
+    return True
+
+
+def decode_head(data: bytes, *, max_depth: int = MAX_HEAD_DEPTH) -> Frame:
+    """Decode one frame's bytes (length prefix excluded) into a frame record.
+
+    Raises:
+        RemoteProtocolError: the bytes are not a valid frame.
+    """
+    try:
+        head, head_len = _loads_strict(data, max_depth=max_depth)
+    except Exception as exc:  # cbor2 raises CBORDecodeError, but be total here
+        raise RemoteProtocolError(f"frame head is not valid CBOR: {exc}") from exc
+    if type(head) is not list or not head:
+        raise RemoteProtocolError("frame head must be a non-empty CBOR array")
+    ftype = head[0]
+    cls = FRAME_TYPES.get(ftype) if type(ftype) is int else None
+    if cls is None:
+        raise RemoteProtocolError(f"unknown frame type {ftype!r}")
+    fields = cls._wire_fields
+    if len(head) - 1 < len(fields):
+        raise RemoteProtocolError(
+            f"{cls.__name__} frame has {len(head) - 1} fields, needs {len(fields)}"
+        )
+    kwargs: dict[str, Any] = {}
+    # Extra trailing elements are ignored so that a later minor revision can
+    # append fields without breaking older peers.
+    for (name, types, nullable), value in zip(fields, head[1:], strict=False):
+        if value is None and nullable:
+            kwargs[name] = None
+            continue
+        if not _check_value(value, types):
+            raise RemoteProtocolError(
+                f"{cls.__name__}.{name} has invalid value {type(value).__name__}"
+            )
+        kwargs[name] = value
+    if head_len < len(data):
+        if not cls.HAS_BODY:
+            raise RemoteProtocolError(f"{cls.__name__} frame has {len(data) - head_len} "
+                                      "unexpected bytes after its head")
+        kwargs["body"] = memoryview(data)[head_len:]
+    frame = cls(**kwargs)
+    _check_semantics(frame, RemoteProtocolError)
+    return frame
+
+
+def _check_semantics(frame: Frame, error: type[LocalProtocolError | RemoteProtocolError]) -> None:
+    """Cross-field rules that the per-field type checks cannot express."""
+    if isinstance(frame, Hello):
+        if not frame.site:
+            raise error("HELLO.site must not be empty")
+        for key, value in frame.limits.items():
+            if type(value) is not int or not 0 <= value <= _U64_MAX:
+                raise error(f"HELLO.limits[{key!r}] must be an unsigned integer")
+    size = getattr(frame, "size", None)
+    body = getattr(frame, "body", None)
+    if size is not None and body is not None and len(body) > size:
+        raise error(f"{type(frame).__name__} body ({len(body)} bytes) exceeds its size {size}")
+
+
+def encode_frame(frame: Frame) -> tuple[bytes, memoryview | None]:
+    """Encode ``frame`` into ``(length prefix + head, body or None)``.
+
+    The body is returned separately so that a large payload can be handed to
+    the transport without being copied.
+
+    Raises:
+        LocalProtocolError: a field has the wrong type, or the head cannot be
+            encoded as CBOR.
+    """
+    fields = type(frame)._wire_fields
+    head: list[Any] = [int(frame.TYPE)]
+    for name, types, nullable in fields:
+        value = getattr(frame, name)
+        if value is None and nullable:
+            head.append(None)
+            continue
+        if not _check_value(value, types):
+            raise LocalProtocolError(
+                f"{type(frame).__name__}.{name} has invalid value {value!r:.80}"
+            )
+        head.append(value)
+    _check_semantics(frame, LocalProtocolError)
+    try:
+        head_bytes = cbor2.dumps(head)
+    except Exception as exc:
+        raise LocalProtocolError(f"cannot encode {type(frame).__name__} head: {exc}") from exc
+    body: memoryview | None = None
+    if frame.HAS_BODY:
+        raw = frame.body  # type: ignore[attr-defined]
+        if len(raw):
+            body = raw if isinstance(raw, memoryview) else memoryview(raw)
+            if body.ndim != 1 or body.itemsize != 1:
+                body = body.cast("B") if body.c_contiguous else memoryview(body.tobytes())
+    length = len(head_bytes) + (len(body) if body is not None else 0)
+    if length > _U32_MAX:
+        raise LocalProtocolError(f"frame of {length} bytes does not fit a u32 length prefix")
+    return _LEN.pack(length) + head_bytes, body
+
+
+class FrameProtocol:
+    """The sans-io state of one side of one fedstream connection.
+
+    Args:
+        max_frame_size: the largest frame (length prefix excluded) this side
+            accepts once the handshake is done. Announce it in our HELLO.
+
+    Error handling:
+        ``receive_data``/``next_event`` raise :class:`RemoteProtocolError` for
+        anything the peer got wrong; ``send`` raises :class:`LocalProtocolError`
+        for anything the caller got wrong. After a remote error the object is
+        in :attr:`ProtocolState.ERROR` and every later ``next_event`` raises
+        again.
+    """
+
+    def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        if not MIN_MAX_FRAME_SIZE <= max_frame_size <= _U32_MAX:
+            raise LocalProtocolError(
+                f"max_frame_size must be in [{MIN_MAX_FRAME_SIZE}, {_U32_MAX}]"
+            )
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+        self._error: RemoteProtocolError | None = None
+        #: State of the peer -> us direction.
+        self.their_state = ProtocolState.HANDSHAKE
+        #: State of the us -> peer direction.
+        self.our_state = ProtocolState.HANDSHAKE
+        #: The peer's HELLO once received.
+        self.their_hello: Hello | None = None
+        #: The largest frame the peer accepts (from its HELLO).
+        self.peer_max_frame_size = HANDSHAKE_FRAME_LIMIT
+
+    # ------------------------------------------------------------------ receiving
+
+    @property
+    def receive_limit(self) -> int:
+        """The largest frame accepted right now."""
+        if self.their_state is ProtocolState.HANDSHAKE:
+            return min(HANDSHAKE_FRAME_LIMIT, self.max_frame_size)
+        return self.max_frame_size
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as frames."""
+        return len(self._buf) - self._pos
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the peer; ``b""`` means the peer closed its side."""
+        if self._eof:
+            if data:
+                raise LocalProtocolError("receive_data() called after EOF")
+            return
+        if not data:
+            self._eof = True
+            return
+        self._buf += data
+
+    def next_event(self) -> Frame | Literal[_Marker.NEED_DATA, _Marker.CLOSED]:
+        """Return the next complete frame, :data:`NEED_DATA` or :data:`CLOSED`.
+
+        Raises:
+            RemoteProtocolError: the peer broke the protocol. The connection
+                must be closed; every later call raises the same error.
+        """
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_event()
+        except RemoteProtocolError as exc:
+            self._error = exc
+            self.their_state = ProtocolState.ERROR
+            self._buf = bytearray()
+            self._pos = 0
+            raise
+
+    def _next_event(self) -> Frame | Literal[_Marker.NEED_DATA, _Marker.CLOSED]:
+        if self.their_state is ProtocolState.CLOSED:
+            if self.buffered:
+                raise RemoteProtocolError("data received after GOAWAY",
+                                          error_code=ErrorCode.PROTOCOL_ERROR)
+            return CLOSED
+        available = self.buffered
+        if available < _LEN.size:
+            return self._need_data(available)
+        (length,) = _LEN.unpack_from(self._buf, self._pos)
+        limit = self.receive_limit
+        if length > limit:
+            raise RemoteProtocolError(
+                f"frame of {length} bytes exceeds the limit of {limit}",
+                error_code=ErrorCode.FRAME_TOO_LARGE,
+            )
+        if length == 0:
+            raise RemoteProtocolError("empty frame")
+        end = self._pos + _LEN.size + length
+        if len(self._buf) < end:
+            return self._need_data(available)
+        data = bytes(self._buf[self._pos + _LEN.size:end])
+        self._pos = end
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos > 65536 and self._pos * 2 > len(self._buf):
+            del self._buf[:self._pos]
+            self._pos = 0
+        frame = decode_head(data)
+        self._after_receive(frame)
+        return frame
+
+    def _need_data(self, available: int) -> Literal[_Marker.NEED_DATA, _Marker.CLOSED]:
+        if not self._eof:
+            return NEED_DATA
+        if available:
+            raise RemoteProtocolError(f"connection closed inside a frame ({available} bytes)")
+        self.their_state = ProtocolState.CLOSED
+        return CLOSED
+
+    def _after_receive(self, frame: Frame) -> None:
+        if self.their_state is ProtocolState.HANDSHAKE:
+            if isinstance(frame, GoAway):
+                # A refusal: the peer answered our HELLO with GOAWAY instead of its own.
+                self.their_state = ProtocolState.CLOSED
+                return
+            if not isinstance(frame, Hello):
+                raise RemoteProtocolError(
+                    f"expected HELLO, got {type(frame).__name__}",
+                    error_code=ErrorCode.PROTOCOL_ERROR,
+                )
+            if frame.version != PROTOCOL_VERSION:
+                raise RemoteProtocolError(
+                    f"peer speaks protocol version {frame.version}, "
+                    f"we speak {PROTOCOL_VERSION}",
+                    error_code=ErrorCode.VERSION_MISMATCH,
+                )
+            peer_max = frame.limits.get("max_frame_size", MIN_MAX_FRAME_SIZE)
+            if not MIN_MAX_FRAME_SIZE <= peer_max <= _U32_MAX:
+                raise RemoteProtocolError(f"peer announced max_frame_size {peer_max}")
+            self.their_hello = frame
+            self.peer_max_frame_size = peer_max
+            self.their_state = ProtocolState.OPEN
+        elif isinstance(frame, Hello):
+            raise RemoteProtocolError("second HELLO on one connection")
+        elif isinstance(frame, GoAway):
+            self.their_state = ProtocolState.CLOSED
+
+    # -------------------------------------------------------------------- sending
+
+    def send(self, frame: Frame) -> bytes:
+        """Return the bytes that put ``frame`` on the wire."""
+        head, body = self.send_parts(frame)
+        return head if body is None else head + body
+
+    def send_parts(self, frame: Frame) -> tuple[bytes, memoryview | None]:
+        """Like :meth:`send`, but return ``(prefix + head, body)`` so a large
+        body can be written without being copied.
+
+        Raises:
+            LocalProtocolError: the frame is invalid, too large for the peer,
+                or not allowed in the current state.
+        """
+        if self.our_state is ProtocolState.CLOSED:
+            raise LocalProtocolError(f"cannot send {type(frame).__name__} after GOAWAY")
+        if self.our_state is ProtocolState.HANDSHAKE and not isinstance(frame, (Hello, GoAway)):
+            raise LocalProtocolError(f"the first frame sent must be HELLO or GOAWAY, not "
+                                     f"{type(frame).__name__}")
+        if self.our_state is ProtocolState.OPEN and isinstance(frame, Hello):
+            raise LocalProtocolError("HELLO was already sent")
+        head, body = encode_frame(frame)
+        length = len(head) - _LEN.size + (len(body) if body is not None else 0)
+        limit = self.peer_max_frame_size
+        if length > limit:
+            raise LocalProtocolError(f"{type(frame).__name__} frame of {length} bytes exceeds "
+                                     f"the peer's limit of {limit}")
+        if isinstance(frame, Hello):
+            self.our_state = ProtocolState.OPEN
+        elif isinstance(frame, GoAway):
+            self.our_state = ProtocolState.CLOSED
+        return head, body
+
+    def hello(self, site: str, *, limits: dict[str, int] | None = None,
+              features: list[str] | None = None) -> Hello:
+        """Build our HELLO, announcing ``max_frame_size`` along with ``limits``."""
+        all_limits = {"max_frame_size": self.max_frame_size, **(limits or {})}
+        return Hello(PROTOCOL_VERSION, site, all_limits, list(features or []))
