@@ -4,14 +4,27 @@ Everything public is importable from here; modules whose names start with an
 underscore are internal.
 """
 
-from ._api import ConsumerFactory, ObjectConsumer, ObjectProducer, StreamableEngine
-from ._api import StreamContextKey
+from ._api import (
+    ConsumerFactory,
+    ObjectConsumer,
+    ObjectProducer,
+    StreamableEngine,
+    StreamContextKey,
+)
 from ._context import FLContext, Signal
-from ._engine import END_RESULT, END_RESULTS, Site, SiteOptions, SyncMode, open_site
-from ._engine import serve_site
-from ._errors import ConnectionLostError, FedstreamError, HandshakeError, LocalProtocolError
-from ._errors import ObjectTooLargeError, ProtocolError, RemoteProtocolError, SiteClosedError
-from ._errors import StreamCancelledError, UnknownTargetError
+from ._engine import END_RESULT, END_RESULTS, Site, SiteOptions, SyncMode, open_site, serve_site
+from ._errors import (
+    ConnectionLostError,
+    FedstreamError,
+    HandshakeError,
+    LocalProtocolError,
+    ObjectTooLargeError,
+    ProtocolError,
+    RemoteProtocolError,
+    SiteClosedError,
+    StreamCancelledError,
+    UnknownTargetError,
+)
 from ._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
 from ._version import __version__
 

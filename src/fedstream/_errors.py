@@ -90,8 +90,11 @@ class StreamCancelledError(FedstreamError):
     """
 
     def __init__(self, rc: str, reason: str = "", *, by: str | None = None) -> None:
-        super().__init__(f"stream ended with {rc}" + (f" by {by}" if by else "")
-                         + (f": {reason}" if reason else ""))
+        super().__init__(
+            f"stream ended with {rc}"
+            + (f" by {by}" if by else "")
+            + (f": {reason}" if reason else "")
+        )
         self.rc = rc
         self.by = by
         self.reason = reason

@@ -5,4 +5,12 @@ from ._options import SiteOptions
 from ._sender import END_RESULT, END_RESULTS
 from ._site import Site, open_site, serve_site
 
-__all__ = ["END_RESULT", "END_RESULTS", "SiteOptions", "Site", "SyncMode", "open_site", "serve_site"]
+__all__ = [
+    "END_RESULT",
+    "END_RESULTS",
+    "Site",
+    "SiteOptions",
+    "SyncMode",
+    "open_site",
+    "serve_site",
+]

@@ -98,10 +98,19 @@ class _Outbox:
         self.data_limit = data_limit
         self.space = trio.lowlevel.ParkingLot()
         self.wakeup = trio.Event()
+        #: Set (and replaced) each time the writer finishes a batch.
+        self.flushed = trio.Event()
         self.closed = False
 
     def __bool__(self) -> bool:
         return bool(self.control or self.data)
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)
 
 
 def _size(item: tuple[bytes, memoryview | None]) -> int:
@@ -120,10 +129,10 @@ async def _read_frame(stream: trio.abc.Stream, protocol: FrameProtocol) -> Frame
 
 
 async def dial_handshake(
-    stream: trio.abc.Stream, protocol: FrameProtocol, hello: Hello, *, timeout: float
+    stream: trio.abc.Stream, protocol: FrameProtocol, hello: Hello, *, limit: float
 ) -> Hello:
     """The dialer's half: send our HELLO, then expect HELLO (accepted) or GOAWAY (refused)."""
-    with trio.move_on_after(timeout) as scope:
+    with trio.move_on_after(limit) as scope:
         try:
             await stream.send_all(protocol.send(hello))
             frame = await _read_frame(stream, protocol)
@@ -132,9 +141,11 @@ async def dial_handshake(
         except (trio.BrokenResourceError, OSError) as exc:
             raise HandshakeError(f"connection broke during handshake: {exc}") from exc
     if scope.cancelled_caught:
-        raise HandshakeError(f"no HELLO from peer within {timeout} s")
+        raise HandshakeError(f"no HELLO from peer within {limit} s")
     if isinstance(frame, GoAway):
-        raise HandshakeError(f"peer refused the connection: {ErrorCode(frame.code).name if frame.code in ErrorCode._value2member_map_ else frame.code}: {frame.message}")
+        raise HandshakeError(
+            f"peer refused the connection: {_code_name(frame.code)}: {frame.message}"
+        )
     if not isinstance(frame, Hello):
         raise HandshakeError("peer closed the connection during the handshake")
     return frame
@@ -145,13 +156,13 @@ async def accept_handshake(
     protocol: FrameProtocol,
     make_hello: Callable[[Hello], Hello | GoAway],
     *,
-    timeout: float,
+    limit: float,
 ) -> Hello:
     """The acceptor's half: read the dialer's HELLO, then answer HELLO or GOAWAY.
 
     ``make_hello`` decides: it returns our HELLO to accept or a GOAWAY to refuse.
     """
-    with trio.move_on_after(timeout) as scope:
+    with trio.move_on_after(limit):
         try:
             frame = await _read_frame(stream, protocol)
         except RemoteProtocolError as exc:
@@ -170,7 +181,7 @@ async def accept_handshake(
         except (trio.BrokenResourceError, OSError) as exc:
             raise HandshakeError(f"connection broke during handshake: {exc}") from exc
         return frame
-    raise HandshakeError(f"no HELLO from peer within {timeout} s") from None
+    raise HandshakeError(f"no HELLO from peer within {limit} s") from None
 
 
 async def _refuse(stream: trio.abc.Stream, protocol: FrameProtocol, goaway: GoAway) -> None:
@@ -317,6 +328,8 @@ class Connection:
             if freed:
                 outbox.data_bytes -= freed
                 outbox.space.unpark_all()
+            outbox.flushed.set()
+            outbox.flushed = trio.Event()
 
     # ---------------------------------------------------------------- receiving
 
@@ -362,7 +375,7 @@ class Connection:
             self.send_control(Pong(frame.opaque))
         elif isinstance(frame, GoAway):
             code = frame.code
-            self.lose(f"peer said goodbye ({ErrorCode(code).name if code in ErrorCode._value2member_map_ else code}: {frame.message})")
+            self.lose(f"peer said goodbye ({_code_name(code)}: {frame.message})")
         # PONG needs nothing: any received byte already counts as liveness.
 
     def _dispatch_receiving(self, frame: Data | Chunk | End | Abort) -> None:
@@ -383,8 +396,12 @@ class Connection:
                         self.receivers[sid] = receiver
                         receiver.on_data(frame)
                     return
-                self.reject(sid, frame.seq, "BAD_REQUEST_DATA",
-                            f"object {frame.seq} for unknown stream {sid}")
+                self.reject(
+                    sid,
+                    frame.seq,
+                    "BAD_REQUEST_DATA",
+                    f"object {frame.seq} for unknown stream {sid}",
+                )
             return  # chunk, end or abort for a finished or rejected stream
         if isinstance(frame, Data):
             receiver.on_data(frame)
@@ -400,8 +417,7 @@ class Connection:
         from .._shareable import ReservedHeaderKey, make_reply
         from .._wire import encode_object
 
-        logger.warning("rejecting object %d of stream %d from %s: %s", seq, sid, self.peer,
-                       message)
+        logger.warning("rejecting object %d of stream %d from %s: %s", seq, sid, self.peer, message)
         encoded = encode_object(make_reply(rc, {ReservedHeaderKey.ERROR: message})).to_bytes()
         self.send_control(Reply(sid, seq, len(encoded), True, encoded))
 
@@ -457,7 +473,7 @@ class Connection:
             self._goaway(code, message)
             with trio.move_on_after(self.options.finalize_timeout):
                 while self._outbox and not self.closed.is_set():
-                    await trio.sleep(0.01)
+                    await self._outbox.flushed.wait()
         self.lose(message or "closed locally")
 
     def lose(self, reason: str) -> None:
@@ -468,6 +484,7 @@ class Connection:
         logger.info("connection %s -> %s closed: %s", self.local, self.peer, reason)
         self._outbox.closed = True
         self._outbox.space.unpark_all()
+        self._outbox.flushed.set()
         self.closed.set()
         for handler in list(self.receivers.values()):
             handler.on_connection_lost()

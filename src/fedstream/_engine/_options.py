@@ -61,8 +61,7 @@ class SiteOptions:
             raise ValueError("chunk_size must be in [1024, max_frame_size - 4096]")
         if self.window < self.chunk_size:
             raise ValueError("window must be at least chunk_size")
-        for name in ("heartbeat_interval", "peer_timeout", "handshake_timeout",
-                     "finalize_timeout"):
+        for name in ("heartbeat_interval", "peer_timeout", "handshake_timeout", "finalize_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
         if self.peer_timeout <= self.heartbeat_interval:

@@ -15,6 +15,7 @@ from the others' errors, each shielded from cancellation and bounded by
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from ._callbacks import CallbackRunner
     from ._connection import Connection
 
-__all__ = ["Registration", "ReceiverSession", "send_object"]
+__all__ = ["ReceiverSession", "Registration", "send_object"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,13 @@ class Registration:
     cb_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-async def send_object(conn: Connection, make_first: Callable[[int, memoryview], Any],
-                      sid: int, seq: int, obj: Shareable) -> None:
+async def send_object(
+    conn: Connection,
+    make_first: Callable[[int, memoryview], Any],
+    sid: int,
+    seq: int,
+    obj: Shareable,
+) -> None:
     """Send ``obj`` as a first frame (built by ``make_first(size, body)``) plus CHUNKs."""
     encoded = encode_object(obj)
     offset = 0
@@ -125,14 +131,19 @@ class ReceiverSession:
         if self.rc is not None:
             return
         if frame.seq != self._expected_seq or self._assembler is not None:
-            self.conn.reject(self.sid, frame.seq, ReturnCode.BAD_REQUEST_DATA,
-                             f"expected object {self._expected_seq}, got {frame.seq}")
+            self.conn.reject(
+                self.sid,
+                frame.seq,
+                ReturnCode.BAD_REQUEST_DATA,
+                f"expected object {self._expected_seq}, got {frame.seq}",
+            )
             self.end(ReturnCode.BAD_REQUEST_DATA)
             return
         self._expected_seq += 1
         try:
-            self._assembler = ObjectAssembler(frame.size,
-                                              max_size=self.conn.options.max_object_size)
+            self._assembler = ObjectAssembler(
+                frame.size, max_size=self.conn.options.max_object_size
+            )
         except ObjectTooLargeError as exc:
             self.conn.reject(self.sid, frame.seq, ReturnCode.BAD_REQUEST_DATA, str(exc))
             self._discard_left = frame.size - len(frame.body)
@@ -148,8 +159,9 @@ class ReceiverSession:
                 self._discard_left -= len(frame.body)
                 return
             if self.rc is None:
-                raise RemoteProtocolError(f"CHUNK for object {frame.seq} of stream {self.sid} "
-                                          "that is not being sent")
+                raise RemoteProtocolError(
+                    f"CHUNK for object {frame.seq} of stream {self.sid} that is not being sent"
+                )
             return
         self._feed(frame.offset, frame.body)
 
@@ -163,8 +175,12 @@ class ReceiverSession:
             return
         self._assembler = None
         if len(self._inbox) >= _INBOX_LIMIT:
-            self.conn.reject(self.sid, self._assembling_seq, ReturnCode.BAD_REQUEST_DATA,
-                             "objects sent without waiting for replies")
+            self.conn.reject(
+                self.sid,
+                self._assembling_seq,
+                ReturnCode.BAD_REQUEST_DATA,
+                "objects sent without waiting for replies",
+            )
             self.end(ReturnCode.BAD_REQUEST_DATA)
             return
         self._inbox.append((self._assembling_seq, assembler.take()))
@@ -199,7 +215,7 @@ class ReceiverSession:
         try:
             trio.lowlevel.current_task()
         except RuntimeError:
-            self._token.run_sync_soon(self.end, rc, True)
+            self._token.run_sync_soon(functools.partial(self.end, rc, tell_sender=True))
         else:
             self.end(rc, tell_sender=True)
 
@@ -212,11 +228,12 @@ class ReceiverSession:
         try:
             with self.scope:
                 try:
-                    consumer = await self.runner(factory.get_consumer, self.stream_ctx,
-                                                 self.fl_ctx)
+                    consumer = await self.runner(factory.get_consumer, self.stream_ctx, self.fl_ctx)
                     if not isinstance(consumer, ObjectConsumer):
-                        raise TypeError(f"get_consumer returned {type(consumer).__name__}, "
-                                        "not an ObjectConsumer")
+                        raise TypeError(
+                            f"get_consumer returned {type(consumer).__name__}, "
+                            "not an ObjectConsumer"
+                        )
                     await self._consume_all(consumer)
                 except Exception as exc:
                     if self.rc is not None:
@@ -224,9 +241,11 @@ class ReceiverSession:
                         return
                     logger.exception("stream %d from %s failed", self.sid, self.conn.peer)
                     self.rc = ReturnCode.EXECUTION_EXCEPTION
-                    await self._reply_error(self._expected_seq - 1,
-                                            ReturnCode.EXECUTION_EXCEPTION,
-                                            f"{type(exc).__name__}: {exc}")
+                    await self._reply_error(
+                        self._expected_seq - 1,
+                        ReturnCode.EXECUTION_EXCEPTION,
+                        f"{type(exc).__name__}: {exc}",
+                    )
         finally:
             unregister()
             await self._finish(consumer)
@@ -234,7 +253,9 @@ class ReceiverSession:
     def _on_abort_signal(self, signal: Any) -> None:
         # Called in whichever thread triggered the signal.
         if self.rc is None:
-            self._token.run_sync_soon(self.end, ReturnCode.TASK_ABORTED, True)
+            self._token.run_sync_soon(
+                functools.partial(self.end, ReturnCode.TASK_ABORTED, tell_sender=True)
+            )
 
     async def _consume_all(self, consumer: ObjectConsumer) -> None:
         reg = self.registration
@@ -256,22 +277,25 @@ class ReceiverSession:
                 return
             del raw
             try:
-                result = await self.runner(consumer.consume, shareable, self.stream_ctx,
-                                           self.fl_ctx)
+                result = await self.runner(
+                    consumer.consume, shareable, self.stream_ctx, self.fl_ctx
+                )
                 keep_going, reply = _check_consume_result(result)
                 if reg.consumed_cb is not None:
-                    await self.runner(reg.consumed_cb, self.stream_ctx, self.fl_ctx,
-                                      **reg.cb_kwargs)
+                    await self.runner(
+                        reg.consumed_cb, self.stream_ctx, self.fl_ctx, **reg.cb_kwargs
+                    )
             except Exception as exc:
                 if self.rc is not None:  # already ending; the error is a consequence
-                    logger.debug("consume raised while stream %d was ending", self.sid,
-                                 exc_info=True)
+                    logger.debug(
+                        "consume raised while stream %d was ending", self.sid, exc_info=True
+                    )
                     return
-                logger.exception("consume failed on stream %d from %s", self.sid,
-                                 self.conn.peer)
+                logger.exception("consume failed on stream %d from %s", self.sid, self.conn.peer)
                 self.rc = ReturnCode.EXECUTION_EXCEPTION
-                await self._reply_error(seq, ReturnCode.EXECUTION_EXCEPTION,
-                                        f"{type(exc).__name__}: {exc}")
+                await self._reply_error(
+                    seq, ReturnCode.EXECUTION_EXCEPTION, f"{type(exc).__name__}: {exc}"
+                )
                 return
             if reply is None:
                 reply = make_reply(ReturnCode.OK)
@@ -283,8 +307,9 @@ class ReceiverSession:
     async def _send_reply(self, seq: int, reply: Shareable, *, last: bool) -> None:
         sid = self.sid
         try:
-            await send_object(self.conn, lambda size, body: Reply(sid, seq, size, last, body),
-                              sid, seq, reply)
+            await send_object(
+                self.conn, lambda size, body: Reply(sid, seq, size, last, body), sid, seq, reply
+            )
         except LocalProtocolError as exc:
             logger.error("reply to object %d of stream %d cannot be encoded: %s", seq, sid, exc)
             await self._reply_error(seq, ReturnCode.EXECUTION_EXCEPTION, str(exc), last=last)
@@ -292,11 +317,15 @@ class ReceiverSession:
     async def _reply_error(self, seq: int, rc: str, message: str, *, last: bool = True) -> None:
         if seq < 0 or self.conn.closed.is_set():
             return
-        with trio.CancelScope(shield=True), trio.move_on_after(
-                self.conn.options.finalize_timeout):
+        with trio.CancelScope(shield=True), trio.move_on_after(self.conn.options.finalize_timeout):
             reply = make_reply(rc, {ReservedHeaderKey.ERROR: message[:1000]})
-            await send_object(self.conn, lambda size, body: Reply(self.sid, seq, size, last, body),
-                              self.sid, seq, reply)
+            await send_object(
+                self.conn,
+                lambda size, body: Reply(self.sid, seq, size, last, body),
+                self.sid,
+                seq,
+                reply,
+            )
 
     async def _finish(self, consumer: ObjectConsumer | None) -> None:
         """Run the end-of-session steps exactly once, shielded and bounded."""
@@ -310,29 +339,42 @@ class ReceiverSession:
             if self._tell_sender and not self.conn.closed.is_set():
                 self.conn.send_control(Abort(self.sid, rc, "ended by receiver", self.site_name))
             if consumer is not None:
-                await self._step("finalize", timeout, consumer.finalize, self.stream_ctx,
-                                 self.fl_ctx)
+                await self._step(
+                    "finalize", timeout, consumer.finalize, self.stream_ctx, self.fl_ctx
+                )
             if reg.stream_done_cb is not None:
-                result = await self._step("stream_done_cb", timeout, reg.stream_done_cb,
-                                          self.stream_ctx, self.fl_ctx, **reg.cb_kwargs)
+                result = await self._step(
+                    "stream_done_cb",
+                    timeout,
+                    reg.stream_done_cb,
+                    self.stream_ctx,
+                    self.fl_ctx,
+                    **reg.cb_kwargs,
+                )
             if consumer is not None:
-                await self._step("return_consumer", timeout, reg.factory.return_consumer,
-                                 consumer, self.stream_ctx, self.fl_ctx)
+                await self._step(
+                    "return_consumer",
+                    timeout,
+                    reg.factory.return_consumer,
+                    consumer,
+                    self.stream_ctx,
+                    self.fl_ctx,
+                )
         self.send_done(rc, result)
         self.finished.set()
         self._on_finished(self)
 
-    async def _step(self, what: str, timeout: float, fn: Callable[..., Any], *args: Any,
-                    **kwargs: Any) -> Any:
-        with trio.move_on_after(timeout) as scope:
+    async def _step(
+        self, what: str, limit: float, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        with trio.move_on_after(limit) as scope:
             try:
                 return await self.runner(fn, *args, **kwargs)
             except Exception:
-                logger.exception("%s failed for stream %d from %s", what, self.sid,
-                                 self.conn.peer)
+                logger.exception("%s failed for stream %d from %s", what, self.sid, self.conn.peer)
                 return None
         if scope.cancelled_caught:
-            logger.error("%s did not finish within %s s for stream %d", what, timeout, self.sid)
+            logger.error("%s did not finish within %s s for stream %d", what, limit, self.sid)
         return None
 
     def send_done(self, rc: str, result: Any) -> None:

@@ -19,6 +19,7 @@ target's DONE: ``stream_objects`` returns only after the receivers finalized.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -98,12 +99,16 @@ class TargetLink:
         if frame.seq != self._pending_seq or self._reply is not None:
             return  # a late reply to an object that already timed out
         try:
-            self._assembler = ObjectAssembler(frame.size, max_size=self.conn.options.max_object_size)
+            self._assembler = ObjectAssembler(
+                frame.size, max_size=self.conn.options.max_object_size
+            )
         except RemoteProtocolError:
             raise
         except Exception as exc:
-            self._set_reply(make_reply(ReturnCode.COMMUNICATION_ERROR,
-                                       {ReservedHeaderKey.ERROR: str(exc)}), last=True)
+            self._set_reply(
+                make_reply(ReturnCode.COMMUNICATION_ERROR, {ReservedHeaderKey.ERROR: str(exc)}),
+                last=True,
+            )
             return
         self._reply_last = frame.last
         self._feed(0, frame.body)
@@ -131,8 +136,7 @@ class TargetLink:
         self._notify()
 
     def on_abort(self, frame: Abort) -> None:
-        logger.info("target %s ended stream %d: %s %s", self.name, self.sid, frame.rc,
-                    frame.reason)
+        logger.info("target %s ended stream %d: %s %s", self.name, self.sid, frame.rc, frame.reason)
         self.ended_rc = self.ended_rc or frame.rc
         self._notify()
 
@@ -154,54 +158,76 @@ class TargetLink:
 
     # ------------------------------------------------------ the delivery
 
-    async def deliver(self, seq: int, encoded: EncodedObject, timeout: float, channel: str,
-                      topic: str, ctx: dict[str, Any] | None) -> Shareable:
+    async def deliver(
+        self,
+        seq: int,
+        encoded: EncodedObject,
+        no_progress: float,
+        channel: str,
+        topic: str,
+        ctx: dict[str, Any] | None,
+    ) -> Shareable:
         """Send object ``seq`` and return this target's reply (or a failure reply)."""
         if self.ended_rc is not None:
             return make_reply(self.ended_rc)
         if encoded.size > self.conn.peer_max_object_size:
             self.ended_rc = ReturnCode.BAD_REQUEST_DATA
-            message = (f"object of {encoded.size} bytes exceeds {self.name}'s "
-                       f"max_object_size {int(self.conn.peer_max_object_size)}")
+            message = (
+                f"object of {encoded.size} bytes exceeds {self.name}'s "
+                f"max_object_size {int(self.conn.peer_max_object_size)}"
+            )
             self.conn.send_control(Abort(self.sid, ReturnCode.BAD_REQUEST_DATA, message, ""))
             return make_reply(ReturnCode.BAD_REQUEST_DATA, {ReservedHeaderKey.ERROR: message})
         self._pending_seq = seq
         self._reply = None
         self._assembler = None
         with trio.CancelScope() as scope:
-            scope.deadline = trio.current_time() + timeout
+            scope.deadline = trio.current_time() + no_progress
             offset = 0
             for view in encoded.chunks(self.conn.max_body):
                 size = len(view)
-                await self._wait(lambda: self.window >= size or self.ended_rc is not None)
-                if self.ended_rc is not None:
+                await self._wait(functools.partial(self._can_send, size))
+                if self._ended():
                     break
                 if offset == 0:
-                    frame: Data | Chunk = Data(self.sid, seq, encoded.size, channel, topic,
-                                               ctx, view)
+                    frame: Data | Chunk = Data(
+                        self.sid, seq, encoded.size, channel, topic, ctx, view
+                    )
                 else:
                     frame = Chunk(self.sid, seq, offset, view)
                 await self.conn.send_data(frame)
                 self.opened = True
                 self.window -= size
                 offset += size
-                scope.deadline = trio.current_time() + timeout
+                scope.deadline = trio.current_time() + no_progress
             self.objects_sent += 1
             self.bytes_sent += offset
             await self._wait(lambda: self._reply is not None or self.ended_rc is not None)
-        if self._reply is not None:
-            reply = self._reply
+        reply = self._current_reply()
+        if reply is not None:
             if self._reply_last:
                 await self._attach_end_result(reply)
             return reply
         if scope.cancelled_caught:
-            logger.warning("no progress on stream %d to %s for %s s: TIMEOUT", self.sid,
-                           self.name, timeout)
+            logger.warning(
+                "no progress on stream %d to %s for %s s: TIMEOUT", self.sid, self.name, no_progress
+            )
             self.ended_rc = ReturnCode.TIMEOUT
-            self.conn.send_control(Abort(self.sid, ReturnCode.TIMEOUT,
-                                         f"no progress for {timeout} s", ""))
+            self.conn.send_control(
+                Abort(self.sid, ReturnCode.TIMEOUT, f"no progress for {no_progress} s", "")
+            )
             return make_reply(ReturnCode.TIMEOUT)
         return make_reply(self.ended_rc or ReturnCode.COMMUNICATION_ERROR)
+
+    def _can_send(self, size: int) -> bool:
+        return self.window >= size or self._ended()
+
+    def _ended(self) -> bool:
+        # A method, not an inline test: the state changes while we await.
+        return self.ended_rc is not None
+
+    def _current_reply(self) -> Shareable | None:
+        return self._reply
 
     async def _attach_end_result(self, reply: Shareable) -> None:
         with trio.move_on_after(self.conn.options.finalize_timeout):
@@ -292,30 +318,46 @@ class StreamSession:
             encoded = encode_object(shareable)
             replies: dict[str, Shareable] = {}
 
-            async def deliver(link: TargetLink, seq: int = seq, encoded: EncodedObject = encoded,
-                              timeout: float = timeout) -> None:
-                try:
-                    replies[link.name] = await link.deliver(
-                        seq, encoded, timeout, self.channel, self.topic,
-                        wire_ctx if seq == 0 else None)
-                except ConnectionLostError:
-                    link.on_connection_lost()
-                    replies[link.name] = make_reply(ReturnCode.COMMUNICATION_ERROR)
-
             async with trio.open_nursery() as nursery:
                 for link in self.links:
-                    nursery.start_soon(deliver, link)
+                    nursery.start_soon(
+                        self._deliver,
+                        link,
+                        replies,
+                        seq,
+                        encoded,
+                        timeout,
+                        wire_ctx if seq == 0 else None,
+                    )
             for name in self.missing:
                 replies[name] = make_reply(ReturnCode.COMMUNICATION_ERROR)
             seq += 1
-            outcome = await self.runner(self.producer.process_replies, replies, self.stream_ctx,
-                                        self.fl_ctx)
+            outcome = await self.runner(
+                self.producer.process_replies, replies, self.stream_ctx, self.fl_ctx
+            )
             if outcome is not None:
                 if signal.triggered:
                     return ReturnCode.TASK_ABORTED, outcome, False
                 return (ReturnCode.OK if outcome else ReturnCode.ERROR), outcome, True
             if all(link.ended_rc is not None for link in self.links):
                 return self._all_ended_rc(), None, True
+
+    async def _deliver(
+        self,
+        link: TargetLink,
+        replies: dict[str, Shareable],
+        seq: int,
+        encoded: EncodedObject,
+        no_progress: float,
+        ctx: dict[str, Any] | None,
+    ) -> None:
+        try:
+            replies[link.name] = await link.deliver(
+                seq, encoded, no_progress, self.channel, self.topic, ctx
+            )
+        except ConnectionLostError:
+            link.on_connection_lost()
+            replies[link.name] = make_reply(ReturnCode.COMMUNICATION_ERROR)
 
     def _all_ended_rc(self) -> str:
         """Every target ended its session: OK if all did so cleanly, else the first failure."""
@@ -331,8 +373,7 @@ class StreamSession:
                 if normal_end:
                     link.conn.send_control(End(link.sid, link._pending_seq + 1))
                 else:
-                    link.conn.send_control(Abort(link.sid, rc, self._stop_reason,
-                                                 self.site_name))
+                    link.conn.send_control(Abort(link.sid, rc, self._stop_reason, self.site_name))
         with trio.move_on_after(self.finalize_timeout):
             for link in self.links:
                 if link.opened:
@@ -364,7 +405,10 @@ def _check_produced(produced: Any) -> tuple[Shareable | None, float]:
         return None, 0.0
     if not isinstance(shareable, Shareable):
         raise ValueError(f"produce returned {type(shareable).__name__}, not a Shareable")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-            0 < timeout < math.inf):
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not (0 < timeout < math.inf)
+    ):
         raise ValueError(f"produce returned timeout {timeout!r}; it must be a positive number")
     return shareable, float(timeout)

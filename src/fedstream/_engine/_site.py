@@ -27,10 +27,9 @@ from .._errors import (
 )
 from .._shareable import ReturnCode
 from .._transport import get_transport
-from .._wire import Data, Done, ErrorCode, FrameProtocol, GoAway, Hello
+from .._wire import DEFAULT_MAX_FRAME_SIZE, Data, Done, ErrorCode, FrameProtocol, GoAway, Hello
 from ._callbacks import CallbackRunner, SyncMode
 from ._connection import Connection, ReceiveHandler, accept_handshake, dial_handshake
-from .._wire import DEFAULT_MAX_FRAME_SIZE
 from ._options import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_FINALIZE_TIMEOUT,
@@ -53,8 +52,10 @@ _WILDCARD = "*"
 
 def _check_name(name: object) -> str:
     if not isinstance(name, str) or not name or len(name) > 255 or not name.isprintable():
-        raise ValueError(f"site name must be a non-empty printable string of at most 255 "
-                         f"characters, not {name!r}")
+        raise ValueError(
+            f"site name must be a non-empty printable string of at most 255 "
+            f"characters, not {name!r}"
+        )
     return name
 
 
@@ -105,20 +106,19 @@ class Site:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def wait_for_peers(self, names: Iterable[str], *, timeout: float = math.inf) -> None:
+    async def wait_for_peers(self, names: Iterable[str]) -> None:
         """Return once every site in ``names`` is connected.
 
+        Bound the wait with ``trio.fail_after`` or ``trio.move_on_after``.
+
         Raises:
-            TimeoutError: not all connected within ``timeout`` seconds
-                (``trio.TooSlowError`` is a subclass).
             SiteClosedError: this site shut down while waiting.
         """
         wanted = set(names)
-        with trio.fail_after(timeout):
-            while not wanted <= self._connections.keys():
-                if self._closing:
-                    raise SiteClosedError(f"site {self.name!r} is shut down")
-                await self._changed.wait()
+        while not wanted <= self._connections.keys():
+            if self._closing:
+                raise SiteClosedError(f"site {self.name!r} is shut down")
+            await self._changed.wait()
 
     # ------------------------------------------------------- registration
 
@@ -144,11 +144,16 @@ class Site:
         if not isinstance(channel, str) or not isinstance(topic, str):
             raise TypeError("channel and topic must be strings")
         self._registrations[(channel, topic)] = Registration(
-            factory, stream_done_cb, consumed_cb, dict(cb_kwargs))
+            factory, stream_done_cb, consumed_cb, dict(cb_kwargs)
+        )
 
     def _lookup(self, channel: str, topic: str) -> Registration | None:
-        for key in ((channel, topic), (channel, _WILDCARD), (_WILDCARD, topic),
-                    (_WILDCARD, _WILDCARD)):
+        for key in (
+            (channel, topic),
+            (channel, _WILDCARD),
+            (_WILDCARD, topic),
+            (_WILDCARD, _WILDCARD),
+        ):
             reg = self._registrations.get(key)
             if reg is not None:
                 return reg
@@ -182,13 +187,15 @@ class Site:
         protocol = FrameProtocol(max_frame_size=self.options.max_frame_size)
         try:
             hello = await dial_handshake(
-                stream, protocol, protocol.hello(self.name, limits=self.options.limits()),
-                timeout=self.options.handshake_timeout)
+                stream,
+                protocol,
+                protocol.hello(self.name, limits=self.options.limits()),
+                limit=self.options.handshake_timeout,
+            )
             problem = self._name_problem(hello.site)
             if problem:
                 with trio.move_on_after(1):
-                    await stream.send_all(protocol.send(GoAway(ErrorCode.DUPLICATE_SITE,
-                                                               problem)))
+                    await stream.send_all(protocol.send(GoAway(ErrorCode.DUPLICATE_SITE, problem)))
                 raise HandshakeError(problem)
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
@@ -208,6 +215,12 @@ class Site:
         return ""
 
     async def _handle_incoming(self, stream: trio.abc.Stream) -> None:
+        try:
+            await self._accept(stream)
+        except Exception:
+            logger.exception("site %s: error while serving an incoming connection", self.name)
+
+    async def _accept(self, stream: trio.abc.Stream) -> None:
         protocol = FrameProtocol(max_frame_size=self.options.max_frame_size)
         reserved: list[str] = []
 
@@ -222,8 +235,9 @@ class Site:
             return protocol.hello(self.name, limits=self.options.limits())
 
         try:
-            hello = await accept_handshake(stream, protocol, decide,
-                                           timeout=self.options.handshake_timeout)
+            hello = await accept_handshake(
+                stream, protocol, decide, limit=self.options.handshake_timeout
+            )
         except HandshakeError as exc:
             logger.warning("incoming handshake failed on %s: %s", self.name, exc)
             for name in reserved:
@@ -233,12 +247,19 @@ class Site:
             return
         await self._run_connection(stream, protocol, hello, False, "")
 
-    async def _run_connection(self, stream: trio.abc.Stream, protocol: FrameProtocol,
-                              hello: Hello, dialer: bool, url: str, *,
-                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-                              ) -> None:
-        conn = Connection(stream, protocol, hello, local=self.name, dialer=dialer,
-                          options=self.options, url=url)
+    async def _run_connection(
+        self,
+        stream: trio.abc.Stream,
+        protocol: FrameProtocol,
+        hello: Hello,
+        dialer: bool,
+        url: str,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        conn = Connection(
+            stream, protocol, hello, local=self.name, dialer=dialer, options=self.options, url=url
+        )
         conn.on_open = self._open_receiver
         self._reserved.discard(conn.peer)
         self._connections[conn.peer] = conn
@@ -255,13 +276,24 @@ class Site:
         reg = self._lookup(frame.channel, frame.topic)
         if reg is None or self._closing:
             rc = ReturnCode.SERVICE_UNAVAILABLE if self._closing else ReturnCode.TOPIC_UNKNOWN
-            conn.reject(frame.sid, 0, rc, f"no consumer for channel {frame.channel!r} topic "
-                        f"{frame.topic!r} on {self.name!r}" if not self._closing
-                        else f"site {self.name!r} is shutting down")
+            conn.reject(
+                frame.sid,
+                0,
+                rc,
+                f"no consumer for channel {frame.channel!r} topic {frame.topic!r} on {self.name!r}"
+                if not self._closing
+                else f"site {self.name!r} is shutting down",
+            )
             conn.send_control(Done(frame.sid, rc, None))
             return None
-        session = ReceiverSession(conn, frame, reg, site_name=self.name, runner=self._runner,
-                                  on_finished=self._receiver_finished)
+        session = ReceiverSession(
+            conn,
+            frame,
+            reg,
+            site_name=self.name,
+            runner=self._runner,
+            on_finished=self._receiver_finished,
+        )
         conn.nursery.start_soon(self._guard, session.run, conn)
         return session
 
@@ -269,8 +301,9 @@ class Site:
         try:
             await fn()
         except Exception:
-            logger.exception("internal error in a session with %s; closing that connection",
-                             conn.peer)
+            logger.exception(
+                "internal error in a session with %s; closing that connection", conn.peer
+            )
             conn.lose("internal error")
 
     def _receiver_finished(self, session: ReceiverSession) -> None:
@@ -314,20 +347,31 @@ class Site:
             raise ValueError(f"duplicate targets in {names!r}")
         missing = [t for t in names if t not in self._connections]
         if missing and (not optional or len(missing) == len(names)):
-            raise UnknownTargetError(f"not connected to {', '.join(map(repr, missing))} "
-                                     f"(connected: {self.peers})")
+            raise UnknownTargetError(
+                f"not connected to {', '.join(map(repr, missing))} (connected: {self.peers})"
+            )
         if secure:
-            raise FedstreamError("secure=True needs an encrypted, authenticated transport; "
-                                 "this site's connections are plain")
+            raise FedstreamError(
+                "secure=True needs an encrypted, authenticated transport; "
+                "this site's connections are plain"
+            )
         stream_ctx = {} if stream_ctx is None else stream_ctx
         fl_ctx = FLContext(identity_name=self.name) if fl_ctx is None else fl_ctx
         stream_ctx[StreamContextKey.CHANNEL] = channel
         stream_ctx[StreamContextKey.TOPIC] = topic
         links = [TargetLink(self._connections[t], t) for t in names if t not in missing]
         session = StreamSession(
-            site_name=self.name, channel=channel, topic=topic, stream_ctx=stream_ctx,
-            links=links, missing=missing, producer=producer, fl_ctx=fl_ctx,
-            runner=self._runner, finalize_timeout=self.options.finalize_timeout)
+            site_name=self.name,
+            channel=channel,
+            topic=topic,
+            stream_ctx=stream_ctx,
+            links=links,
+            missing=missing,
+            producer=producer,
+            fl_ctx=fl_ctx,
+            runner=self._runner,
+            finalize_timeout=self.options.finalize_timeout,
+        )
         self._senders.add(session)
         try:
             return await session.run()
@@ -418,10 +462,17 @@ async def open_site(
         and every consumer's ``finalize`` runs before the block is left.
     """
     options = SiteOptions(
-        max_frame_size=max_frame_size, max_object_size=max_object_size, chunk_size=chunk_size,
-        window=window, heartbeat_interval=heartbeat_interval, peer_timeout=peer_timeout,
-        handshake_timeout=handshake_timeout, finalize_timeout=finalize_timeout,
-        sync_callbacks=SyncMode(sync_callbacks), max_threads=max_threads)
+        max_frame_size=max_frame_size,
+        max_object_size=max_object_size,
+        chunk_size=chunk_size,
+        window=window,
+        heartbeat_interval=heartbeat_interval,
+        peer_timeout=peer_timeout,
+        handshake_timeout=handshake_timeout,
+        finalize_timeout=finalize_timeout,
+        sync_callbacks=SyncMode(sync_callbacks),
+        max_threads=max_threads,
+    )
     _check_name(name)
     error: Exception | None = None
     async with trio.open_nursery() as nursery:

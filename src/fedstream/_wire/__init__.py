@@ -4,13 +4,44 @@ Nothing in this package does I/O or imports trio; the transports and the
 engine drive it. See ``docs/protocol.md`` for the format.
 """
 
-from ._frames import FRAME_TYPES, PROTOCOL_VERSION, Abort, Chunk, Credit, Data, Done, End
-from ._frames import ErrorCode, Frame, FrameType, GoAway, Hello, Ping, Pong, Reply
-from ._payload import OUT_OF_BAND_MIN, TAG_BUFFER, TAG_SHAREABLE, EncodedObject
-from ._payload import ObjectAssembler, decode_object, encode_object
-from ._protocol import CLOSED, DEFAULT_MAX_FRAME_SIZE, HANDSHAKE_FRAME_LIMIT
-from ._protocol import MIN_MAX_FRAME_SIZE, NEED_DATA, FrameProtocol, ProtocolState
-from ._protocol import decode_head, encode_frame
+from ._frames import (
+    FRAME_TYPES,
+    PROTOCOL_VERSION,
+    Abort,
+    Chunk,
+    Credit,
+    Data,
+    Done,
+    End,
+    ErrorCode,
+    Frame,
+    FrameType,
+    GoAway,
+    Hello,
+    Ping,
+    Pong,
+    Reply,
+)
+from ._payload import (
+    OUT_OF_BAND_MIN,
+    TAG_BUFFER,
+    TAG_SHAREABLE,
+    EncodedObject,
+    ObjectAssembler,
+    decode_object,
+    encode_object,
+)
+from ._protocol import (
+    CLOSED,
+    DEFAULT_MAX_FRAME_SIZE,
+    HANDSHAKE_FRAME_LIMIT,
+    MIN_MAX_FRAME_SIZE,
+    NEED_DATA,
+    FrameProtocol,
+    ProtocolState,
+    decode_head,
+    encode_frame,
+)
 
 __all__ = [
     "CLOSED",

@@ -6,11 +6,12 @@ An encoded object is::
 
 ``lengths`` and ``value`` are two CBOR items that together fill ``head_len``
 bytes: ``lengths`` is the array ``[len(buffer 0), len(buffer 1), ...]`` and
-``value`` is the object itself. Inside ``value``, every byte string of at least :data:`OUT_OF_BAND_MIN` bytes
-is replaced by tag :data:`TAG_BUFFER` wrapping its index, and its bytes are
-carried raw after the head. That lets the sender hand a large ``bytes``,
-``bytearray`` or ``memoryview`` to the socket without copying it into the
-CBOR item, and lets the receiver slice it out of the reassembly buffer.
+``value`` is the object itself. Inside ``value``, every byte string of at
+least :data:`OUT_OF_BAND_MIN` bytes is replaced by tag :data:`TAG_BUFFER`
+wrapping its index, and its bytes are carried raw after the head. That lets
+the sender hand a large ``bytes``, ``bytearray`` or ``memoryview`` to the
+socket without copying it into the CBOR item, and lets the receiver slice it
+out of the reassembly buffer.
 
 A ``Shareable`` nested inside the value is tagged :data:`TAG_SHAREABLE` so it
 comes back as a ``Shareable``; the top-level value is always one.
@@ -74,7 +75,7 @@ class EncodedObject:
         """
         for part in self.parts:
             for start in range(0, len(part), max_chunk):
-                yield part[start:start + max_chunk]
+                yield part[start : start + max_chunk]
 
     def to_bytes(self) -> bytes:
         """The whole encoding as one ``bytes`` (copies; for tests and small objects)."""
@@ -155,7 +156,7 @@ def decode_object(data: BytesLike) -> Shareable:
     (head_len,) = _LEN.unpack_from(view)
     if head_len > len(view) - _LEN.size:
         raise RemoteProtocolError("encoded object head is longer than the object")
-    fp = io.BytesIO(bytes(view[_LEN.size:_LEN.size + head_len]))
+    fp = io.BytesIO(bytes(view[_LEN.size : _LEN.size + head_len]))
     try:
         lengths = _decoder(fp, None).decode()
     except Exception as exc:
@@ -167,7 +168,7 @@ def decode_object(data: BytesLike) -> Shareable:
         raise RemoteProtocolError("object buffer lengths do not add up to its size")
     buffers: list[memoryview] = []
     for n in lengths:
-        buffers.append(view[offset:offset + n])
+        buffers.append(view[offset : offset + n])
         offset += n
 
     def tag_hook(tag: cbor2.CBORTag, immutable: bool) -> Any:
@@ -222,8 +223,7 @@ class ObjectAssembler:
     def feed(self, offset: int, body: BytesLike) -> bool:
         """Add ``body`` at ``offset``; return whether the object is complete."""
         if offset != self.received:
-            raise RemoteProtocolError(
-                f"chunk at offset {offset}, expected {self.received}")
+            raise RemoteProtocolError(f"chunk at offset {offset}, expected {self.received}")
         end = offset + len(body)
         if end > self.size:
             raise RemoteProtocolError(f"chunk overruns the object size {self.size}")

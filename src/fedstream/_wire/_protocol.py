@@ -165,8 +165,9 @@ def decode_head(data: bytes, *, max_depth: int = MAX_HEAD_DEPTH) -> Frame:
         kwargs[name] = value
     if head_len < len(data):
         if not cls.HAS_BODY:
-            raise RemoteProtocolError(f"{cls.__name__} frame has {len(data) - head_len} "
-                                      "unexpected bytes after its head")
+            raise RemoteProtocolError(
+                f"{cls.__name__} frame has {len(data) - head_len} unexpected bytes after its head"
+            )
         kwargs["body"] = memoryview(data)[head_len:]
     frame = cls(**kwargs)
     _check_semantics(frame, RemoteProtocolError)
@@ -307,8 +308,9 @@ class FrameProtocol:
     def _next_event(self) -> Frame | Literal[_Marker.NEED_DATA, _Marker.CLOSED]:
         if self.their_state is ProtocolState.CLOSED:
             if self.buffered:
-                raise RemoteProtocolError("data received after GOAWAY",
-                                          error_code=ErrorCode.PROTOCOL_ERROR)
+                raise RemoteProtocolError(
+                    "data received after GOAWAY", error_code=ErrorCode.PROTOCOL_ERROR
+                )
             return CLOSED
         available = self.buffered
         if available < _LEN.size:
@@ -325,13 +327,13 @@ class FrameProtocol:
         end = self._pos + _LEN.size + length
         if len(self._buf) < end:
             return self._need_data(available)
-        data = bytes(self._buf[self._pos + _LEN.size:end])
+        data = bytes(self._buf[self._pos + _LEN.size : end])
         self._pos = end
         if self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0
         elif self._pos > 65536 and self._pos * 2 > len(self._buf):
-            del self._buf[:self._pos]
+            del self._buf[: self._pos]
             self._pos = 0
         frame = decode_head(data)
         self._after_receive(frame)
@@ -358,8 +360,7 @@ class FrameProtocol:
                 )
             if frame.version != PROTOCOL_VERSION:
                 raise RemoteProtocolError(
-                    f"peer speaks protocol version {frame.version}, "
-                    f"we speak {PROTOCOL_VERSION}",
+                    f"peer speaks protocol version {frame.version}, we speak {PROTOCOL_VERSION}",
                     error_code=ErrorCode.VERSION_MISMATCH,
                 )
             peer_max = frame.limits.get("max_frame_size", MIN_MAX_FRAME_SIZE)
@@ -391,24 +392,28 @@ class FrameProtocol:
         if self.our_state is ProtocolState.CLOSED:
             raise LocalProtocolError(f"cannot send {type(frame).__name__} after GOAWAY")
         if self.our_state is ProtocolState.HANDSHAKE and not isinstance(frame, (Hello, GoAway)):
-            raise LocalProtocolError(f"the first frame sent must be HELLO or GOAWAY, not "
-                                     f"{type(frame).__name__}")
+            raise LocalProtocolError(
+                f"the first frame sent must be HELLO or GOAWAY, not {type(frame).__name__}"
+            )
         if self.our_state is ProtocolState.OPEN and isinstance(frame, Hello):
             raise LocalProtocolError("HELLO was already sent")
         head, body = encode_frame(frame)
         length = len(head) - _LEN.size + (len(body) if body is not None else 0)
         limit = self.peer_max_frame_size
         if length > limit:
-            raise LocalProtocolError(f"{type(frame).__name__} frame of {length} bytes exceeds "
-                                     f"the peer's limit of {limit}")
+            raise LocalProtocolError(
+                f"{type(frame).__name__} frame of {length} bytes exceeds "
+                f"the peer's limit of {limit}"
+            )
         if isinstance(frame, Hello):
             self.our_state = ProtocolState.OPEN
         elif isinstance(frame, GoAway):
             self.our_state = ProtocolState.CLOSED
         return head, body
 
-    def hello(self, site: str, *, limits: dict[str, int] | None = None,
-              features: list[str] | None = None) -> Hello:
+    def hello(
+        self, site: str, *, limits: dict[str, int] | None = None, features: list[str] | None = None
+    ) -> Hello:
         """Build our HELLO, announcing ``max_frame_size`` along with ``limits``."""
         all_limits = {"max_frame_size": self.max_frame_size, **(limits or {})}
         return Hello(PROTOCOL_VERSION, site, all_limits, list(features or []))
