@@ -51,7 +51,7 @@ streaming engine.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from ._context import FLContext
@@ -91,7 +91,7 @@ class ObjectConsumer(ABC):
     @abstractmethod
     def consume(
         self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
-    ) -> tuple[bool, Shareable | None]:
+    ) -> tuple[bool, Shareable | None] | Awaitable[tuple[bool, Shareable | None]]:
         """Handle one received object and say whether the stream should go on.
 
         Args:
@@ -109,7 +109,7 @@ class ObjectConsumer(ABC):
         the message headers the transport uses to route messages.
         """
 
-    def finalize(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> None:
+    def finalize(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> None | Awaitable[None]:
         """Clean up after the stream; called exactly once, however it ended.
 
         ``stream_ctx[StreamContextKey.RC]`` tells whether it ended with ``OK``
@@ -122,7 +122,9 @@ class ConsumerFactory(ABC):
     """Creates an :class:`ObjectConsumer` for each new stream on a channel/topic."""
 
     @abstractmethod
-    def get_consumer(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> ObjectConsumer:
+    def get_consumer(
+        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> ObjectConsumer | Awaitable[ObjectConsumer]:
         """Return the consumer for a stream that has just started.
 
         Called once per stream, when its first object arrives. Several streams
@@ -136,7 +138,7 @@ class ConsumerFactory(ABC):
 
     def return_consumer(
         self, consumer: ObjectConsumer, stream_ctx: dict[str, Any], fl_ctx: FLContext
-    ) -> None:
+    ) -> None | Awaitable[None]:
         """Take back a consumer whose stream has finished (after its ``finalize``).
 
         Lets a factory pool or account for its consumers. The default does
@@ -156,7 +158,7 @@ class ObjectProducer(ABC):
     @abstractmethod
     def produce(
         self, stream_ctx: dict[str, Any], fl_ctx: FLContext
-    ) -> tuple[Shareable | None, float]:
+    ) -> tuple[Shareable | None, float] | Awaitable[tuple[Shareable | None, float]]:
         """Return the next object to send and how long to wait for its replies.
 
         Returns:

@@ -250,7 +250,6 @@ async def _serve(args: argparse.Namespace) -> int:
             flush=True,
         )
         await trio.sleep_forever()
-    return 0
 
 
 class _FileProducer(ObjectProducer):
