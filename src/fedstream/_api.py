@@ -109,7 +109,7 @@ class ObjectConsumer(ABC):
         the message headers the transport uses to route messages.
         """
 
-    def finalize(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> None | Awaitable[None]:
+    def finalize(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> Awaitable[None] | None:
         """Clean up after the stream; called exactly once, however it ended.
 
         ``stream_ctx[StreamContextKey.RC]`` tells whether it ended with ``OK``
@@ -138,7 +138,7 @@ class ConsumerFactory(ABC):
 
     def return_consumer(
         self, consumer: ObjectConsumer, stream_ctx: dict[str, Any], fl_ctx: FLContext
-    ) -> None | Awaitable[None]:
+    ) -> Awaitable[None] | None:
         """Take back a consumer whose stream has finished (after its ``finalize``).
 
         Lets a factory pool or account for its consumers. The default does

@@ -84,7 +84,12 @@ class EncodedObject:
 
 def _flat(buf: BytesLike) -> memoryview:
     view = memoryview(buf)
-    if view.ndim == 1 and view.itemsize == 1 and view.format in ("B", "b", "c"):
+    if (
+        view.ndim == 1
+        and view.itemsize == 1
+        and view.format in ("B", "b", "c")
+        and view.c_contiguous
+    ):
         return view if view.format == "B" else view.cast("B")
     if view.c_contiguous:
         return view.cast("B")
@@ -141,7 +146,20 @@ def _reject(value: object, immutable: bool) -> Any:
     raise ValueError("tag not allowed in fedstream objects")
 
 
-_REJECTED_TAGS: Final = {tag: _reject for tag in (25, 28, 29, 35, 256)}
+def _reject_number(value: object, immutable: bool) -> Any:
+    raise ValueError(
+        "integers beyond 64 bits, decimal fractions, bigfloats and rationals "
+        "are not accepted in fedstream objects"
+    )
+
+
+#: Tags a peer could use to make decoding expensive: shared and string
+#: references (25, 28, 29, 256), regular expressions (35), and numbers whose
+#: Python hashes can be made to collide as map keys (2, 3, 4, 5, 30).
+_REJECTED_TAGS: Final = {
+    **{tag: _reject for tag in (25, 28, 29, 35, 256)},
+    **{tag: _reject_number for tag in (2, 3, 4, 5, 30)},
+}
 
 
 def decode_object(data: BytesLike) -> Shareable:
@@ -171,20 +189,27 @@ def decode_object(data: BytesLike) -> Shareable:
         buffers.append(view[offset : offset + n])
         offset += n
 
-    def tag_hook(tag: cbor2.CBORTag, immutable: bool) -> Any:
-        if tag.tag == TAG_BUFFER:
-            index = tag.value
-            if type(index) is not int or not 0 <= index < len(buffers):
-                raise ValueError(f"bad out-of-band buffer index {index!r}")
-            return bytes(buffers[index])
-        if tag.tag == TAG_SHAREABLE:
-            if not isinstance(tag.value, dict):
-                raise ValueError("nested Shareable must be a map")
-            return Shareable(tag.value)
-        return tag
+    used: set[int] = set()
+
+    def buffer(index: Any, immutable: bool) -> Any:
+        if type(index) is not int or not 0 <= index < len(buffers) or index in used:
+            raise ValueError(f"bad out-of-band buffer index {index!r}")
+        used.add(index)
+        return bytes(buffers[index])
+
+    def shareable(value: Any, immutable: bool) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError("nested Shareable must be a map")
+        return Shareable(value)
 
     try:
-        value = _decoder(fp, tag_hook).decode()
+        value = cbor2.CBORDecoder(
+            fp,
+            semantic_decoders={**_REJECTED_TAGS, TAG_BUFFER: buffer, TAG_SHAREABLE: shareable},
+            max_depth=MAX_OBJECT_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+        ).decode()
     except Exception as exc:
         raise RemoteProtocolError(f"object value is not valid CBOR: {exc}") from exc
     if fp.tell() != head_len:

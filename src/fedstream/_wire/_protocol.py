@@ -111,14 +111,21 @@ def _loads_strict(data: bytes, *, max_depth: int) -> tuple[Any, int]:
         max_depth=max_depth,
         allow_indefinite=False,
         allow_duplicate_keys=False,
+        # Map keys other than text/byte strings could be chosen to collide in
+        # Python's hash table and make decoding quadratic.
+        strict_hashable_types=True,
     )
     item = decoder.decode()
     return item, fp.tell()
 
 
+#: Field types whose content is not fixed by the frame layout.
+_FREE_FORM: Final = ((dict,), (object,))
+
+
 def _check_value(value: Any, types: tuple[type, ...]) -> bool:
     if types == (int,):
-        return type(value) is int and 0 <= value <= _U64_MAX
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _U64_MAX
     if types == (bool,):
         return type(value) is bool
     if types == (dict,):
@@ -209,19 +216,38 @@ def encode_frame(frame: Frame) -> tuple[bytes, memoryview | None]:
             raise LocalProtocolError(
                 f"{type(frame).__name__}.{name} has invalid value {value!r:.80}"
             )
-        head.append(value)
-    _check_semantics(frame, LocalProtocolError)
-    try:
-        head_bytes = cbor2.dumps(head)
-    except Exception as exc:
-        raise LocalProtocolError(f"cannot encode {type(frame).__name__} head: {exc}") from exc
+        head.append(int(value) if types == (int,) else value)
     body: memoryview | None = None
     if frame.HAS_BODY:
         raw = frame.body  # type: ignore[attr-defined]
-        if len(raw):
-            body = raw if isinstance(raw, memoryview) else memoryview(raw)
-            if body.ndim != 1 or body.itemsize != 1:
-                body = body.cast("B") if body.c_contiguous else memoryview(body.tobytes())
+        body = raw if isinstance(raw, memoryview) else memoryview(raw)
+        if not body.c_contiguous:
+            body = memoryview(body.tobytes())
+        elif body.ndim != 1 or body.itemsize != 1:
+            body = body.cast("B")
+        size = getattr(frame, "size", None)
+        if size is not None and len(body) > size:
+            raise LocalProtocolError(
+                f"{type(frame).__name__} body ({len(body)} bytes) exceeds its size {size}"
+            )
+        if not len(body):
+            body = None
+    if isinstance(frame, Hello):
+        mfs = frame.limits.get("max_frame_size", MIN_MAX_FRAME_SIZE)
+        if isinstance(mfs, int) and not MIN_MAX_FRAME_SIZE <= mfs <= _U32_MAX:
+            raise LocalProtocolError(f"HELLO announces max_frame_size {mfs}, out of range")
+    _check_semantics(frame, LocalProtocolError)
+    try:
+        head_bytes = cbor2.dumps(head)
+        if any(
+            types in _FREE_FORM and head[i + 1] is not None
+            for i, (_, types, _) in enumerate(fields)
+        ):
+            # Free-form fields (stream context, DONE result, HELLO limits) get
+            # the same strict check the peer will apply, so we fail here, not there.
+            _loads_strict(head_bytes, max_depth=MAX_HEAD_DEPTH)
+    except Exception as exc:
+        raise LocalProtocolError(f"cannot encode {type(frame).__name__} head: {exc}") from exc
     length = len(head_bytes) + (len(body) if body is not None else 0)
     if length > _U32_MAX:
         raise LocalProtocolError(f"frame of {length} bytes does not fit a u32 length prefix")
@@ -282,6 +308,8 @@ class FrameProtocol:
             if data:
                 raise LocalProtocolError("receive_data() called after EOF")
             return
+        if self._error is not None:
+            return  # the connection is dead; keep nothing
         if not data:
             self._eof = True
             return

@@ -1,0 +1,16 @@
+"""``fedstream bench``: the streaming benchmark, shipped inside the library.
+
+Each scenario runs a sender and its receiver(s) as separate OS processes over
+loopback TCP, and the same run measures the ceiling for that process layout
+(raw trio ``send_all``/``receive_some`` throughput and a 64-byte trio
+ping-pong), so every figure is reported both absolutely and as a ratio to
+what trio itself manages on the same machine at the same moment.
+
+Entry points: :func:`main` (what ``fedstream bench`` and
+``benchmarks/run.py`` call) and ``python -m fedstream._bench.worker`` (the
+worker processes it starts). See ``benchmarks/README.md``.
+"""
+
+from ._main import main as main
+
+__all__ = ["main"]

@@ -1,0 +1,469 @@
+"""What each scenario runs, and the loop that runs them with their ceilings.
+
+Every measurement is a fresh set of OS processes on loopback TCP: one sender
+and one or more receivers (see ``worker.py``). Repetitions are interleaved:
+each round measures the ceilings and then every case once, so slow drift of
+the machine (thermal, noisy neighbours) affects both sides of a ratio alike.
+A case that fails stops repeating and is reported as ``ERROR``; the rest of
+the run carries on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+from ._common import GIB, KIB, MB, MIB, BenchError, format_size
+from ._procs import run_exchange
+from ._results import CaseResult, Ceiling, Report, Series, Target
+
+__all__ = ["SCENARIOS", "Plan", "make_plan", "run_plan"]
+
+logger = logging.getLogger(__name__)
+
+SCENARIOS: Final = ("throughput", "fanout", "concurrency", "memory", "latency")
+
+#: Size of the ping-pong message.
+PING_SIZE: Final = 64
+#: Ratio targets from the issue, by object size (throughput) or target count (fan-out).
+THROUGHPUT_TARGETS: Final = {KIB: 0.6, MIB: 0.45, 16 * MIB: 0.6}
+FANOUT_TARGETS: Final = {16: 0.5}
+#: Allowed peak-RSS increase while streaming many 1 MiB objects.
+MEMORY_LIMIT_MIB: Final = 100.0
+
+Values = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much work each case does; ``make_plan`` fills in quick or full figures."""
+
+    quick: bool
+    repeat: int
+    #: Memory cases are slow and nearly deterministic, so they repeat less.
+    memory_repeat: int
+    #: Each worker's own time limit, seconds.
+    timeout: float
+    #: Extra ``open_site`` options for every fedstream worker.
+    site: dict[str, int] = field(default_factory=dict)
+    #: Keep the sender and the receivers on different CPUs (see ``cpu_layout``).
+    pin: bool = True
+    raw_total: int = GIB
+    ping_count: int = 20_000
+    throughput: tuple[tuple[int, int], ...] = (
+        (KIB, 10_000),
+        (64 * KIB, 4096),
+        (MIB, 1024),
+        (16 * MIB, 64),
+    )
+    fanout_targets: tuple[int, ...] = (1, 4, 16)
+    #: Bytes delivered in total (all targets together) per fan-out run.
+    fanout_bytes: int = GIB
+    concurrency: tuple[int, ...] = (1, 10, 100, 1000)
+    concurrency_object: int = 64 * KIB
+    #: Objects per concurrency level, split over its streams (at least one each).
+    concurrency_objects: int = 4096
+    memory_total: int = 2 * GIB
+    memory_single: int = 256 * MIB
+    latency_objects: int = 10_000
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_plan(
+    *,
+    quick: bool,
+    repeat: int | None = None,
+    site: dict[str, int] | None = None,
+    pin: bool = True,
+) -> Plan:
+    """The full plan, or the scaled-down ``--quick`` one (under a minute on 2 cores)."""
+    site = dict(site or {})
+    if not quick:
+        reps = repeat or 5
+        return Plan(
+            quick=False,
+            repeat=reps,
+            memory_repeat=min(reps, 3),
+            timeout=300,
+            site=site,
+            pin=pin,
+        )
+    reps = repeat or 1
+    return Plan(
+        quick=True,
+        repeat=reps,
+        memory_repeat=min(reps, 1),
+        timeout=60,
+        site=site,
+        pin=pin,
+        raw_total=256 * MIB,
+        ping_count=5000,
+        throughput=((KIB, 2000), (64 * KIB, 512), (MIB, 128), (16 * MIB, 8)),
+        fanout_bytes=256 * MIB,
+        concurrency_objects=256,
+        memory_total=256 * MIB,
+        memory_single=64 * MIB,
+        latency_objects=2000,
+    )
+
+
+# ------------------------------------------------------------------ ceilings
+
+
+def _raw(plan: Plan, receivers: int) -> Values:
+    per_target = plan.raw_total if receivers == 1 else plan.fanout_bytes // receivers
+    sent, _ = run_exchange(
+        "raw-recv",
+        [{"total": per_target}] * receivers,
+        "raw-send",
+        lambda addresses: {"addresses": addresses, "total": per_target},
+        timeout=plan.timeout,
+        pin=plan.pin,
+    )
+    return {"mb_per_s": sent["bytes"] / sent["elapsed"] / MB}
+
+
+def _pingpong(plan: Plan) -> Values:
+    sent, _ = run_exchange(
+        "ping-server",
+        [{"size": PING_SIZE}],
+        "ping-client",
+        lambda addresses: {"address": addresses[0], "size": PING_SIZE, "count": plan.ping_count},
+        timeout=plan.timeout,
+        pin=plan.pin,
+    )
+    return {
+        "rate": sent["round_trips"] / sent["elapsed"],
+        "rtt_p50": sent["rtt_p50"] * 1e6,
+    }
+
+
+@dataclass
+class _CeilingSpec:
+    run: Callable[[], Values]
+    #: result key -> ceiling it feeds
+    feeds: dict[str, Ceiling]
+
+
+def _ceiling_specs(plan: Plan, scenarios: Sequence[str]) -> list[_CeilingSpec]:
+    specs: list[_CeilingSpec] = []
+    if {"throughput", "fanout", "concurrency"} & set(scenarios):
+        label = f"raw trio TCP, 1 MiB send_all, {format_size(plan.raw_total)}"
+        raw = Ceiling("raw", label, Series("MB/s"))
+        specs.append(_CeilingSpec(functools.partial(_raw, plan, 1), {"mb_per_s": raw}))
+    if {"throughput", "latency"} & set(scenarios):
+        rate = Ceiling("pingpong", f"trio {PING_SIZE}-byte ping-pong", Series("rt/s"))
+        rtt = Ceiling("pingpong_rtt", f"trio {PING_SIZE}-byte ping-pong p50 RTT", Series("us"))
+        specs.append(
+            _CeilingSpec(functools.partial(_pingpong, plan), {"rate": rate, "rtt_p50": rtt})
+        )
+    if "fanout" in scenarios:
+        for n in plan.fanout_targets:
+            if n > 1:
+                label = f"raw trio TCP fan-out to {n} receiver processes (aggregate)"
+                ceiling = Ceiling(f"raw_fanout_{n}", label, Series("MB/s"))
+                specs.append(_CeilingSpec(functools.partial(_raw, plan, n), {"mb_per_s": ceiling}))
+    return specs
+
+
+# --------------------------------------------------------------------- cases
+
+
+def _fs_exchange(
+    plan: Plan, receivers: int, sender: dict[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    sent, received = run_exchange(
+        "fs-recv",
+        [{"name": f"site-{i}", "site": plan.site} for i in range(receivers)],
+        "fs-send",
+        lambda addresses: {**sender, "addresses": addresses, "site": plan.site},
+        timeout=plan.timeout,
+        pin=plan.pin,
+    )
+    streams = int(sender.get("streams", 1))
+    expected = streams * int(sender["objects"])
+    if sent["failures"] or sent["streams_ok"] != streams or sent["objects"] != expected:
+        raise BenchError(
+            f"sender finished {sent['streams_ok']}/{streams} streams, "
+            f"{sent['objects']}/{expected} objects: {'; '.join(sent['failures'])}"
+        )
+    for index, result in enumerate(received):
+        if result["objects"] != expected or result["streams_ok"] != streams:
+            raise BenchError(
+                f"receiver {index} got {result['objects']}/{expected} objects, "
+                f"{result['streams_ok']}/{streams} streams OK, failed: {result['streams_failed']}"
+            )
+    return sent, received
+
+
+def _throughput(plan: Plan, size: int, objects: int) -> Values:
+    sent, _ = _fs_exchange(plan, 1, {"object_size": size, "objects": objects})
+    elapsed = sent["elapsed"]
+    return {"mb_per_s": objects * size / elapsed / MB, "objects_per_s": objects / elapsed}
+
+
+def _fanout(plan: Plan, targets: int, objects: int) -> Values:
+    sent, _ = _fs_exchange(plan, targets, {"object_size": MIB, "objects": objects})
+    elapsed = sent["elapsed"]
+    return {
+        "mb_per_s": objects * MIB * targets / elapsed / MB,
+        "objects_per_s": objects / elapsed,
+    }
+
+
+def _concurrency(plan: Plan, streams: int, per_stream: int) -> Values:
+    size = plan.concurrency_object
+    sent, _ = _fs_exchange(
+        plan, 1, {"object_size": size, "objects": per_stream, "streams": streams}
+    )
+    elapsed = sent["elapsed"]
+    objects = streams * per_stream
+    return {
+        "mb_per_s": objects * size / elapsed / MB,
+        "objects_per_s": objects / elapsed,
+        "elapsed": elapsed,
+        "streams_ok": float(sent["streams_ok"]),
+    }
+
+
+def _memory(plan: Plan, size: int, objects: int) -> Values:
+    sent, (received,) = _fs_exchange(plan, 1, {"object_size": size, "objects": objects})
+    return {
+        "sender_rss_increase": sent["rss_increase"] / MIB,
+        "receiver_rss_increase": received["rss_increase"] / MIB,
+        "sender_rss_peak": sent["rss_peak"] / MIB,
+        "receiver_rss_peak": received["rss_peak"] / MIB,
+        "mb_per_s": objects * size / sent["elapsed"] / MB,
+    }
+
+
+def _latency(plan: Plan, objects: int) -> Values:
+    sent, _ = _fs_exchange(plan, 1, {"object_size": KIB, "objects": objects, "latency": True})
+    return {
+        "p50": sent["latency_p50"] * 1e6,
+        "p99": sent["latency_p99"] * 1e6,
+        "objects_per_s": objects / sent["elapsed"],
+    }
+
+
+@dataclass
+class _CaseSpec:
+    result: CaseResult
+    run: Callable[[], Values]
+    repetitions: int
+
+
+def _case(
+    scenario: str,
+    case: str,
+    params: dict[str, Any],
+    units: dict[str, str],
+    headline: str,
+    run: Callable[[], Values],
+    repetitions: int,
+    *,
+    ceiling: str | None = None,
+    inverse: bool = False,
+    target: Target | None = None,
+    notes: Sequence[str] = (),
+) -> _CaseSpec:
+    result = CaseResult(
+        scenario=scenario,
+        case=case,
+        params=params,
+        metrics={key: Series(unit) for key, unit in units.items()},
+        headline=headline,
+        ceiling=ceiling,
+        inverse=inverse,
+        target=target,
+        notes=list(notes),
+    )
+    return _CaseSpec(result, run, repetitions)
+
+
+_RATE_UNITS: Final = {"mb_per_s": "MB/s", "objects_per_s": "obj/s"}
+_MEMORY_UNITS: Final = {
+    "sender_rss_increase": "MiB",
+    "receiver_rss_increase": "MiB",
+    "sender_rss_peak": "MiB",
+    "receiver_rss_peak": "MiB",
+    "mb_per_s": "MB/s",
+}
+
+
+def _ratio_target(value: float | None) -> Target | None:
+    return None if value is None else Target("ratio_min", value, f">={value:.2f}x")
+
+
+def _case_specs(plan: Plan, scenarios: Sequence[str]) -> list[_CaseSpec]:
+    specs: list[_CaseSpec] = []
+    reps = plan.repeat
+    if "throughput" in scenarios:
+        for size, objects in plan.throughput:
+            small = size < 64 * KIB
+            specs.append(
+                _case(
+                    "throughput",
+                    format_size(size),
+                    {"object_size": size, "objects": objects, "streams": 1, "targets": 1},
+                    _RATE_UNITS,
+                    "objects_per_s" if small else "mb_per_s",
+                    functools.partial(_throughput, plan, size, objects),
+                    reps,
+                    ceiling="pingpong" if small else "raw",
+                    target=_ratio_target(THROUGHPUT_TARGETS.get(size)),
+                )
+            )
+    if "fanout" in scenarios:
+        for n in plan.fanout_targets:
+            objects = max(8, plan.fanout_bytes // (MIB * n))
+            specs.append(
+                _case(
+                    "fanout",
+                    f"{n} target{'s' if n > 1 else ''}",
+                    {"object_size": MIB, "objects": objects, "targets": n},
+                    _RATE_UNITS,
+                    "mb_per_s",
+                    functools.partial(_fanout, plan, n, objects),
+                    reps,
+                    ceiling="raw" if n == 1 else f"raw_fanout_{n}",
+                    target=_ratio_target(FANOUT_TARGETS.get(n)),
+                    notes=["MB/s is the aggregate over all targets"],
+                )
+            )
+    if "concurrency" in scenarios:
+        for streams in plan.concurrency:
+            per_stream = max(1, plan.concurrency_objects // streams)
+            specs.append(
+                _case(
+                    "concurrency",
+                    f"{streams} stream{'s' if streams > 1 else ''}",
+                    {
+                        "object_size": plan.concurrency_object,
+                        "objects_per_stream": per_stream,
+                        "streams": streams,
+                    },
+                    {**_RATE_UNITS, "elapsed": "s", "streams_ok": "streams"},
+                    "mb_per_s",
+                    functools.partial(_concurrency, plan, streams, per_stream),
+                    reps,
+                    ceiling="raw",
+                    target=Target("complete", streams, "all complete"),
+                )
+            )
+    if "memory" in scenarios:
+        objects = plan.memory_total // MIB
+        scaled = " (scaled down from 2 GiB by --quick)" if plan.quick else ""
+        specs.append(
+            _case(
+                "memory",
+                f"{format_size(plan.memory_total)} as 1 MiB",
+                {"object_size": MIB, "objects": objects},
+                _MEMORY_UNITS,
+                "receiver_rss_increase",
+                functools.partial(_memory, plan, MIB, objects),
+                plan.memory_repeat,
+                target=Target("rss_max", MEMORY_LIMIT_MIB, f"<{MEMORY_LIMIT_MIB:.0f} MiB"),
+                notes=[f"streams {format_size(plan.memory_total)}{scaled}"],
+            )
+        )
+        scaled = " (scaled down from 256 MiB by --quick)" if plan.quick else ""
+        specs.append(
+            _case(
+                "memory",
+                f"1 x {format_size(plan.memory_single)}",
+                {"object_size": plan.memory_single, "objects": 1},
+                _MEMORY_UNITS,
+                "receiver_rss_increase",
+                functools.partial(_memory, plan, plan.memory_single, 1),
+                plan.memory_repeat,
+                notes=[f"one object of {format_size(plan.memory_single)}{scaled}"],
+            )
+        )
+    if "latency" in scenarios:
+        specs.append(
+            _case(
+                "latency",
+                "1 KiB",
+                {"object_size": KIB, "objects": plan.latency_objects},
+                {"p50": "us", "p99": "us", "objects_per_s": "obj/s"},
+                "p50",
+                functools.partial(_latency, plan, plan.latency_objects),
+                reps,
+                ceiling="pingpong_rtt",
+                inverse=True,
+                notes=["produce returning -> process_replies called; ratio = ping-pong RTT / p50"],
+            )
+        )
+    return specs
+
+
+# ---------------------------------------------------------------------- loop
+
+
+def _describe(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, BenchError) else f"{type(exc).__name__}: {exc}"
+
+
+def run_plan(
+    plan: Plan,
+    scenarios: Sequence[str],
+    report: Report,
+    progress: Callable[[str], None],
+) -> None:
+    """Measure the ceilings and cases ``scenarios`` need, filling in ``report``."""
+    ceiling_specs = _ceiling_specs(plan, scenarios)
+    case_specs = _case_specs(plan, scenarios)
+    for spec in ceiling_specs:
+        for ceiling in spec.feeds.values():
+            report.ceilings[ceiling.key] = ceiling
+    report.cases = [spec.result for spec in case_specs]
+    for rep in range(plan.repeat):
+        tag = f"[{rep + 1}/{plan.repeat}]"
+        for cspec in ceiling_specs:
+            ceilings = list(cspec.feeds.values())
+            if any(c.error for c in ceilings):
+                continue
+            started = time.monotonic()
+            try:
+                values = cspec.run()
+            except Exception as exc:
+                logger.debug("ceiling %s failed", ceilings[0].key, exc_info=True)
+                for ceiling in ceilings:
+                    ceiling.error = _describe(exc)
+                progress(f"{tag} ceiling {ceilings[0].label}: FAILED: {_describe(exc)}")
+                continue
+            shown = []
+            for key, ceiling in cspec.feeds.items():
+                ceiling.series.values.append(values[key])
+                shown.append(f"{values[key]:,.1f} {ceiling.series.unit}")
+            elapsed = time.monotonic() - started
+            progress(f"{tag} ceiling {ceilings[0].label}: {', '.join(shown)} ({elapsed:.1f} s)")
+        for case_spec in case_specs:
+            result = case_spec.result
+            if result.error is not None or rep >= case_spec.repetitions:
+                continue
+            started = time.monotonic()
+            try:
+                values = case_spec.run()
+            except Exception as exc:
+                logger.debug("%s %s failed", result.scenario, result.case, exc_info=True)
+                result.error = _describe(exc)
+                progress(f"{tag} {result.scenario} {result.case}: FAILED: {result.error}")
+                continue
+            for key, value in values.items():
+                result.metrics[key].values.append(value)
+            result.repetitions += 1
+            headline = result.metrics[result.headline]
+            elapsed = time.monotonic() - started
+            progress(
+                f"{tag} {result.scenario} {result.case}: "
+                f"{values[result.headline]:,.1f} {headline.unit} ({elapsed:.1f} s)"
+            )
+    report.judge()

@@ -1,0 +1,381 @@
+"""Object encoding (``encode_object``/``decode_object``) and reassembly."""
+
+from __future__ import annotations
+
+import array
+import io
+import struct
+import tracemalloc
+from typing import Any
+
+import cbor2
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedstream._errors import LocalProtocolError, ObjectTooLargeError, RemoteProtocolError
+from fedstream._shareable import Shareable
+from fedstream._wire import (
+    OUT_OF_BAND_MIN,
+    TAG_BUFFER,
+    TAG_SHAREABLE,
+    EncodedObject,
+    ObjectAssembler,
+    decode_object,
+    encode_object,
+)
+from fedstream._wire._payload import MAX_OBJECT_DEPTH
+from strategies import (
+    assert_same_payload,
+    at_most,
+    blob_sizes,
+    expected_payload,
+    payload_values,
+    shareables,
+    unicode_texts,
+)
+
+U32 = struct.Struct(">I")
+
+
+def head_of(encoded: bytes) -> tuple[list[int], Any, bytes]:
+    """Split an encoding into its lengths array, its raw value and the buffer area."""
+    (head_len,) = U32.unpack_from(encoded)
+    head = encoded[4 : 4 + head_len]
+    decoder = cbor2.CBORDecoder(io.BytesIO(head))
+    lengths = decoder.decode()
+    value = decoder.decode()
+    return lengths, value, encoded[4 + head_len :]
+
+
+def build(lengths: list[Any], value_cbor: bytes, buffers: bytes = b"") -> bytes:
+    head = cbor2.dumps(lengths) + value_cbor
+    return U32.pack(len(head)) + head + buffers
+
+
+def must_reject(data: bytes | bytearray | memoryview) -> RemoteProtocolError:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_object(data)
+    return info.value
+
+
+# ------------------------------------------------------------------ round trips
+
+
+@given(obj=shareables())
+@at_most(60)
+def test_shareable_round_trip(obj: Shareable) -> None:
+    encoded = encode_object(obj)
+    data = encoded.to_bytes()
+    assert encoded.size == len(data)
+    decoded = decode_object(data)
+    assert type(decoded) is Shareable
+    assert_same_payload(decoded, expected_payload(obj))
+    assert decoded.get_header("__nonexistent__") is None
+
+
+@given(value=payload_values, key=unicode_texts)
+@at_most(60)
+def test_any_value_round_trips(value: Any, key: str) -> None:
+    obj = Shareable({key: value}) if key != "__headers__" else Shareable({"k": value})
+    decoded = decode_object(encode_object(obj).to_bytes())
+    assert_same_payload(decoded, expected_payload(obj))
+
+
+@given(size=blob_sizes, kind=st.sampled_from([bytes, bytearray, memoryview]))
+@at_most(40)
+def test_out_of_band_threshold(size: int, kind: type) -> None:
+    blob = kind(bytes([7]) * size)
+    encoded = encode_object(Shareable({"b": blob}))
+    lengths, value, tail = head_of(encoded.to_bytes())
+    if size >= OUT_OF_BAND_MIN:
+        assert lengths == [size]
+        assert value["b"] == cbor2.CBORTag(TAG_BUFFER, 0)
+        assert tail == bytes(blob)
+        assert len(encoded.parts) == 2
+        assert encoded.parts[1].obj is (blob.obj if isinstance(blob, memoryview) else blob)
+    else:
+        assert lengths == []
+        assert value["b"] == bytes(blob)
+        assert tail == b""
+        assert len(encoded.parts) == 1
+    decoded = decode_object(encoded.to_bytes())
+    assert type(decoded["b"]) is bytes
+    assert decoded["b"] == bytes(blob)
+
+
+def test_several_mib_and_many_buffers() -> None:
+    big = bytes(range(256)) * (5 * 1024 * 1024 // 256)
+    obj = Shareable(
+        {
+            "w": big,
+            "layers": [
+                bytearray(b"\x01" * OUT_OF_BAND_MIN),
+                b"small",
+                memoryview(big)[:OUT_OF_BAND_MIN],
+            ],
+            "nested": Shareable({"x": bytes(OUT_OF_BAND_MIN + 1)}),
+        }
+    )
+    encoded = encode_object(obj)
+    lengths, _, _ = head_of(encoded.to_bytes())
+    assert sorted(lengths) == sorted(
+        [len(big), OUT_OF_BAND_MIN, OUT_OF_BAND_MIN, OUT_OF_BAND_MIN + 1]
+    )
+    decoded = decode_object(encoded.to_bytes())
+    assert decoded["w"] == big
+    assert decoded["layers"] == [b"\x01" * OUT_OF_BAND_MIN, b"small", big[:OUT_OF_BAND_MIN]]
+    assert type(decoded["nested"]) is Shareable
+    assert decoded["nested"]["x"] == bytes(OUT_OF_BAND_MIN + 1)
+
+
+@pytest.mark.parametrize("size", [3, OUT_OF_BAND_MIN + 3])
+def test_non_contiguous_and_typed_memoryviews(size: int) -> None:
+    raw = bytes(range(256)) * (2 * size // 256 + 1)
+    strided = memoryview(raw)[: 2 * size : 2]
+    doubles = array.array("d", [1.5] * size)
+    raw = raw * 2
+    twod = memoryview(bytearray(raw[: 4 * size])).cast("B", (2, 2 * size))
+    obj = Shareable({"s": strided, "d": memoryview(doubles), "2d": twod})
+    decoded = decode_object(encode_object(obj).to_bytes())
+    assert decoded["s"] == strided.tobytes()
+    assert decoded["d"] == doubles.tobytes()
+    assert decoded["2d"] == raw[: 4 * size]
+    assert {type(v) for k, v in decoded.items() if k != "__headers__"} == {bytes}
+
+
+def test_nested_shareable_keeps_its_type_and_headers() -> None:
+    inner = Shareable({"v": 1})
+    inner.set_return_code("OK")
+    outer = Shareable({"inner": inner, "plain": {"v": 1}, "list": [Shareable()]})
+    outer.set_header("__topic__", "t")
+    encoded = encode_object(outer).to_bytes()
+    _, value, _ = head_of(encoded)
+    assert value["inner"].tag == TAG_SHAREABLE
+    assert not isinstance(value["plain"], cbor2.CBORTag)
+    decoded = decode_object(encoded)
+    assert type(decoded["inner"]) is Shareable
+    assert decoded["inner"].get_return_code() == "OK"
+    assert type(decoded["plain"]) is dict
+    assert type(decoded["list"][0]) is Shareable
+    assert decoded.get_header("__topic__") == "t"
+
+
+def test_plain_mapping_comes_back_as_shareable() -> None:
+    decoded = decode_object(encode_object({"a": 1}).to_bytes())
+    assert type(decoded) is Shareable
+    assert decoded == {"a": 1, "__headers__": {}}
+
+
+def test_decode_accepts_bytes_like() -> None:
+    data = encode_object(Shareable({"b": bytes(OUT_OF_BAND_MIN)})).to_bytes()
+    for form in (data, bytearray(data), memoryview(data)):
+        assert decode_object(form)["b"] == bytes(OUT_OF_BAND_MIN)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [object(), {"k": object()}, iter([]), lambda: 0],
+    ids=["object", "nested object", "iterator", "function"],
+)
+def test_unencodable_values(value: Any) -> None:
+    with pytest.raises(LocalProtocolError):
+        encode_object(Shareable({"v": value}))
+
+
+# ------------------------------------------------------------ chunks and assembly
+
+
+@given(obj=shareables(), n=st.one_of(st.integers(1, 64), st.integers(1, 200_000)))
+@at_most(50)
+def test_chunks_cover_the_encoding(obj: Shareable, n: int) -> None:
+    encoded = encode_object(obj)
+    views = list(encoded.chunks(n))
+    assert all(0 < len(v) <= n for v in views)
+    assert b"".join(views) == encoded.to_bytes()
+    assembler = ObjectAssembler(encoded.size, max_size=encoded.size)
+    offset = 0
+    for i, view in enumerate(views):
+        done = assembler.feed(offset, view)
+        offset += len(view)
+        assert done == (i == len(views) - 1)
+        assert assembler.received == offset
+    assert assembler.complete
+    buf = assembler.take()
+    assert bytes(buf) == encoded.to_bytes()
+    assert_same_payload(decode_object(buf), expected_payload(obj))
+
+
+@given(data=st.data())
+@at_most(50)
+def test_assembler_rejects_wrong_offsets(data: st.DataObject) -> None:
+    size = data.draw(st.integers(1, 1000))
+    assembler = ObjectAssembler(size, max_size=size)
+    first = data.draw(st.integers(0, size - 1))
+    if first:
+        assembler.feed(0, bytes(first))
+    bad_offset = data.draw(st.integers(0, 2 * size).filter(lambda o: o != first))
+    with pytest.raises(RemoteProtocolError, match="offset"):
+        assembler.feed(bad_offset, b"x")
+    overrun = data.draw(st.integers(size - first + 1, size - first + 100))
+    with pytest.raises(RemoteProtocolError, match="overruns"):
+        assembler.feed(first, bytes(overrun))
+    assert assembler.received == first
+    assert not assembler.complete
+    with pytest.raises(LocalProtocolError):
+        assembler.take()
+
+
+def test_empty_object_assembler() -> None:
+    assembler = ObjectAssembler(0, max_size=0)
+    assert assembler.complete
+    assert assembler.take() == bytearray()
+
+
+def test_assembler_size_is_checked_before_allocation() -> None:
+    tracemalloc.start()
+    try:
+        with pytest.raises(ObjectTooLargeError):
+            ObjectAssembler(2**40, max_size=64 * 1024 * 1024)
+        with pytest.raises(ObjectTooLargeError):
+            ObjectAssembler(2**64 - 1, max_size=2**40)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024
+    assert issubclass(ObjectTooLargeError, LocalProtocolError)
+    ObjectAssembler(1024, max_size=1024)  # exactly the limit is fine
+
+
+# -------------------------------------------------------------- hostile objects
+
+
+HOSTILE_OBJECTS = {
+    "empty": b"",
+    "short prefix": b"\x00\x00\x01",
+    "head_len beyond data": U32.pack(0xFFFFFFFF) + b"\x80\xa0",
+    "empty head": U32.pack(0),
+    "lengths not an array": build({}, cbor2.dumps({})),  # type: ignore[arg-type]
+    "negative length": build([-1], cbor2.dumps({})),
+    "length not an int": build(["1"], cbor2.dumps({})),
+    "huge lengths": build([2**64 - 1, 2**40], cbor2.dumps({})),
+    "lengths exceed data": build([10], cbor2.dumps({}), b"123"),
+    "trailing unreferenced bytes": build([], cbor2.dumps({})) + b"x",
+    "value missing": build([], b""),
+    "value not a map": build([], cbor2.dumps([1, 2])),
+    "head longer than items": U32.pack(3) + b"\x80\xa0\x00",
+    "buffer index out of range": build([1], cbor2.dumps({"b": cbor2.CBORTag(TAG_BUFFER, 1)}), b"x"),
+    "buffer index not an int": build([1], cbor2.dumps({"b": cbor2.CBORTag(TAG_BUFFER, "0")}), b"x"),
+    "nested shareable not a map": build([], cbor2.dumps({"s": cbor2.CBORTag(TAG_SHAREABLE, 1)})),
+    "indefinite map": build([], b"\xbf\x61a\x01\xff"),
+    "duplicate keys": build([], b"\xa2\x61a\x01\x61a\x02"),
+    "tag 28": build([], cbor2.dumps({"a": cbor2.CBORTag(28, [1])})),
+    "tag 29": build([], cbor2.dumps({"a": cbor2.CBORTag(29, 0)})),
+    "tag 35": build([], cbor2.dumps({"a": cbor2.CBORTag(35, "x")})),
+    "tag 256": build([], cbor2.dumps({"a": cbor2.CBORTag(256, "x")})),
+    "tag 25": build([], cbor2.dumps({"a": cbor2.CBORTag(25, 0)})),
+    "huge byte string": build([], b"\xa1\x61a\x5b" + b"\x00\x00\x00\x01\x00\x00\x00\x00"),
+    "huge array": build([], b"\xa1\x61a\x9b" + b"\xff" * 8),
+    "too deep": build([], b"\xa1\x61a" + b"\x81" * MAX_OBJECT_DEPTH + b"\x00"),
+    "shareable as map key": build(
+        [], b"\xa1" + cbor2.dumps(cbor2.CBORTag(TAG_SHAREABLE, {})) + b"\x01"
+    ),
+}
+
+
+@pytest.mark.parametrize("data", list(HOSTILE_OBJECTS.values()), ids=list(HOSTILE_OBJECTS))
+def test_hostile_objects_are_rejected(data: bytes) -> None:
+    tracemalloc.start()
+    try:
+        must_reject(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024
+
+
+def test_out_of_band_buffers_are_not_amplified() -> None:
+    """One buffer referenced many times must not be copied once per reference."""
+    blob = bytes(1024 * 1024)
+    refs = cbor2.dumps({"b": [cbor2.CBORTag(TAG_BUFFER, 0)] * 64})
+    data = build([len(blob)], refs, blob)
+    tracemalloc.start()
+    try:
+        try:
+            decode_object(data)
+        except RemoteProtocolError:
+            pass
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = len(data)
+    assert peak < 4 * size
+
+
+def test_depth_bound_counts_the_top_map() -> None:
+    def nested(depth: int) -> Any:
+        value: Any = 0
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    ok = Shareable({"a": nested(MAX_OBJECT_DEPTH - 1)})
+    assert decode_object(encode_object(ok).to_bytes()) == ok
+    too_deep = encode_object(Shareable({"a": nested(MAX_OBJECT_DEPTH)})).to_bytes()
+    with pytest.raises(RemoteProtocolError, match="depth"):
+        decode_object(too_deep)
+
+
+def _mutate(data: bytes, ops: list[tuple[int, int, int]]) -> bytes:
+    buf = bytearray(data)
+    for op, where, value in ops:
+        i = where % (len(buf) + 1)
+        if op == 0:
+            buf.insert(i, value)
+        elif i < len(buf):
+            if op == 1:
+                buf[i] ^= 1 << (value % 8)
+            elif op == 2:
+                del buf[i]
+            else:
+                del buf[i:]
+    return bytes(buf)
+
+
+@given(
+    obj=shareables(),
+    ops=st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 2**20), st.integers(0, 255)),
+        min_size=1,
+        max_size=5,
+    ),
+)
+@at_most(100)
+def test_mutated_objects_only_raise_remote_errors(
+    obj: Shareable, ops: list[tuple[int, int, int]]
+) -> None:
+    data = _mutate(b"".join(part.tobytes() for part in encode_object(obj).parts), ops)
+    try:
+        decoded = decode_object(data)
+    except RemoteProtocolError:
+        return
+    except Exception as exc:
+        pytest.fail(f"decode_object raised {type(exc).__name__}: {exc}")
+    assert isinstance(decoded, Shareable)
+
+
+@given(data=st.binary(max_size=200))
+def test_random_bytes_only_raise_remote_errors(data: bytes) -> None:
+    try:
+        decode_object(data)
+    except RemoteProtocolError:
+        pass
+    except Exception as exc:
+        pytest.fail(f"decode_object raised {type(exc).__name__}: {exc}")
+
+
+def test_encoded_object_is_immutable_record() -> None:
+    encoded = encode_object(Shareable())
+    assert isinstance(encoded, EncodedObject)
+    with pytest.raises(AttributeError):
+        encoded.size = 0  # type: ignore[misc]
