@@ -6,6 +6,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,10 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--window", type=_positive_int, metavar="BYTES", help="open_site window")
     parser.add_argument(
-        "--no-pin",
-        dest="pin",
-        action="store_false",
-        help="let the OS place sender and receivers (default: pin them to different CPUs)",
+        "--pin",
+        action="store_true",
+        help="pin the sender and the receivers to different CPUs (default: the OS places them)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return parser
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     run_plan(plan, report.scenarios, report, progress)
     report.duration = time.monotonic() - started
+    if hasattr(os, "getloadavg"):
+        report.machine["load_average_end"] = list(os.getloadavg())
     print(render_table(report))
 
     status = 0 if report.completed else 1

@@ -39,11 +39,12 @@ _PACKAGE_ROOT: Final = str(Path(__file__).resolve().parents[2])
 def cpu_layout() -> tuple[list[int], list[int]] | None:
     """CPUs for (the sender, the receivers), or ``None`` if they cannot be kept apart.
 
-    Without pinning, the scheduler sometimes puts a sender and its receiver on
-    the same CPU, which halves loopback throughput for that run: on a 2-CPU
-    machine the figures become bimodal. Pinning the sender to one CPU and the
-    receivers to the others gives every run, ceiling or fedstream, the same
-    layout.
+    Left to itself, the scheduler sometimes puts a sender and its receiver on
+    the same CPU, which roughly halves raw loopback throughput for that run
+    (and speeds up small round trips). Pinning gives every run the same
+    layout, but on a machine shared with other work it also stops the
+    scheduler from moving a worker off a busy CPU, so it is opt-in
+    (``--pin``).
     """
     if not hasattr(os, "sched_getaffinity"):
         return None
@@ -184,7 +185,7 @@ def run_exchange(
     sender_config: Callable[[list[str]], dict[str, Any]],
     *,
     timeout: float,
-    pin: bool = True,
+    pin: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run receivers, then a sender that connects to them; return all their results.
 

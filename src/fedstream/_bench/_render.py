@@ -62,6 +62,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "python_implementation": platform.python_implementation(),
         "executable": sys.executable,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "fedstream": __version__,
         "trio": _version("trio"),
         "cbor2": _version("cbor2"),
@@ -138,8 +139,12 @@ def render_table(report: Report) -> str:
         f"machine: {info['cpus_usable']} CPUs ({info['cpu_model']}), Python {info['python']}, "
         f"trio {info['trio']}, fedstream {info['fedstream']}, {info['date']}",
         "every figure: sender and receiver(s) in separate processes over loopback TCP",
-        "",
     ]
+    load = info.get("load_average")
+    if load:
+        end = info.get("load_average_end") or [math.nan]
+        lines.append(f"load average (1 min): {load[0]:.2f} at start, {end[0]:.2f} at end")
+    lines.append("")
     if report.ceilings:
         rows = [["ceiling (same run, same process layout)", "median", "min - max"]]
         for entry in report.ceilings.values():

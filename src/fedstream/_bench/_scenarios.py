@@ -51,7 +51,7 @@ class Plan:
     #: Extra ``open_site`` options for every fedstream worker.
     site: dict[str, int] = field(default_factory=dict)
     #: Keep the sender and the receivers on different CPUs (see ``cpu_layout``).
-    pin: bool = True
+    pin: bool = False
     raw_total: int = GIB
     ping_count: int = 20_000
     throughput: tuple[tuple[int, int], ...] = (
@@ -80,7 +80,7 @@ def make_plan(
     quick: bool,
     repeat: int | None = None,
     site: dict[str, int] | None = None,
-    pin: bool = True,
+    pin: bool = False,
 ) -> Plan:
     """The full plan, or the scaled-down ``--quick`` one (under a minute on 2 cores)."""
     site = dict(site or {})

@@ -31,7 +31,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from .._errors import ConnectionLostError, HandshakeError, RemoteProtocolError
+from .._errors import (
+    ConnectionLostError,
+    HandshakeError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from .._wire import (
     CLOSED,
     NEED_DATA,
@@ -65,6 +70,8 @@ _COALESCE_BODY = 64 * 1024
 _COALESCE_LIMIT = 256 * 1024
 #: A peer that makes us queue this many control frames without reading is dropped.
 _MAX_CONTROL_QUEUE = 100_000
+#: Time the writer gets to flush a closing GOAWAY.
+_DRAIN_TIMEOUT = 1.0
 
 
 class ReceiveHandler(Protocol):
@@ -98,8 +105,6 @@ class _Outbox:
         self.data_limit = data_limit
         self.space = trio.lowlevel.ParkingLot()
         self.wakeup = trio.Event()
-        #: Set (and replaced) each time the writer finishes a batch.
-        self.flushed = trio.Event()
         self.closed = False
 
     def __bool__(self) -> bool:
@@ -181,6 +186,9 @@ async def accept_handshake(
         except (trio.BrokenResourceError, OSError) as exc:
             raise HandshakeError(f"connection broke during handshake: {exc}") from exc
         return frame
+    await _refuse(
+        stream, protocol, GoAway(ErrorCode.HANDSHAKE_TIMEOUT, f"no HELLO within {limit} s")
+    )
     raise HandshakeError(f"no HELLO from peer within {limit} s") from None
 
 
@@ -230,6 +238,8 @@ class Connection:
         self._pings = itertools.count()
         self._last_receive = trio.current_time()
         self.closed = trio.Event()
+        #: Set once run() has returned and the stream is closed.
+        self.finished = trio.Event()
         self.close_reason = ""
         self._cancel_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -300,6 +310,10 @@ class Connection:
         stream = self.stream
         while True:
             while not outbox:
+                if outbox.closed:
+                    # Draining after lose(..., goaway=...): all written, finish now.
+                    self._cancel()
+                    return
                 outbox.wakeup = trio.Event()
                 await outbox.wakeup.wait()
             batch = bytearray()
@@ -328,8 +342,6 @@ class Connection:
             if freed:
                 outbox.data_bytes -= freed
                 outbox.space.unpark_all()
-            outbox.flushed.set()
-            outbox.flushed = trio.Event()
 
     # ---------------------------------------------------------------- receiving
 
@@ -430,7 +442,8 @@ class Connection:
             await trio.sleep(min(interval, timeout / 2))
             silent = trio.current_time() - self._last_receive
             if silent >= timeout:
-                self.lose(f"nothing received from {self.peer} for {silent:.1f} s")
+                message = f"nothing received from {self.peer} for {silent:.1f} s"
+                self.lose(message, goaway=GoAway(ErrorCode.HEARTBEAT_TIMEOUT, message))
                 return
             if silent >= interval:
                 self.send_control(Ping(next(self._pings)))
@@ -449,46 +462,56 @@ class Connection:
             self.lose("connection closed")
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self.stream.aclose()
+            self.finished.set()
 
     async def _guard(self, fn: Callable[[], Any]) -> None:
         try:
             await fn()
         except RemoteProtocolError as exc:
             logger.warning("protocol error from %s: %s", self.peer, exc)
-            self._goaway(exc.error_code, str(exc))
-            self.lose(f"protocol error: {exc}")
+            self.lose(f"protocol error: {exc}", goaway=GoAway(exc.error_code, str(exc)[:200]))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.lose(f"connection broke: {exc!r}")
-
-    def _goaway(self, code: int, message: str) -> None:
-        """Best effort: tell the peer why, without waiting."""
-        try:
-            self.send_control(GoAway(code, message[:200]))
-        except Exception:  # the protocol may already be closed for sending
-            logger.debug("could not queue GOAWAY", exc_info=True)
+            self._cancel()  # nothing more can be written, even when draining
 
     async def aclose(self, code: int = ErrorCode.NO_ERROR, message: str = "") -> None:
         """Say GOAWAY, flush what is queued (bounded), and close."""
-        if not self._outbox.closed:
-            self._goaway(code, message)
-            with trio.move_on_after(self.options.finalize_timeout):
-                while self._outbox and not self.closed.is_set():
-                    await self._outbox.flushed.wait()
-        self.lose(message or "closed locally")
+        self.lose(message or "closed locally", goaway=GoAway(code, message[:200]))
+        with trio.move_on_after(_DRAIN_TIMEOUT):
+            await self.finished.wait()
 
-    def lose(self, reason: str) -> None:
-        """Mark the connection gone and tell every session; idempotent, never awaits."""
+    def lose(self, reason: str, *, goaway: GoAway | None = None) -> None:
+        """Mark the connection gone and tell every session; idempotent, never awaits.
+
+        With ``goaway``, that frame is queued last and the writer gets up to
+        :data:`_DRAIN_TIMEOUT` seconds to flush what is queued before the
+        connection's tasks are cancelled; without, they are cancelled now.
+        """
         if self.closed.is_set():
             return
         self.close_reason = reason
         logger.info("connection %s -> %s closed: %s", self.local, self.peer, reason)
-        self._outbox.closed = True
-        self._outbox.space.unpark_all()
-        self._outbox.flushed.set()
+        outbox = self._outbox
+        if goaway is not None:
+            try:
+                outbox.control.append(self.protocol.send_parts(goaway))
+            except LocalProtocolError:  # we already said GOAWAY
+                goaway = None
+        outbox.closed = True
+        outbox.space.unpark_all()
+        outbox.wakeup.set()
         self.closed.set()
         for handler in list(self.receivers.values()):
             handler.on_connection_lost()
         for link in list(self.senders.values()):
             link.on_connection_lost()
+        if goaway is None:
+            self._cancel()
+        elif self._cancel_scope is not None:
+            self._cancel_scope.deadline = min(
+                self._cancel_scope.deadline, trio.current_time() + _DRAIN_TIMEOUT
+            )
+
+    def _cancel(self) -> None:
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()

@@ -119,6 +119,10 @@ class ReceiverSession:
         self._inbox: collections.deque[tuple[int, bytearray]] = collections.deque()
         self._inbox_event = trio.Event()
         self._end_received = False
+        #: True while consume or consumed_cb runs.
+        self._busy = False
+        #: rc passed to END_STREAM from inside consume, applied when it returns.
+        self._end_requested: str | None = None
         self.scope = trio.CancelScope()
         self.finished = trio.Event()
         self._token = trio.lowlevel.current_trio_token()
@@ -215,7 +219,17 @@ class ReceiverSession:
         try:
             trio.lowlevel.current_task()
         except RuntimeError:
-            self._token.run_sync_soon(functools.partial(self.end, rc, tell_sender=True))
+            self._token.run_sync_soon(self._request_end, rc)
+        else:
+            self._request_end(rc)
+
+    def _request_end(self, rc: str) -> None:
+        # Inside consume (or consumed_cb) the session ends once it returns, and
+        # its reply goes out as the last one; otherwise it ends now.
+        if self.rc is not None or self._end_requested is not None:
+            return
+        if self._busy:
+            self._end_requested = rc
         else:
             self.end(rc, tell_sender=True)
 
@@ -276,6 +290,7 @@ class ReceiverSession:
                 self.rc = ReturnCode.BAD_REQUEST_DATA
                 return
             del raw
+            self._busy = True
             try:
                 result = await self.runner(
                     consumer.consume, shareable, self.stream_ctx, self.fl_ctx
@@ -297,11 +312,16 @@ class ReceiverSession:
                     seq, ReturnCode.EXECUTION_EXCEPTION, f"{type(exc).__name__}: {exc}"
                 )
                 return
+            finally:
+                self._busy = False
+            end_rc = self._end_requested
             if reply is None:
-                reply = make_reply(ReturnCode.OK)
+                reply = make_reply(end_rc or ReturnCode.OK)
+            if end_rc is not None:
+                keep_going = False
             await self._send_reply(seq, reply, last=not keep_going)
             if not keep_going:
-                self.rc = str(reply.get_return_code(ReturnCode.OK))
+                self.rc = end_rc or str(reply.get_return_code(ReturnCode.OK))
                 return
 
     async def _send_reply(self, seq: int, reply: Shareable, *, last: bool) -> None:

@@ -143,7 +143,8 @@ class TargetLink:
     def on_done(self, frame: Done) -> None:
         self.done_rc = frame.rc
         self.done_result = frame.result
-        self.ended_rc = self.ended_rc or frame.rc
+        # DONE is the receiver's own word on how its session ended.
+        self.ended_rc = frame.rc
         self.done.set()
         self._notify()
 

@@ -476,7 +476,10 @@ async def open_site(
     _check_name(name)
     error: Exception | None = None
     async with trio.open_nursery() as nursery:
-        site = Site(name, nursery, options)
+        # Listeners and connections run in an inner nursery, so that shutting
+        # the site down cancels them and never the body of this block.
+        services: trio.Nursery = await nursery.start(_run_services)
+        site = Site(name, services, options)
         try:
             for url in [listen] if isinstance(listen, str) else list(listen or ()):
                 await site.listen(url)
@@ -493,6 +496,12 @@ async def open_site(
         raise error
 
 
+async def _run_services(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+    async with trio.open_nursery() as services:
+        task_status.started(services)
+        await trio.sleep_forever()
+
+
 async def serve_site(
     name: str,
     *,
@@ -504,9 +513,10 @@ async def serve_site(
     """Run a site until cancelled, for callers that manage their own nursery.
 
     ``await nursery.start(serve_site, "server", listen=...)`` returns the
-    :class:`Site` once it listens and has dialed ``connect``. Options are those
-    of :func:`open_site`.
+    :class:`Site` once it listens and has dialed ``connect``. It returns when
+    the site is shut down (``site.shutdown_streamer()``) and shuts the site
+    down when cancelled. Options are those of :func:`open_site`.
     """
     async with open_site(name, listen=listen, connect=connect, **options) as site:
         task_status.started(site)
-        await trio.sleep_forever()
+        await site._closed.wait()
