@@ -82,6 +82,7 @@ class ReceiveHandler(Protocol):
     def on_end(self, frame: End) -> None: ...
     def on_abort(self, frame: Abort) -> None: ...
     def on_connection_lost(self) -> None: ...
+    def body_target(self, frame: Chunk, nbytes: int) -> memoryview | None: ...
 
 
 class SendHandler(Protocol):
@@ -348,11 +349,27 @@ class Connection:
     async def _reader(self) -> None:
         stream = self.stream
         protocol = self.protocol
+        protocol.body_target = self._body_target
+        # On a plain TCP stream, receive straight into the protocol's buffers
+        # (and, for large object chunks, into the object's own buffer).
+        sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         while True:
-            data = await stream.receive_some(_RECEIVE_SIZE)
+            if sock is not None:
+                with protocol.get_buffer() as buf:
+                    try:
+                        count = await sock.recv_into(buf)
+                    except OSError as exc:
+                        raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+                if count:
+                    protocol.buffer_updated(count)
+                else:
+                    protocol.receive_data(b"")
+            else:
+                data = await stream.receive_some(_RECEIVE_SIZE)
+                count = len(data)
+                protocol.receive_data(data)
             self._last_receive = trio.current_time()
-            self.bytes_received += len(data)
-            protocol.receive_data(data)
+            self.bytes_received += count
             while True:
                 event = protocol.next_event()
                 if event is NEED_DATA:
@@ -363,6 +380,14 @@ class Connection:
                 self._dispatch(event)
                 if self._outbox.closed:
                     return
+
+    def _body_target(self, frame: Frame, nbytes: int) -> memoryview | None:
+        """Where a large CHUNK body for an object being received should land."""
+        if isinstance(frame, Chunk) and not self.is_ours(frame.sid):
+            receiver = self.receivers.get(frame.sid)
+            if receiver is not None:
+                return receiver.body_target(frame, nbytes)
+        return None
 
     def _dispatch(self, frame: Frame) -> None:
         if isinstance(frame, (Data, Chunk, End)) or (

@@ -157,6 +157,12 @@ class ReceiverSession:
         self._assembling_seq = frame.seq
         self._feed(0, frame.body)
 
+    def body_target(self, frame: Chunk, nbytes: int) -> memoryview | None:
+        """The part of the object buffer where this chunk's body belongs."""
+        if self._assembler is None or frame.seq != self._assembling_seq or self.rc is not None:
+            return None
+        return self._assembler.target(frame.offset, nbytes)
+
     def on_chunk(self, frame: Chunk) -> None:
         if self._assembler is None or frame.seq != self._assembling_seq:
             if self._discard_left and frame.seq == self._assembling_seq:

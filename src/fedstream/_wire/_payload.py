@@ -245,6 +245,16 @@ class ObjectAssembler:
     def complete(self) -> bool:
         return self.received == self.size
 
+    def target(self, offset: int, nbytes: int) -> memoryview | None:
+        """The slice of the buffer where ``nbytes`` at ``offset`` belong, if they fit.
+
+        A transport can receive a chunk's body straight into it; :meth:`feed`
+        then sees the bytes are already in place and copies nothing.
+        """
+        if offset != self.received or offset + nbytes > self.size:
+            return None
+        return self._view[offset : offset + nbytes]
+
     def feed(self, offset: int, body: BytesLike) -> bool:
         """Add ``body`` at ``offset``; return whether the object is complete."""
         if offset != self.received:
@@ -252,7 +262,8 @@ class ObjectAssembler:
         end = offset + len(body)
         if end > self.size:
             raise RemoteProtocolError(f"chunk overruns the object size {self.size}")
-        self._view[offset:end] = body
+        if not (isinstance(body, memoryview) and body.obj is self._buf):
+            self._view[offset:end] = body
         self.received = end
         return end == self.size
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import io
 import struct
+from collections.abc import Callable
 from typing import Any, Final, Literal
 
 import cbor2
@@ -64,6 +65,13 @@ _U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
 MAX_HEAD_DEPTH: Final = 32
 
 _LEN = struct.Struct(">I")
+#: Initial size of the receive buffer, and the default receive size.
+_STAGE_SIZE: Final = 256 * 1024
+#: Bodies at least this large may be received straight into a body target.
+_SINK_MIN: Final = 64 * 1024
+#: Staged bytes needed before a head is parsed early, and the most looked at.
+_HEAD_PEEK_MIN: Final = 64
+_HEAD_PEEK_MAX: Final = 64 * 1024
 
 
 class _Marker(enum.Enum):
@@ -143,8 +151,31 @@ def decode_head(data: bytes, *, max_depth: int = MAX_HEAD_DEPTH) -> Frame:
     Raises:
         RemoteProtocolError: the bytes are not a valid frame.
     """
+    cls, kwargs, head_len = _parse_head(data, len(data), max_depth=max_depth)
+    if head_len < len(data):
+        kwargs["body"] = memoryview(data)[head_len:]
+    frame = cls(**kwargs)
+    _check_semantics(frame, RemoteProtocolError)
+    return frame
+
+
+def _parse_head(
+    data: bytes, frame_len: int, *, max_depth: int = MAX_HEAD_DEPTH
+) -> tuple[type[Frame], dict[str, Any], int]:
+    """Parse the head at the start of ``data`` (all or a prefix of a frame of
+    ``frame_len`` bytes); return the record class, its fields and the head length.
+
+    Raises:
+        cbor2.CBORDecodeEOF: ``data`` is a strict prefix of the frame and ends
+            inside the head (only possible when ``len(data) < frame_len``).
+        RemoteProtocolError: the head is invalid.
+    """
     try:
         head, head_len = _loads_strict(data, max_depth=max_depth)
+    except cbor2.CBORDecodeEOF:
+        if len(data) < frame_len:
+            raise
+        raise RemoteProtocolError("frame head is truncated") from None
     except Exception as exc:  # cbor2 raises CBORDecodeError, but be total here
         raise RemoteProtocolError(f"frame head is not valid CBOR: {exc}") from exc
     if type(head) is not list or not head:
@@ -170,15 +201,11 @@ def decode_head(data: bytes, *, max_depth: int = MAX_HEAD_DEPTH) -> Frame:
                 f"{cls.__name__}.{name} has invalid value {type(value).__name__}"
             )
         kwargs[name] = value
-    if head_len < len(data):
-        if not cls.HAS_BODY:
-            raise RemoteProtocolError(
-                f"{cls.__name__} frame has {len(data) - head_len} unexpected bytes after its head"
-            )
-        kwargs["body"] = memoryview(data)[head_len:]
-    frame = cls(**kwargs)
-    _check_semantics(frame, RemoteProtocolError)
-    return frame
+    if head_len < frame_len and not cls.HAS_BODY:
+        raise RemoteProtocolError(
+            f"{cls.__name__} frame has {frame_len - head_len} unexpected bytes after its head"
+        )
+    return cls, kwargs, head_len
 
 
 def _check_semantics(frame: Frame, error: type[LocalProtocolError | RemoteProtocolError]) -> None:
@@ -275,10 +302,23 @@ class FrameProtocol:
                 f"max_frame_size must be in [{MIN_MAX_FRAME_SIZE}, {_U32_MAX}]"
             )
         self.max_frame_size = max_frame_size
-        self._buf = bytearray()
+        # Received bytes not yet returned as frames live in _buf[_pos:_end];
+        # _buf[_end:] is free room that get_buffer() hands out.
+        self._buf = bytearray(_STAGE_SIZE)
         self._pos = 0
+        self._end = 0
+        # A frame whose body is being received straight into a caller's buffer.
+        self._sink: memoryview | None = None
+        self._sink_filled = 0
+        self._sink_head: tuple[type[Frame], dict[str, Any]] | None = None
+        self._no_sink_at = -1
         self._eof = False
         self._error: RemoteProtocolError | None = None
+        #: Called with a frame (its body still empty) and its body length when a
+        #: large DATA, CHUNK or REPLY body starts to arrive. It may return a
+        #: writable byte view of exactly that length; the body is then received
+        #: straight into it and the frame's ``body`` is that view.
+        self.body_target: Callable[[Frame, int], memoryview | None] | None = None
         #: State of the peer -> us direction.
         self.their_state = ProtocolState.HANDSHAKE
         #: State of the us -> peer direction.
@@ -299,8 +339,8 @@ class FrameProtocol:
 
     @property
     def buffered(self) -> int:
-        """Bytes received and not yet returned as frames."""
-        return len(self._buf) - self._pos
+        """Bytes received and held by the protocol, not yet returned as frames."""
+        return self._end - self._pos
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the peer; ``b""`` means the peer closed its side."""
@@ -313,7 +353,55 @@ class FrameProtocol:
         if not data:
             self._eof = True
             return
-        self._buf += data
+        view = memoryview(data).cast("B")
+        if self._sink is not None:
+            n = min(len(view), len(self._sink) - self._sink_filled)
+            self._sink[self._sink_filled : self._sink_filled + n] = view[:n]
+            self._sink_filled += n
+            view = view[n:]
+            if not view:
+                return
+        self._make_room(len(view))
+        self._buf[self._end : self._end + len(view)] = view
+        self._end += len(view)
+
+    def get_buffer(self, sizehint: int = _STAGE_SIZE) -> memoryview:
+        """A writable view to receive the next bytes into (zero-copy receiving).
+
+        Write at most ``len(view)`` bytes into it, release the view, then call
+        :meth:`buffer_updated` with the count. While a large body is being
+        received into a :attr:`body_target` buffer, the view is the rest of
+        that buffer. Report EOF with ``receive_data(b"")``.
+        """
+        if self._sink is not None:
+            return self._sink[self._sink_filled :]
+        self._make_room(max(sizehint, 1))
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written into the last :meth:`get_buffer` view."""
+        if nbytes < 0:
+            raise LocalProtocolError("buffer_updated() needs a non-negative count")
+        if self._sink is not None:
+            if self._sink_filled + nbytes > len(self._sink):
+                raise LocalProtocolError("buffer_updated() overran the buffer")
+            self._sink_filled += nbytes
+        else:
+            if self._end + nbytes > len(self._buf):
+                raise LocalProtocolError("buffer_updated() overran the buffer")
+            self._end += nbytes
+
+    def _make_room(self, nbytes: int) -> None:
+        """Ensure ``nbytes`` of free room after ``_end`` (moving or growing the buffer)."""
+        if len(self._buf) - self._end >= nbytes:
+            return
+        live = self._end - self._pos
+        if self._pos:
+            self._buf[:live] = self._buf[self._pos : self._end]
+            self._pos, self._end = 0, live
+        need = live + nbytes
+        if len(self._buf) < need:
+            self._buf.extend(bytes(need - len(self._buf)))
 
     def next_event(self) -> Frame | Literal[_Marker.NEED_DATA, _Marker.CLOSED]:
         """Return the next complete frame, :data:`NEED_DATA` or :data:`CLOSED`.
@@ -330,10 +418,13 @@ class FrameProtocol:
             self._error = exc
             self.their_state = ProtocolState.ERROR
             self._buf = bytearray()
-            self._pos = 0
+            self._pos = self._end = 0
+            self._sink = None
             raise
 
     def _next_event(self) -> Frame | Literal[_Marker.NEED_DATA, _Marker.CLOSED]:
+        if self._sink is not None:
+            return self._finish_sink()
         if self.their_state is ProtocolState.CLOSED:
             if self.buffered:
                 raise RemoteProtocolError(
@@ -352,18 +443,79 @@ class FrameProtocol:
             )
         if length == 0:
             raise RemoteProtocolError("empty frame")
-        end = self._pos + _LEN.size + length
-        if len(self._buf) < end:
+        start = self._pos + _LEN.size
+        end = start + length
+        if self._end < end:
+            if length >= _SINK_MIN and self._start_sink(length):
+                return self._finish_sink()
             return self._need_data(available)
-        data = bytes(self._buf[self._pos + _LEN.size : end])
-        self._pos = end
-        if self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        elif self._pos > 65536 and self._pos * 2 > len(self._buf):
-            del self._buf[: self._pos]
-            self._pos = 0
+        with memoryview(self._buf) as view:
+            data = bytes(view[start:end])
+        self._consume_stage(end)
         frame = decode_head(data)
+        self._after_receive(frame)
+        return frame
+
+    def _consume_stage(self, upto: int) -> None:
+        self._pos = upto
+        if self._pos == self._end:
+            self._pos = self._end = 0
+            if len(self._buf) > _STAGE_SIZE:
+                self._buf = bytearray(_STAGE_SIZE)  # give back a grown buffer
+
+    def _start_sink(self, length: int) -> bool:
+        """Try to receive the rest of the frame at ``_pos`` into a body target."""
+        if (
+            self.body_target is None
+            or self.their_state is not ProtocolState.OPEN
+            or self._no_sink_at == self._pos
+        ):
+            return False
+        start = self._pos + _LEN.size
+        staged = self._end - start
+        if staged < min(_HEAD_PEEK_MIN, length):
+            return False  # not even a small head yet: wait for more
+        with memoryview(self._buf) as view:
+            peek = bytes(view[start : start + min(staged, _HEAD_PEEK_MAX)])
+        try:
+            cls, kwargs, head_len = _parse_head(peek, length)
+        except cbor2.CBORDecodeEOF:
+            if len(peek) >= _HEAD_PEEK_MAX:
+                self._no_sink_at = self._pos  # a huge head: take the slow path
+            return False
+        body_len = length - head_len
+        target = None
+        if cls.HAS_BODY and body_len >= _SINK_MIN:
+            target = self.body_target(cls(**kwargs), body_len)
+        if target is None:
+            self._no_sink_at = self._pos
+            return False
+        target = target.cast("B") if target.format != "B" else target
+        if len(target) != body_len or target.readonly:
+            raise LocalProtocolError("body_target must return a writable view of the body size")
+        staged_body = staged - head_len
+        with memoryview(self._buf) as view:
+            target[:staged_body] = view[start + head_len : self._end]
+        self._consume_stage(self._end)
+        self._sink = target
+        self._sink_filled = staged_body
+        self._sink_head = (cls, kwargs)
+        return True
+
+    def _finish_sink(self) -> Frame | Literal[_Marker.NEED_DATA, _Marker.CLOSED]:
+        sink = self._sink
+        assert sink is not None
+        assert self._sink_head is not None
+        if self._sink_filled < len(sink):
+            if self._eof:
+                raise RemoteProtocolError("connection closed inside a frame")
+            return NEED_DATA
+        cls, kwargs = self._sink_head
+        self._sink = None
+        self._sink_head = None
+        kwargs["body"] = sink
+        frame = cls(**kwargs)
+        _check_semantics(frame, RemoteProtocolError)
         self._after_receive(frame)
         return frame
 
