@@ -39,9 +39,18 @@ class CallbackRunner:
     def __init__(self, mode: SyncMode = SyncMode.THREAD, max_threads: float = math.inf) -> None:
         self.mode = SyncMode(mode)
         self._limiter = trio.CapacityLimiter(max_threads)
+        # Whether each callback is a coroutine function, keyed by the function
+        # behind a bound method: the check is on the per-object hot path.
+        self._async: dict[Any, bool] = {}
 
     async def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if _is_async(fn):
+        key = getattr(fn, "__func__", fn)
+        is_async = self._async.get(key)
+        if is_async is None:
+            is_async = self._async[key] = _is_async(fn)
+            if len(self._async) > 4096:
+                self._async.clear()
+        if is_async:
             return await fn(*args, **kwargs)
         if self.mode is SyncMode.INLINE:
             result = fn(*args, **kwargs)

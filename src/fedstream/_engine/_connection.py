@@ -26,6 +26,7 @@ import collections
 import itertools
 import logging
 import math
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -107,9 +108,12 @@ class _Outbox:
         self.space = trio.lowlevel.ParkingLot()
         self.wakeup = trio.Event()
         self.closed = False
+        #: What is left of a frame that a direct write could not finish; it
+        #: goes out before anything else.
+        self.partial: list[memoryview] = []
 
     def __bool__(self) -> bool:
-        return bool(self.control or self.data)
+        return bool(self.partial or self.control or self.data)
 
 
 def _code_name(code: int) -> str:
@@ -236,6 +240,10 @@ class Connection:
         #: Links we opened (we send), by sid.
         self.senders: dict[int, SendHandler] = {}
         self._outbox = _Outbox(max(2 * options.chunk_size, 1 << 20))
+        # The socket's descriptor for direct writes (-1 for non-socket streams).
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        #: True while the writer task is inside a write.
+        self._writing = False
         self._pings = itertools.count()
         self._last_receive = trio.current_time()
         self.closed = trio.Event()
@@ -264,8 +272,16 @@ class Connection:
 
     @property
     def max_body(self) -> int:
-        """The largest frame body we may send to this peer."""
-        return max(1024, min(self.options.chunk_size, self.protocol.peer_max_frame_size - 4096))
+        """The largest frame body we may send to this peer.
+
+        At most half the peer's window, so that a peer that grants credit in
+        batches of half a window never leaves us stuck mid-object.
+        """
+        limit = min(self.options.chunk_size, self.protocol.peer_max_frame_size - 4096)
+        window = self.peer_limits.get("window", 0)
+        if window:
+            limit = min(limit, window // 2)
+        return max(1024, limit)
 
     def new_sid(self) -> int:
         return next(self._sids)
@@ -280,11 +296,48 @@ class Connection:
 
     # ------------------------------------------------------------------ sending
 
+    def _write_now(self, head: bytes, body: memoryview | None) -> bool:
+        """Write a frame straight to the socket when nothing is queued or being written.
+
+        A non-blocking ``writev`` with no await in between, so it cannot be
+        cancelled halfway. Whatever the socket does not take right away is
+        left in ``partial`` for the writer task. Returns False (nothing
+        written) when the frame has to wait its turn in the queue.
+        """
+        outbox = self._outbox
+        if self._fd < 0 or self._writing or outbox:
+            return False
+        parts: list[bytes | memoryview] = [head] if body is None else [head, body]
+        try:
+            written = os.writev(self._fd, parts)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            self.lose(f"connection broke: {exc!r}")
+            return True  # the connection is gone; the frame with it
+        self.bytes_sent += written
+        total = len(head) + (len(body) if body is not None else 0)
+        if written < total:
+            rest: list[memoryview] = []
+            for part in parts:
+                view = memoryview(part)
+                if written >= len(view):
+                    written -= len(view)
+                    continue
+                rest.append(view[written:])
+                written = 0
+            outbox.partial = rest
+            outbox.wakeup.set()
+        return True
+
     def send_control(self, frame: Frame) -> None:
-        """Queue a small frame without waiting (safe from the reader)."""
+        """Send a small frame without waiting (safe from the reader)."""
         if self._outbox.closed:
             return
-        self._outbox.control.append(self.protocol.send_parts(frame))
+        item = self.protocol.send_parts(frame)
+        if self._write_now(*item):
+            return
+        self._outbox.control.append(item)
         if len(self._outbox.control) > _MAX_CONTROL_QUEUE:
             self.lose("peer does not read what we send")
             return
@@ -302,6 +355,8 @@ class Connection:
         if outbox.closed:
             raise ConnectionLostError(f"connection to {self.peer} is closed: {self.close_reason}")
         item = self.protocol.send_parts(frame)
+        if self._write_now(*item):
+            return
         outbox.data.append(item)
         outbox.data_bytes += _size(item)
         outbox.wakeup.set()
@@ -317,32 +372,42 @@ class Connection:
                     return
                 outbox.wakeup = trio.Event()
                 await outbox.wakeup.wait()
-            batch = bytearray()
-            large: memoryview | None = None
-            while outbox.control and len(batch) < _COALESCE_LIMIT:
-                head, body = outbox.control.popleft()
-                batch += head
-                if body is not None:
+            self._writing = True
+            try:
+                await self._write_batch(outbox, stream)
+            finally:
+                self._writing = False
+
+    async def _write_batch(self, outbox: _Outbox, stream: trio.abc.Stream) -> None:
+        """Write what is queued: a direct write's leftover, then coalesced frames."""
+        while outbox.partial:
+            await stream.send_all(outbox.partial.pop(0))
+        batch = bytearray()
+        large: memoryview | None = None
+        while outbox.control and len(batch) < _COALESCE_LIMIT:
+            head, body = outbox.control.popleft()
+            batch += head
+            if body is not None:
+                batch += body
+        freed = 0
+        while outbox.data and len(batch) < _COALESCE_LIMIT and large is None:
+            head, body = outbox.data.popleft()
+            size = len(head) + (len(body) if body is not None else 0)
+            freed += size
+            batch += head
+            if body is not None:
+                if len(body) < _COALESCE_BODY:
                     batch += body
-            freed = 0
-            while outbox.data and len(batch) < _COALESCE_LIMIT and large is None:
-                head, body = outbox.data.popleft()
-                size = len(head) + (len(body) if body is not None else 0)
-                freed += size
-                batch += head
-                if body is not None:
-                    if len(body) < _COALESCE_BODY:
-                        batch += body
-                    else:
-                        large = body
-            if batch:
-                await stream.send_all(batch)
-            if large is not None:
-                await stream.send_all(large)
-            self.bytes_sent += len(batch) + (len(large) if large is not None else 0)
-            if freed:
-                outbox.data_bytes -= freed
-                outbox.space.unpark_all()
+                else:
+                    large = body
+        if batch:
+            await stream.send_all(batch)
+        if large is not None:
+            await stream.send_all(large)
+        self.bytes_sent += len(batch) + (len(large) if large is not None else 0)
+        if freed:
+            outbox.data_bytes -= freed
+            outbox.space.unpark_all()
 
     # ---------------------------------------------------------------- receiving
 

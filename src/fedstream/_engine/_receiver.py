@@ -116,9 +116,13 @@ class ReceiverSession:
         self._assembler: ObjectAssembler | None = None
         self._assembling_seq = -1
         self._discard_left = 0
-        self._inbox: collections.deque[tuple[int, bytearray]] = collections.deque()
+        self._inbox: collections.deque[tuple[int, bytes | bytearray | memoryview]] = (
+            collections.deque()
+        )
         self._inbox_event = trio.Event()
         self._end_received = False
+        self._ungranted = 0
+        self._grant_threshold = max(1, conn.options.window // 2)
         #: True while consume or consumed_cb runs.
         self._busy = False
         #: rc passed to END_STREAM from inside consume, applied when it returns.
@@ -144,6 +148,12 @@ class ReceiverSession:
             self.end(ReturnCode.BAD_REQUEST_DATA)
             return
         self._expected_seq += 1
+        self._assembling_seq = frame.seq
+        if frame.size == len(frame.body) and frame.size <= self.conn.options.max_object_size:
+            # The whole object came in this one frame: no reassembly needed.
+            self._grant(len(frame.body))
+            self._deliver(frame.body)
+            return
         try:
             self._assembler = ObjectAssembler(
                 frame.size, max_size=self.conn.options.max_object_size
@@ -179,11 +189,21 @@ class ReceiverSession:
         assembler = self._assembler
         assert assembler is not None
         complete = assembler.feed(offset, body)
-        if body:
-            self.conn.send_control(Credit(self.sid, len(body)))
-        if not complete:
-            return
-        self._assembler = None
+        self._grant(len(body))
+        if complete:
+            self._assembler = None
+            self._deliver(assembler.take())
+
+    def _grant(self, nbytes: int) -> None:
+        # Credit goes back in batches of half a window: the sender keeps its
+        # chunks to at most half a window, so it can always make progress.
+        self._ungranted += nbytes
+        if self._ungranted >= self._grant_threshold:
+            self.conn.send_control(Credit(self.sid, self._ungranted))
+            self._ungranted = 0
+
+    def _deliver(self, raw: bytes | bytearray | memoryview) -> None:
+        """Hand a complete object to the session task."""
         if len(self._inbox) >= _INBOX_LIMIT:
             self.conn.reject(
                 self.sid,
@@ -193,7 +213,7 @@ class ReceiverSession:
             )
             self.end(ReturnCode.BAD_REQUEST_DATA)
             return
-        self._inbox.append((self._assembling_seq, assembler.take()))
+        self._inbox.append((self._assembling_seq, raw))
         self._inbox_event.set()
 
     def on_end(self, frame: End) -> None:

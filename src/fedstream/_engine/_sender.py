@@ -319,17 +319,18 @@ class StreamSession:
             encoded = encode_object(shareable)
             replies: dict[str, Shareable] = {}
 
-            async with trio.open_nursery() as nursery:
-                for link in self.links:
-                    nursery.start_soon(
-                        self._deliver,
-                        link,
-                        replies,
-                        seq,
-                        encoded,
-                        timeout,
-                        wire_ctx if seq == 0 else None,
-                    )
+            ctx = wire_ctx if seq == 0 else None
+            live = [link for link in self.links if link.ended_rc is None]
+            if len(live) == 1:
+                # One target: no need for a task per delivery.
+                await self._deliver(live[0], replies, seq, encoded, timeout, ctx)
+            else:
+                async with trio.open_nursery() as nursery:
+                    for link in live:
+                        nursery.start_soon(self._deliver, link, replies, seq, encoded, timeout, ctx)
+            for link in self.links:
+                if link.name not in replies:
+                    replies[link.name] = make_reply(link.ended_rc or ReturnCode.ERROR)
             for name in self.missing:
                 replies[name] = make_reply(ReturnCode.COMMUNICATION_ERROR)
             seq += 1

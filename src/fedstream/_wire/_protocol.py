@@ -131,18 +131,52 @@ def _loads_strict(data: bytes, *, max_depth: int) -> tuple[Any, int]:
 _FREE_FORM: Final = ((dict,), (object,))
 
 
-def _check_value(value: Any, types: tuple[type, ...]) -> bool:
-    if types == (int,):
-        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _U64_MAX
-    if types == (bool,):
-        return type(value) is bool
-    if types == (dict,):
-        return isinstance(value, dict) and all(type(k) is str for k in value)
-    if types == (list,):
-        return isinstance(value, list) and all(type(v) is str for v in value)
-    if types == (str,):
-        return type(value) is str
+def _is_uint(value: Any) -> bool:
+    # IntEnum members (ErrorCode) are ints too; bool is not a uint here.
+    return (type(value) is int or (isinstance(value, int) and not isinstance(value, bool))) and (
+        0 <= value <= _U64_MAX
+    )
+
+
+def _is_str(value: Any) -> bool:
+    return type(value) is str
+
+
+def _is_bool(value: Any) -> bool:
+    return type(value) is bool
+
+
+def _is_str_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(type(k) is str for k in value)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(type(v) is str for v in value)
+
+
+def _is_any(value: Any) -> bool:
     return True
+
+
+_CHECKERS: Final[dict[tuple[type, ...], Callable[[Any], bool]]] = {
+    (int,): _is_uint,
+    (str,): _is_str,
+    (bool,): _is_bool,
+    (dict,): _is_str_map,
+    (list,): _is_str_list,
+    (object,): _is_any,
+}
+
+
+#: Per frame class: ``(name, checker, nullable, free_form)`` for each wire field.
+_FieldSpec = tuple[str, Callable[[Any], bool], bool, bool]
+_SPECS: Final[dict[type[Frame], tuple[_FieldSpec, ...]]] = {
+    cls: tuple(
+        (name, _CHECKERS[types], nullable, types in _FREE_FORM)
+        for name, types, nullable in cls._wire_fields
+    )
+    for cls in FRAME_TYPES.values()
+}
 
 
 def decode_head(data: bytes, *, max_depth: int = MAX_HEAD_DEPTH) -> Frame:
@@ -184,23 +218,23 @@ def _parse_head(
     cls = FRAME_TYPES.get(ftype) if type(ftype) is int else None
     if cls is None:
         raise RemoteProtocolError(f"unknown frame type {ftype!r}")
-    fields = cls._wire_fields
-    if len(head) - 1 < len(fields):
+    specs = _SPECS[cls]
+    if len(head) - 1 < len(specs):
         raise RemoteProtocolError(
-            f"{cls.__name__} frame has {len(head) - 1} fields, needs {len(fields)}"
+            f"{cls.__name__} frame has {len(head) - 1} fields, needs {len(specs)}"
         )
     kwargs: dict[str, Any] = {}
     # Extra trailing elements are ignored so that a later minor revision can
     # append fields without breaking older peers.
-    for (name, types, nullable), value in zip(fields, head[1:], strict=False):
+    for (name, check, nullable, _), value in zip(specs, head[1:], strict=False):
         if value is None and nullable:
             kwargs[name] = None
-            continue
-        if not _check_value(value, types):
+        elif check(value):
+            kwargs[name] = value
+        else:
             raise RemoteProtocolError(
                 f"{cls.__name__}.{name} has invalid value {type(value).__name__}"
             )
-        kwargs[name] = value
     if head_len < frame_len and not cls.HAS_BODY:
         raise RemoteProtocolError(
             f"{cls.__name__} frame has {frame_len - head_len} unexpected bytes after its head"
@@ -232,18 +266,20 @@ def encode_frame(frame: Frame) -> tuple[bytes, memoryview | None]:
         LocalProtocolError: a field has the wrong type, or the head cannot be
             encoded as CBOR.
     """
-    fields = type(frame)._wire_fields
+    specs = _SPECS[type(frame)]
     head: list[Any] = [int(frame.TYPE)]
-    for name, types, nullable in fields:
+    free_form = False
+    for name, check, nullable, is_free in specs:
         value = getattr(frame, name)
         if value is None and nullable:
             head.append(None)
             continue
-        if not _check_value(value, types):
+        if not check(value):
             raise LocalProtocolError(
                 f"{type(frame).__name__}.{name} has invalid value {value!r:.80}"
             )
-        head.append(int(value) if types == (int,) else value)
+        head.append(int(value) if check is _is_uint else value)
+        free_form = free_form or is_free
     body: memoryview | None = None
     if frame.HAS_BODY:
         raw = frame.body  # type: ignore[attr-defined]
@@ -266,10 +302,7 @@ def encode_frame(frame: Frame) -> tuple[bytes, memoryview | None]:
     _check_semantics(frame, LocalProtocolError)
     try:
         head_bytes = cbor2.dumps(head)
-        if any(
-            types in _FREE_FORM and head[i + 1] is not None
-            for i, (_, types, _) in enumerate(fields)
-        ):
+        if free_form:
             # Free-form fields (stream context, DONE result, HELLO limits) get
             # the same strict check the peer will apply, so we fail here, not there.
             _loads_strict(head_bytes, max_depth=MAX_HEAD_DEPTH)
