@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._render import machine_info, render_table, write_plot
+from ._render import machine_info, render_table, source_info, write_plot
 from ._results import Report
 from ._scenarios import SCENARIOS, make_plan, run_plan
 
@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     report.duration = time.monotonic() - started
     if hasattr(os, "getloadavg"):
         report.machine["load_average_end"] = list(os.getloadavg())
+    # Workers import the engine afresh, so an edit during the run mixes versions.
+    report.machine["source_end"] = source_info()
     print(render_table(report))
 
     status = 0 if report.completed else 1

@@ -55,9 +55,13 @@ def cpu_layout() -> tuple[list[int], list[int]] | None:
 
 
 def _child_env() -> dict[str, str]:
+    """The driver's environment, plus the package root on ``PYTHONPATH`` when the
+    driver found ``fedstream`` somewhere a fresh interpreter would not look (a
+    checkout's ``src/`` put on ``sys.path`` by ``benchmarks/run.py``)."""
     env = dict(os.environ)
-    paths = [_PACKAGE_ROOT, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    if Path(_PACKAGE_ROOT).name not in ("site-packages", "dist-packages"):
+        paths = [_PACKAGE_ROOT, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
 
 

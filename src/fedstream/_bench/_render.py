@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib.metadata
 import math
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 from ._common import MB
 from ._results import CaseResult, Report, Series
 
-__all__ = ["machine_info", "render_table", "write_plot"]
+__all__ = ["machine_info", "render_table", "source_info", "write_plot"]
 
 
 def _version(dist: str) -> str:
@@ -47,6 +49,45 @@ def _memory_total() -> int | None:
     return None
 
 
+def source_info() -> dict[str, Any]:
+    """Which engine code was measured: a digest of the package's modules (this
+    benchmark excluded) and, in a git checkout, the commit and whether the
+    package differs from it."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package)
+        if relative.parts[0] == "_bench":
+            continue
+        digest.update(str(relative).encode())
+        digest.update(path.read_bytes())
+    info: dict[str, Any] = {"digest": digest.hexdigest()[:12], "commit": None, "dirty": None}
+    repo = package.parents[1]
+    if (repo / ".git").exists():
+        try:
+            head = subprocess.run(
+                ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            )
+            status = subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain", "--", str(package)],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return info
+        info["commit"] = head.stdout.strip()
+        info["dirty"] = any(
+            "/_bench/" not in line for line in status.stdout.splitlines() if line.strip()
+        )
+    return info
+
+
 def machine_info() -> dict[str, Any]:
     """Where the figures come from: CPU, OS, interpreter and library versions."""
     from .._version import __version__
@@ -66,6 +107,7 @@ def machine_info() -> dict[str, Any]:
         "fedstream": __version__,
         "trio": _version("trio"),
         "cbor2": _version("cbor2"),
+        "source": source_info(),
     }
 
 
@@ -140,6 +182,18 @@ def render_table(report: Report) -> str:
         f"trio {info['trio']}, fedstream {info['fedstream']}, {info['date']}",
         "every figure: sender and receiver(s) in separate processes over loopback TCP",
     ]
+    source = info.get("source") or {}
+    if source:
+        where = f"commit {source['commit']}" if source.get("commit") else "no git checkout"
+        if source.get("dirty"):
+            where += " + uncommitted changes"
+        lines.append(f"engine source: digest {source['digest']} ({where})")
+        end = info.get("source_end") or {}
+        if end and end.get("digest") != source.get("digest"):
+            lines.append(
+                f"WARNING: the engine source changed during the run (digest {end['digest']} "
+                "at the end): the figures mix two versions of the code"
+            )
     load = info.get("load_average")
     if load:
         end = info.get("load_average_end") or [math.nan]

@@ -351,15 +351,23 @@ class Connection:
         """
         outbox = self._outbox
         while outbox.data_bytes >= outbox.data_limit and not outbox.closed:
-            await outbox.space.park()
+            # Waiters are woken one at a time, each passing the turn on while
+            # there is room, so a thousand waiting streams cost one wake-up each.
+            try:
+                await outbox.space.park()
+            except BaseException:
+                if outbox.data_bytes < outbox.data_limit:
+                    outbox.space.unpark()
+                raise
         if outbox.closed:
             raise ConnectionLostError(f"connection to {self.peer} is closed: {self.close_reason}")
         item = self.protocol.send_parts(frame)
-        if self._write_now(*item):
-            return
-        outbox.data.append(item)
-        outbox.data_bytes += _size(item)
-        outbox.wakeup.set()
+        if not self._write_now(*item):
+            outbox.data.append(item)
+            outbox.data_bytes += _size(item)
+            outbox.wakeup.set()
+        if outbox.data_bytes < outbox.data_limit:
+            outbox.space.unpark()
 
     async def _writer(self) -> None:
         outbox = self._outbox
@@ -407,7 +415,7 @@ class Connection:
         self.bytes_sent += len(batch) + (len(large) if large is not None else 0)
         if freed:
             outbox.data_bytes -= freed
-            outbox.space.unpark_all()
+            outbox.space.unpark()
 
     # ---------------------------------------------------------------- receiving
 
