@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import functools
 import inspect
@@ -12,7 +13,14 @@ from typing import Any
 
 import trio
 
-__all__ = ["CallbackRunner", "SyncMode"]
+__all__ = ["CallbackRunner", "SyncMode", "current_session"]
+
+#: The session (sending or receiving) whose callbacks run in this context.
+#: trio copies contexts into worker threads and back through trio.from_thread,
+#: so a callback that calls into the site is recognised wherever it runs.
+current_session: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "fedstream_current_session", default=None
+)
 
 logger = logging.getLogger(__name__)
 

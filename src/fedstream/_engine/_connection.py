@@ -71,6 +71,8 @@ _COALESCE_BODY = 64 * 1024
 _COALESCE_LIMIT = 256 * 1024
 #: A peer that makes us queue this many control frames without reading is dropped.
 _MAX_CONTROL_QUEUE = 100_000
+#: ABORTs for not-yet-seen streams remembered per connection.
+_MAX_EARLY_ABORTS = 1024
 #: Time the writer gets to flush a closing GOAWAY.
 _DRAIN_TIMEOUT = 1.0
 
@@ -237,6 +239,7 @@ class Connection:
         self._parity = 1 if dialer else 0
         #: Sessions the peer opened (we receive), by sid.
         self.receivers: dict[int, ReceiveHandler] = {}
+        self._early_aborts: dict[int, str] = {}
         #: Links we opened (we send), by sid.
         self.senders: dict[int, SendHandler] = {}
         self._outbox = _Outbox(max(2 * options.chunk_size, 1 << 20))
@@ -249,11 +252,17 @@ class Connection:
         self.closed = trio.Event()
         #: Set once run() has returned and the stream is closed.
         self.finished = trio.Event()
+        # Set once nothing more will be written (drained after GOAWAY, or cancelled).
+        self._flushed = trio.Event()
         self.close_reason = ""
         self._cancel_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
+        #: Bytes handed to the connection to send, and bytes written so far.
+        self.bytes_queued = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: When bytes were last written to the stream.
+        self.last_write = trio.current_time()
         #: Called from the reader for a DATA frame with seq 0 on an unknown sid.
         self.on_open: Callable[[Connection, Data], ReceiveHandler | None] = lambda c, f: None
 
@@ -316,6 +325,8 @@ class Connection:
             self.lose(f"connection broke: {exc!r}")
             return True  # the connection is gone; the frame with it
         self.bytes_sent += written
+        if written:
+            self.last_write = trio.current_time()
         total = len(head) + (len(body) if body is not None else 0)
         if written < total:
             rest: list[memoryview] = []
@@ -335,6 +346,7 @@ class Connection:
         if self._outbox.closed:
             return
         item = self.protocol.send_parts(frame)
+        self.bytes_queued += _size(item)
         if self._write_now(*item):
             return
         self._outbox.control.append(item)
@@ -362,6 +374,7 @@ class Connection:
         if outbox.closed:
             raise ConnectionLostError(f"connection to {self.peer} is closed: {self.close_reason}")
         item = self.protocol.send_parts(frame)
+        self.bytes_queued += _size(item)
         if not self._write_now(*item):
             outbox.data.append(item)
             outbox.data_bytes += _size(item)
@@ -389,7 +402,9 @@ class Connection:
     async def _write_batch(self, outbox: _Outbox, stream: trio.abc.Stream) -> None:
         """Write what is queued: a direct write's leftover, then coalesced frames."""
         while outbox.partial:
-            await stream.send_all(outbox.partial.pop(0))
+            piece = outbox.partial.pop(0)
+            await stream.send_all(piece)
+            self._wrote(len(piece))
         batch = bytearray()
         large: memoryview | None = None
         while outbox.control and len(batch) < _COALESCE_LIMIT:
@@ -410,12 +425,17 @@ class Connection:
                     large = body
         if batch:
             await stream.send_all(batch)
+            self._wrote(len(batch))
         if large is not None:
             await stream.send_all(large)
-        self.bytes_sent += len(batch) + (len(large) if large is not None else 0)
+            self._wrote(len(large))
         if freed:
             outbox.data_bytes -= freed
             outbox.space.unpark()
+
+    def _wrote(self, nbytes: int) -> None:
+        self.bytes_sent += nbytes
+        self.last_write = trio.current_time()
 
     # ---------------------------------------------------------------- receiving
 
@@ -499,8 +519,20 @@ class Connection:
             raise RemoteProtocolError(f"{type(frame).__name__} on a stream id of ours")
         receiver = self.receivers.get(sid)
         if receiver is None:
+            if isinstance(frame, Abort):
+                # An ABORT may arrive before the stream's first object (frames
+                # of different priority can pass each other): remember it, so
+                # that object opens no session.
+                self._early_aborts[sid] = frame.rc
+                if len(self._early_aborts) > _MAX_EARLY_ABORTS:
+                    del self._early_aborts[next(iter(self._early_aborts))]
+                return
             if isinstance(frame, Data):
                 if frame.seq == 0:
+                    early_rc = self._early_aborts.pop(sid, None)
+                    if early_rc is not None:
+                        self.send_control(Done(sid, early_rc, None))
+                        return
                     receiver = self.on_open(self, frame)
                     if receiver is not None:
                         self.receivers[sid] = receiver
@@ -576,7 +608,7 @@ class Connection:
         """Say GOAWAY, flush what is queued (bounded), and close."""
         self.lose(message or "closed locally", goaway=GoAway(code, message[:200]))
         with trio.move_on_after(_DRAIN_TIMEOUT):
-            await self.finished.wait()
+            await self._flushed.wait()
 
     def lose(self, reason: str, *, goaway: GoAway | None = None) -> None:
         """Mark the connection gone and tell every session; idempotent, never awaits.
@@ -611,5 +643,6 @@ class Connection:
             )
 
     def _cancel(self) -> None:
+        self._flushed.set()
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()

@@ -39,6 +39,7 @@ from .._wire import (
     decode_object,
     encode_object,
 )
+from ._callbacks import current_session
 
 if TYPE_CHECKING:
     from ._callbacks import CallbackRunner
@@ -111,7 +112,6 @@ class ReceiverSession:
         self.site_name = site_name
         #: How the session ended; the first cause wins.
         self.rc: str | None = None
-        self._tell_sender = False
         self._expected_seq = 0
         self._assembler: ObjectAssembler | None = None
         self._assembling_seq = -1
@@ -233,7 +233,9 @@ class ReceiverSession:
         if self.rc is not None:
             return
         self.rc = rc
-        self._tell_sender = tell_sender
+        if tell_sender and not self.conn.closed.is_set():
+            # Tell the sender now, not after finalize: it stops sending at once.
+            self.conn.send_control(Abort(self.sid, rc, "ended by receiver", self.site_name))
         self.abort_signal.trigger(rc)
         self.scope.cancel()
 
@@ -265,6 +267,7 @@ class ReceiverSession:
         consumer: ObjectConsumer | None = None
         factory = self.registration.factory
         unregister = self.abort_signal.add_listener(self._on_abort_signal)
+        current_session.set(self)  # this task runs only this session
         try:
             with self.scope:
                 try:
@@ -340,6 +343,8 @@ class ReceiverSession:
                 return
             finally:
                 self._busy = False
+            if self.rc is not None:
+                return  # ended while consume ran (abort, shutdown): no reply
             end_rc = self._end_requested
             if reply is None:
                 reply = make_reply(end_rc or ReturnCode.OK)
@@ -382,8 +387,6 @@ class ReceiverSession:
         timeout = self.conn.options.finalize_timeout
         result: Any = None
         with trio.CancelScope(shield=True):
-            if self._tell_sender and not self.conn.closed.is_set():
-                self.conn.send_control(Abort(self.sid, rc, "ended by receiver", self.site_name))
             if consumer is not None:
                 await self._step(
                     "finalize", timeout, consumer.finalize, self.stream_ctx, self.fl_ctx

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -44,6 +44,7 @@ from .._wire import (
     decode_object,
     encode_object,
 )
+from ._callbacks import current_session
 
 if TYPE_CHECKING:
     from ._callbacks import CallbackRunner
@@ -96,8 +97,8 @@ class TargetLink:
     # ------------------------------------------------ called by the reader
 
     def on_reply(self, frame: Reply) -> None:
-        if frame.seq != self._pending_seq or self._reply is not None:
-            return  # a late reply to an object that already timed out
+        if frame.seq != self._pending_seq or self._reply is not None or self.ended_rc is not None:
+            return  # a late reply: the object timed out or the session already ended
         try:
             self._assembler = ObjectAssembler(
                 frame.size, max_size=self.conn.options.max_object_size
@@ -182,43 +183,66 @@ class TargetLink:
         self._pending_seq = seq
         self._reply = None
         self._assembler = None
-        with trio.CancelScope() as scope:
-            scope.deadline = trio.current_time() + no_progress
-            offset = 0
-            for view in encoded.chunks(self.conn.max_body):
-                size = len(view)
-                await self._wait(functools.partial(self._can_send, size))
-                if self._ended():
-                    break
-                if offset == 0:
-                    frame: Data | Chunk = Data(
-                        self.sid, seq, encoded.size, channel, topic, ctx, view
-                    )
-                else:
-                    frame = Chunk(self.sid, seq, offset, view)
-                await self.conn.send_data(frame)
-                self.opened = True
-                self.window -= size
-                offset += size
-                scope.deadline = trio.current_time() + no_progress
-            self.objects_sent += 1
-            self.bytes_sent += offset
-            await self._wait(lambda: self._reply is not None or self.ended_rc is not None)
+        conn = self.conn
+        offset = 0
+        mark = conn.bytes_queued
+        deadline = trio.current_time() + no_progress
+        while True:
+            with trio.move_on_at(deadline) as scope:
+                for view in _views_from(encoded, offset, conn.max_body):
+                    size = len(view)
+                    await self._wait(functools.partial(self._can_send, size))
+                    if self._ended():
+                        break
+                    if offset == 0:
+                        frame: Data | Chunk = Data(
+                            self.sid, seq, encoded.size, channel, topic, ctx, view
+                        )
+                    else:
+                        frame = Chunk(self.sid, seq, offset, view)
+                    await conn.send_data(frame)
+                    self.opened = True
+                    self.window -= size
+                    offset += size
+                    mark = conn.bytes_queued
+                    deadline = scope.deadline = trio.current_time() + no_progress
+                await self._wait(self._answered)
+            if not scope.cancelled_caught:
+                break
+            # Our chunks may still be waiting behind others in the connection's
+            # queue: as long as that queue moves, this object is making progress.
+            if conn.bytes_sent < mark and conn.last_write + no_progress > trio.current_time():
+                deadline = conn.last_write + no_progress
+                continue
+            logger.warning(
+                "no progress on stream %d to %s for %s s: TIMEOUT", self.sid, self.name, no_progress
+            )
+            self.ended_rc = ReturnCode.TIMEOUT
+            await self._tell(
+                Abort(self.sid, ReturnCode.TIMEOUT, f"no progress for {no_progress} s", "")
+            )
+            return make_reply(ReturnCode.TIMEOUT)
+        self.objects_sent += 1
+        self.bytes_sent += offset
         reply = self._current_reply()
         if reply is not None:
             if self._reply_last:
                 await self._attach_end_result(reply)
             return reply
-        if scope.cancelled_caught:
-            logger.warning(
-                "no progress on stream %d to %s for %s s: TIMEOUT", self.sid, self.name, no_progress
-            )
-            self.ended_rc = ReturnCode.TIMEOUT
-            self.conn.send_control(
-                Abort(self.sid, ReturnCode.TIMEOUT, f"no progress for {no_progress} s", "")
-            )
-            return make_reply(ReturnCode.TIMEOUT)
         return make_reply(self.ended_rc or ReturnCode.COMMUNICATION_ERROR)
+
+    async def _tell(self, frame: Abort | End) -> None:
+        """Send END or ABORT in order behind this stream's data (bounded, shielded)."""
+        if self.conn.closed.is_set():
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(self.conn.options.finalize_timeout):
+            try:
+                await self.conn.send_data(frame)
+            except ConnectionLostError:
+                pass
+
+    def _answered(self) -> bool:
+        return self._reply is not None or self.ended_rc is not None
 
     def _can_send(self, size: int) -> bool:
         return self.window >= size or self._ended()
@@ -275,6 +299,16 @@ class StreamSession:
             self._stop_reason = reason
         self.scope.cancel()
 
+    def abort_targets_now(self, rc: str, reason: str) -> list[TargetLink]:
+        """Tell every live target at once (for a shutdown that cannot wait for
+        this session's own ending); return the links whose DONE to wait for."""
+        waiting = []
+        for link in self.links:
+            if link.ended_rc is None and link.opened and not link.conn.closed.is_set():
+                link.conn.send_control(Abort(link.sid, rc, reason, self.site_name))
+                waiting.append(link)
+        return waiting
+
     async def run(self) -> tuple[str, Any]:
         signal = self.fl_ctx.get_run_abort_signal()
         token = trio.lowlevel.current_trio_token()
@@ -283,6 +317,7 @@ class StreamSession:
             token.run_sync_soon(self.stop, ReturnCode.TASK_ABORTED, "abort signal triggered")
 
         unregister = signal.add_listener(on_abort)
+        session_token = current_session.set(self)
         error: BaseException | None = None
         rc: str = ReturnCode.OK
         result: Any = None
@@ -295,12 +330,16 @@ class StreamSession:
                     error = exc
                     rc = ReturnCode.EXECUTION_EXCEPTION
                     self._stop_reason = f"producer failed: {type(exc).__name__}: {exc}"
-            if self._stop_rc is not None:
+            if self._stop_rc is not None and rc != self._stop_rc:
+                # Stopped from outside (abort listener, shutdown): that is the outcome.
                 rc, result, normal_end = self._stop_rc, None, False
+            elif signal.triggered and normal_end:
+                rc, result, normal_end = ReturnCode.TASK_ABORTED, result, False
         finally:
             unregister()
             with trio.CancelScope(shield=True):
                 await self._close_targets(rc, normal_end)
+            current_session.reset(session_token)
         if error is not None:
             raise error
         return rc, result
@@ -313,6 +352,8 @@ class StreamSession:
             if signal.triggered:
                 return ReturnCode.TASK_ABORTED, None, False
             produced = await self.runner(self.producer.produce, self.stream_ctx, self.fl_ctx)
+            if signal.triggered:  # produce itself may have fired it
+                return ReturnCode.TASK_ABORTED, None, False
             shareable, timeout = _check_produced(produced)
             if shareable is None:
                 return ReturnCode.OK, None, True
@@ -370,12 +411,15 @@ class StreamSession:
 
     async def _close_targets(self, rc: str, normal_end: bool) -> None:
         """Tell every live target how the stream ended and wait for their DONE."""
-        for link in self.links:
-            if link.ended_rc is None and not link.conn.closed.is_set():
-                if normal_end:
-                    link.conn.send_control(End(link.sid, link._pending_seq + 1))
-                else:
-                    link.conn.send_control(Abort(link.sid, rc, self._stop_reason, self.site_name))
+        async with trio.open_nursery() as nursery:
+            for link in self.links:
+                if link.ended_rc is None and link.opened:
+                    if normal_end:
+                        nursery.start_soon(link._tell, End(link.sid, link._pending_seq + 1))
+                    else:
+                        nursery.start_soon(
+                            link._tell, Abort(link.sid, rc, self._stop_reason, self.site_name)
+                        )
         with trio.move_on_after(self.finalize_timeout):
             for link in self.links:
                 if link.opened:
@@ -385,6 +429,20 @@ class StreamSession:
             self.stream_ctx[END_RESULTS] = results
         for link in self.links:
             link.conn.senders.pop(link.sid, None)
+
+
+def _views_from(encoded: EncodedObject, start: int, max_body: int) -> Iterator[memoryview]:
+    """The object's bytes from ``start`` on, as views of at most ``max_body`` bytes
+    that never span two parts (so nothing is copied)."""
+    pos = 0
+    for part in encoded.parts:
+        end = pos + len(part)
+        if end > start:
+            index = max(0, start - pos)
+            while index < len(part):
+                yield part[index : index + max_body]
+                index += max_body
+        pos = end
 
 
 def check_encodable(stream_ctx: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ from .._errors import (
 from .._shareable import ReturnCode
 from .._transport import get_transport
 from .._wire import DEFAULT_MAX_FRAME_SIZE, Data, Done, ErrorCode, FrameProtocol, GoAway, Hello
-from ._callbacks import CallbackRunner, SyncMode
+from ._callbacks import CallbackRunner, SyncMode, current_session
 from ._connection import Connection, ReceiveHandler, accept_handshake, dial_handshake
 from ._options import (
     DEFAULT_CHUNK_SIZE,
@@ -273,6 +273,15 @@ class Site:
             self._notify()
 
     def _open_receiver(self, conn: Connection, frame: Data) -> ReceiveHandler | None:
+        if frame.size > self.options.max_object_size:
+            # Refused before any consumer exists: nothing to finalize.
+            message = (
+                f"object of {frame.size} bytes exceeds max_object_size "
+                f"{self.options.max_object_size} of {self.name!r}"
+            )
+            conn.reject(frame.sid, 0, ReturnCode.BAD_REQUEST_DATA, message)
+            conn.send_control(Done(frame.sid, ReturnCode.BAD_REQUEST_DATA, None))
+            return None
         reg = self._lookup(frame.channel, frame.topic)
         if reg is None or self._closing:
             rc = ReturnCode.SERVICE_UNAVAILABLE if self._closing else ReturnCode.TOPIC_UNKNOWN
@@ -400,16 +409,32 @@ class Site:
             return
         self._closing = True
         logger.info("site %s shutting down", self.name)
+        # Called from one of this site's own callbacks, the caller's session
+        # cannot end before this returns: don't wait for it.
+        me = current_session.get()
+        rc = ReturnCode.SERVICE_UNAVAILABLE
+        reason = f"site {self.name!r} shut down"
         with trio.CancelScope(shield=True):
+            waiting: list[TargetLink] = []
             for session in list(self._senders):
-                session.stop(ReturnCode.SERVICE_UNAVAILABLE, f"site {self.name!r} shut down")
+                session.stop(rc, reason)
+                if session is me:
+                    waiting = session.abort_targets_now(rc, reason)
             for conn in list(self._connections.values()):
                 for receiver in list(conn.receivers.values()):
                     if isinstance(receiver, ReceiverSession):
-                        receiver.end(ReturnCode.SERVICE_UNAVAILABLE, tell_sender=True)
+                        receiver.end(rc, tell_sender=True)
+
+            def busy() -> bool:
+                return any(s is not me for s in self._senders) or any(
+                    r is not me for c in self._connections.values() for r in c.receivers.values()
+                )
+
             with trio.move_on_after(2 * self.options.finalize_timeout):
-                while self._senders or any(c.receivers for c in self._connections.values()):
+                while busy():
                     await self._changed.wait()
+                for link in waiting:
+                    await link.done.wait()
             async with trio.open_nursery() as nursery:
                 for conn in list(self._connections.values()):
                     nursery.start_soon(conn.aclose, ErrorCode.SHUTDOWN, "site shut down")
