@@ -22,7 +22,6 @@ from ._errors import (
     ProtocolError,
     RemoteProtocolError,
     SiteClosedError,
-    StreamCancelledError,
     UnknownTargetError,
 )
 from ._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
@@ -49,7 +48,6 @@ __all__ = [
     "Site",
     "SiteClosedError",
     "SiteOptions",
-    "StreamCancelledError",
     "StreamContextKey",
     "StreamableEngine",
     "SyncMode",

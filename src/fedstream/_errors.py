@@ -19,7 +19,6 @@ __all__ = [
     "ProtocolError",
     "RemoteProtocolError",
     "SiteClosedError",
-    "StreamCancelledError",
     "UnknownTargetError",
 ]
 
@@ -77,24 +76,3 @@ class ConnectionLostError(FedstreamError, ConnectionError):
 
 class UnknownTargetError(FedstreamError, ValueError):
     """A stream names a target site that is not connected, or no target at all."""
-
-
-class StreamCancelledError(FedstreamError):
-    """A stream session was ended before it completed.
-
-    Attributes:
-        rc: the return code that describes how it ended (for example
-            ``ReturnCode.TASK_ABORTED`` or ``ReturnCode.TIMEOUT``).
-        by: the name of the site that ended it, or ``None`` if unknown.
-        reason: a human-readable reason.
-    """
-
-    def __init__(self, rc: str, reason: str = "", *, by: str | None = None) -> None:
-        super().__init__(
-            f"stream ended with {rc}"
-            + (f" by {by}" if by else "")
-            + (f": {reason}" if reason else "")
-        )
-        self.rc = rc
-        self.by = by
-        self.reason = reason

@@ -1,0 +1,71 @@
+"""The public surface: exactly these names are importable from ``fedstream``."""
+
+from __future__ import annotations
+
+import fedstream
+
+EXPECTED = {
+    # the seed contract
+    "ConsumerFactory",
+    "ObjectConsumer",
+    "ObjectProducer",
+    "StreamContextKey",
+    "StreamableEngine",
+    # the data model
+    "FLContext",
+    "ReservedHeaderKey",
+    "ReturnCode",
+    "Shareable",
+    "Signal",
+    "make_reply",
+    # the trio engine
+    "END_RESULT",
+    "END_RESULTS",
+    "Site",
+    "SiteOptions",
+    "SyncMode",
+    "open_site",
+    "serve_site",
+    # errors
+    "ConnectionLostError",
+    "FedstreamError",
+    "HandshakeError",
+    "LocalProtocolError",
+    "ObjectTooLargeError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "SiteClosedError",
+    "UnknownTargetError",
+    "__version__",
+}
+
+
+def test_export_list_is_pinned() -> None:
+    assert set(fedstream.__all__) == EXPECTED
+    assert len(fedstream.__all__) == len(EXPECTED), "duplicates in __all__"
+
+
+def test_every_export_exists_and_public_modules_are_private() -> None:
+    for name in fedstream.__all__:
+        assert hasattr(fedstream, name), name
+    public_attrs = {
+        n for n in vars(fedstream) if not n.startswith("_") and not isinstance(
+            getattr(fedstream, n), type(fedstream))
+    }
+    assert public_attrs <= EXPECTED | {"annotations"}
+
+
+def test_errors_share_one_root_and_split_local_remote() -> None:
+    errors = [getattr(fedstream, n) for n in EXPECTED if n.endswith("Error")]
+    assert all(issubclass(e, fedstream.FedstreamError) for e in errors)
+    assert issubclass(fedstream.LocalProtocolError, fedstream.ProtocolError)
+    assert issubclass(fedstream.RemoteProtocolError, fedstream.ProtocolError)
+    assert not issubclass(fedstream.RemoteProtocolError, fedstream.LocalProtocolError)
+    assert issubclass(fedstream.UnknownTargetError, ValueError)
+    assert issubclass(fedstream.ConnectionLostError, ConnectionError)
+
+
+def test_py_typed_marker_ships() -> None:
+    from importlib.resources import files
+
+    assert files("fedstream").joinpath("py.typed").is_file()
