@@ -23,6 +23,8 @@ EXPECTED = {
     "END_RESULTS",
     "Site",
     "SiteOptions",
+    "ConnectionStats",
+    "StreamStats",
     "SyncMode",
     "open_site",
     "serve_site",

@@ -12,7 +12,17 @@ from ._api import (
     StreamContextKey,
 )
 from ._context import FLContext, Signal
-from ._engine import END_RESULT, END_RESULTS, Site, SiteOptions, SyncMode, open_site, serve_site
+from ._engine import (
+    END_RESULT,
+    END_RESULTS,
+    ConnectionStats,
+    Site,
+    SiteOptions,
+    StreamStats,
+    SyncMode,
+    open_site,
+    serve_site,
+)
 from ._errors import (
     ConnectionLostError,
     FedstreamError,
@@ -31,6 +41,7 @@ __all__ = [
     "END_RESULT",
     "END_RESULTS",
     "ConnectionLostError",
+    "ConnectionStats",
     "ConsumerFactory",
     "FLContext",
     "FedstreamError",
@@ -49,6 +60,7 @@ __all__ = [
     "SiteClosedError",
     "SiteOptions",
     "StreamContextKey",
+    "StreamStats",
     "StreamableEngine",
     "SyncMode",
     "UnknownTargetError",

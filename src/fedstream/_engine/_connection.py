@@ -56,6 +56,7 @@ from .._wire import (
     Pong,
     Reply,
 )
+from ._stats import ConnectionStats, StreamStats
 
 if TYPE_CHECKING:
     from ._options import SiteOptions
@@ -86,6 +87,7 @@ class ReceiveHandler(Protocol):
     def on_abort(self, frame: Abort) -> None: ...
     def on_connection_lost(self) -> None: ...
     def body_target(self, frame: Chunk, nbytes: int) -> memoryview | None: ...
+    def stats(self) -> StreamStats: ...
 
 
 class SendHandler(Protocol):
@@ -97,6 +99,7 @@ class SendHandler(Protocol):
     def on_done(self, frame: Done) -> None: ...
     def on_credit(self, frame: Credit) -> None: ...
     def on_connection_lost(self) -> None: ...
+    def stats(self) -> StreamStats: ...
 
 
 class _Outbox:
@@ -263,6 +266,7 @@ class Connection:
         self.bytes_received = 0
         #: When bytes were last written to the stream.
         self.last_write = trio.current_time()
+        self.connected_at = trio.current_time()
         #: Called from the reader for a DATA frame with seq 0 on an unknown sid.
         self.on_open: Callable[[Connection, Data], ReceiveHandler | None] = lambda c, f: None
 
@@ -291,6 +295,23 @@ class Connection:
         if window:
             limit = min(limit, window // 2)
         return max(1024, limit)
+
+    def stats(self) -> ConnectionStats:
+        """A snapshot of this connection and its streams."""
+        streams = [r.stats() for r in self.receivers.values()]
+        streams += [s.stats() for s in self.senders.values()]
+        return ConnectionStats(
+            peer=self.peer,
+            url=self.url,
+            dialer=self.dialer,
+            bytes_sent=self.bytes_sent,
+            bytes_received=self.bytes_received,
+            bytes_queued=self.bytes_queued - self.bytes_sent,
+            connected=self.connected_at,
+            last_receive=self._last_receive,
+            last_write=self.last_write,
+            streams=tuple(sorted(streams, key=lambda s: s.sid)),
+        )
 
     def new_sid(self) -> int:
         return next(self._sids)

@@ -40,6 +40,7 @@ from .._wire import (
     encode_object,
 )
 from ._callbacks import current_session
+from ._stats import StreamStats
 
 if TYPE_CHECKING:
     from ._callbacks import CallbackRunner
@@ -132,6 +133,20 @@ class ReceiverSession:
         self._token = trio.lowlevel.current_trio_token()
         self.objects_received = 0
         self.bytes_received = 0
+        self.started = trio.current_time()
+
+    def stats(self) -> StreamStats:
+        return StreamStats(
+            peer=self.conn.peer,
+            sid=self.sid,
+            sending=False,
+            channel=self.channel,
+            topic=self.topic,
+            objects=self.objects_received,
+            bytes=self.bytes_received,
+            credit=self._ungranted,
+            started=self.started,
+        )
 
     # ---------------------------------------------------- called by the reader
 

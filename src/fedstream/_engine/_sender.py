@@ -45,6 +45,7 @@ from .._wire import (
     encode_object,
 )
 from ._callbacks import current_session
+from ._stats import StreamStats
 
 if TYPE_CHECKING:
     from ._callbacks import CallbackRunner
@@ -65,9 +66,12 @@ END_RESULTS: Final = "__end_results__"
 class TargetLink:
     """The sender's view of one target's session."""
 
-    def __init__(self, conn: Connection, name: str) -> None:
+    def __init__(self, conn: Connection, name: str, channel: str = "", topic: str = "") -> None:
         self.conn = conn
         self.name = name
+        self.channel = channel
+        self.topic = topic
+        self.started = trio.current_time()
         self.sid = conn.new_sid()
         self.window = conn.peer_window
         #: rc of the target's session once it ended (reply ``last``, ABORT, DONE, loss).
@@ -85,6 +89,19 @@ class TargetLink:
         self.objects_sent = 0
         self.bytes_sent = 0
         conn.senders[self.sid] = self
+
+    def stats(self) -> StreamStats:
+        return StreamStats(
+            peer=self.name,
+            sid=self.sid,
+            sending=True,
+            channel=self.channel,
+            topic=self.topic,
+            objects=self.objects_sent,
+            bytes=self.bytes_sent,
+            credit=None if math.isinf(self.window) else int(self.window),
+            started=self.started,
+        )
 
     def _notify(self) -> None:
         self._changed.set()
@@ -203,9 +220,12 @@ class TargetLink:
                     await conn.send_data(frame)
                     self.opened = True
                     self.window -= size
+                    self.bytes_sent += size
                     offset += size
                     mark = conn.bytes_queued
                     deadline = scope.deadline = trio.current_time() + no_progress
+                    if offset == encoded.size:
+                        self.objects_sent += 1
                 await self._wait(self._answered)
             if not scope.cancelled_caught:
                 break
@@ -222,8 +242,6 @@ class TargetLink:
                 Abort(self.sid, ReturnCode.TIMEOUT, f"no progress for {no_progress} s", "")
             )
             return make_reply(ReturnCode.TIMEOUT)
-        self.objects_sent += 1
-        self.bytes_sent += offset
         reply = self._current_reply()
         if reply is not None:
             if self._reply_last:

@@ -42,6 +42,7 @@ from ._options import (
 )
 from ._receiver import ReceiverSession, Registration
 from ._sender import StreamSession, TargetLink
+from ._stats import ConnectionStats
 
 __all__ = ["Site", "open_site", "serve_site"]
 
@@ -101,6 +102,10 @@ class Site:
     @property
     def closed(self) -> bool:
         return self._closing
+
+    def stats(self) -> tuple[ConnectionStats, ...]:
+        """A frozen snapshot of every connection and its stream sessions."""
+        return tuple(conn.stats() for _, conn in sorted(self._connections.items()))
 
     def _notify(self) -> None:
         self._changed.set()
@@ -368,7 +373,9 @@ class Site:
         fl_ctx = FLContext(identity_name=self.name) if fl_ctx is None else fl_ctx
         stream_ctx[StreamContextKey.CHANNEL] = channel
         stream_ctx[StreamContextKey.TOPIC] = topic
-        links = [TargetLink(self._connections[t], t) for t in names if t not in missing]
+        links = [
+            TargetLink(self._connections[t], t, channel, topic) for t in names if t not in missing
+        ]
         session = StreamSession(
             site_name=self.name,
             channel=channel,
