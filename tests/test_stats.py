@@ -27,8 +27,9 @@ class Gate(ObjectConsumer):
         self.release = release
         self.seen = 0
 
-    async def consume(self, shareable: Shareable, stream_ctx: dict[str, Any],
-                      fl_ctx: FLContext) -> tuple[bool, Shareable | None]:
+    async def consume(
+        self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[bool, Shareable | None]:
         self.seen += 1
         if self.seen == 2:
             self.arrived.set()
@@ -50,16 +51,22 @@ class Three(ObjectProducer):
         self.sent = 0
         self.size = size
 
-    async def produce(self, stream_ctx: dict[str, Any],
-                      fl_ctx: FLContext) -> tuple[Shareable | None, float]:
+    async def produce(
+        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[Shareable | None, float]:
         if self.sent == 3:
             return None, 0
         self.sent += 1
         return Shareable(data=b"z" * self.size), 60.0
 
-    async def process_replies(self, replies: dict[str, Shareable], stream_ctx: dict[str, Any],
-                              fl_ctx: FLContext) -> Any:
+    async def process_replies(
+        self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> Any:
         return None
+
+
+# The sites run plain callbacks inline: a worker thread would let the mock
+# clock jump past the test's deadlines.
 
 
 async def test_stats_show_live_sessions_and_counters(autojump_clock: trio.abc.Clock) -> None:
@@ -67,9 +74,11 @@ async def test_stats_show_live_sessions_and_counters(autojump_clock: trio.abc.Cl
     factory = GateFactory()
     size = 100_000  # out of band: DATA head + CHUNK body
     with trio.fail_after(60):
-        async with fedstream.open_site("rx", listen=url) as rx, fedstream.open_site(
-            "tx", connect=[url]
-        ) as tx, trio.open_nursery() as nursery:
+        async with (
+            fedstream.open_site("rx", listen=url, sync_callbacks="inline") as rx,
+            fedstream.open_site("tx", connect=[url], sync_callbacks="inline") as tx,
+            trio.open_nursery() as nursery,
+        ):
             rx.register_stream_processing("ch", "tp", factory)
             await rx.wait_for_peers(["tx"])
             assert [c.peer for c in tx.stats()] == ["rx"]
@@ -77,8 +86,9 @@ async def test_stats_show_live_sessions_and_counters(autojump_clock: trio.abc.Cl
             results: list[tuple[str, Any]] = []
 
             async def send() -> None:
-                results.append(await tx.stream_objects("ch", "tp", {}, ["rx"], Three(size),
-                                                       FLContext()))
+                results.append(
+                    await tx.stream_objects("ch", "tp", {}, ["rx"], Three(size), FLContext())
+                )
 
             nursery.start_soon(send)
             await factory.arrived.wait()
@@ -119,9 +129,10 @@ async def test_stats_forget_finished_sessions(autojump_clock: trio.abc.Clock) ->
     factory = GateFactory()
     factory.release.set()
     with trio.fail_after(60):
-        async with fedstream.open_site("rx", listen=url) as rx, fedstream.open_site(
-            "tx", connect=[url]
-        ) as tx:
+        async with (
+            fedstream.open_site("rx", listen=url, sync_callbacks="inline") as rx,
+            fedstream.open_site("tx", connect=[url], sync_callbacks="inline") as tx,
+        ):
             rx.register_stream_processing("*", "*", factory)
             await rx.wait_for_peers(["tx"])
             rc, _ = await tx.stream_objects("a", "b", {}, ["rx"], Three(10), FLContext())

@@ -19,7 +19,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -73,7 +73,8 @@ async def send_object(
     obj: Shareable,
 ) -> None:
     """Send ``obj`` as a first frame (built by ``make_first(size, body)``) plus CHUNKs."""
-    encoded = encode_object(obj)
+    # Most replies are the plain OK acknowledgement: encode that one once.
+    encoded = _PLAIN_OK_ENCODED if obj == _PLAIN_OK else encode_object(obj)
     offset = 0
     for view in encoded.chunks(conn.max_body):
         if offset == 0:
@@ -81,6 +82,10 @@ async def send_object(
         else:
             await conn.send_data(Chunk(sid, seq, offset, view))
         offset += len(view)
+
+
+_PLAIN_OK: Final = make_reply(ReturnCode.OK)
+_PLAIN_OK_ENCODED: Final = encode_object(_PLAIN_OK)
 
 
 class ReceiverSession:
@@ -402,7 +407,9 @@ class ReceiverSession:
         timeout = self.conn.options.finalize_timeout
         result: Any = None
         with trio.CancelScope(shield=True):
-            if consumer is not None:
+            # The ABCs' default finalize/return_consumer do nothing: skip the
+            # call (and, for plain callbacks, a worker-thread round trip).
+            if consumer is not None and type(consumer).finalize is not ObjectConsumer.finalize:
                 await self._step(
                     "finalize", timeout, consumer.finalize, self.stream_ctx, self.fl_ctx
                 )
@@ -415,7 +422,10 @@ class ReceiverSession:
                     self.fl_ctx,
                     **reg.cb_kwargs,
                 )
-            if consumer is not None:
+            if (
+                consumer is not None
+                and type(reg.factory).return_consumer is not ConsumerFactory.return_consumer
+            ):
                 await self._step(
                     "return_consumer",
                     timeout,

@@ -116,6 +116,10 @@ class TargetLink:
     def on_reply(self, frame: Reply) -> None:
         if frame.seq != self._pending_seq or self._reply is not None or self.ended_rc is not None:
             return  # a late reply: the object timed out or the session already ended
+        self._reply_last = frame.last
+        if frame.size == len(frame.body):
+            self._decode_reply(frame.body)  # the whole reply in one frame
+            return
         try:
             self._assembler = ObjectAssembler(
                 frame.size, max_size=self.conn.options.max_object_size
@@ -128,7 +132,6 @@ class TargetLink:
                 last=True,
             )
             return
-        self._reply_last = frame.last
         self._feed(0, frame.body)
 
     def on_chunk(self, frame: Chunk) -> None:
@@ -141,8 +144,11 @@ class TargetLink:
         if not assembler.feed(offset, body):
             return
         self._assembler = None
+        self._decode_reply(assembler.take())
+
+    def _decode_reply(self, raw: bytes | bytearray | memoryview) -> None:
         try:
-            reply = decode_object(assembler.take())
+            reply = decode_object(raw)
         except RemoteProtocolError as exc:
             reply = make_reply(ReturnCode.BAD_REQUEST_DATA, {ReservedHeaderKey.ERROR: str(exc)})
         self._set_reply(reply, last=self._reply_last)
