@@ -25,6 +25,7 @@ EXPECTED_CASES = {
     "concurrency": ["1 stream", "10 streams", "100 streams", "1000 streams"],
     "memory": ["256 MiB as 1 MiB", "1 x 64 MiB"],
     "latency": ["1 KiB"],
+    "hol": ["1 KiB idle", "1 KiB + 64 MiB", "64 MiB beside"],
 }
 EXPECTED_CEILINGS = {"raw", "pingpong", "pingpong_rtt", "raw_fanout_4", "raw_fanout_16"}
 
@@ -92,7 +93,14 @@ def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
                 assert _is_number(case["ratio"]), label
                 assert case["ratio"] > 0, label
             if case["target"] is not None:
-                assert case["target"]["kind"] in {"ratio_min", "complete", "rss_max"}, label
+                assert case["target"]["kind"] in {
+                    "ratio_min",
+                    "complete",
+                    "rss_max",
+                    "at_most",
+                    "at_least",
+                    "report",
+                }, label
             assert name in table, label
             assert case["case"] in table, label
 
@@ -103,5 +111,39 @@ def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
         assert any("scaled down" in note for note in case["notes"])
         for key in ("sender_rss_increase", "receiver_rss_increase"):
             assert _is_number(case["metrics"][key]["max"])
+    single = report["scenarios"]["memory"]["cases"][1]
+    assert single["target"]["kind"] == "at_most"
+    assert single["status"] in {"PASS", "FAIL"}
+    for key in ("sender_rss_multiple", "receiver_rss_multiple"):
+        assert _is_number(single["metrics"][key]["max"])
+        assert single["metrics"][key]["max"] >= 0
     latency = report["scenarios"]["latency"]["cases"][0]["metrics"]
     assert latency["p50"]["median"] <= latency["p99"]["median"]
+
+    idle, loaded, big = report["scenarios"]["hol"]["cases"]
+    assert any("scaled down" in note for note in idle["notes"])
+    for case in (idle, loaded, big):
+        assert case["params"] == {
+            "small_size": 1024,
+            "idle_objects": report["plan"]["hol_idle_objects"],
+            "big_size": 64 * 1024 * 1024,
+        }
+        assert case["repetitions"] == report["repeat"]
+    for case, prefix in ((idle, "idle_"), (loaded, "loaded_")):
+        assert case["target"]["kind"] == "report"
+        assert case["status"] == "INFO"
+        p50, p99 = case["metrics"][f"{prefix}p50"], case["metrics"][f"{prefix}p99"]
+        assert _is_number(p50["median"])
+        assert _is_number(p99["median"])
+        assert 0 < p50["median"] <= p99["median"]
+    assert _is_number(loaded["metrics"]["p50_slowdown"]["median"])
+    assert loaded["metrics"]["p50_slowdown"]["median"] > 0
+    assert loaded["metrics"]["loaded_count"]["min"] >= 1
+    assert big["target"]["kind"] == "at_least"
+    assert big["target"]["metrics"] == ["during_big"]
+    assert big["status"] in {"PASS", "FAIL"}
+    during = big["metrics"]["during_big"]
+    assert during["min"] >= 0
+    assert during["min"] == int(during["min"])
+    assert _is_number(big["metrics"]["big_mb_per_s"]["median"])
+    assert big["metrics"]["big_mb_per_s"]["median"] > 0

@@ -259,14 +259,19 @@ class _FileProducer(ObjectProducer):
         self.timeout = timeout
         self.file = path.open("rb")
         self.offset = 0
+        self.done = False
         self.failed: dict[str, str] = {}
 
     def produce(
         self, stream_ctx: dict[str, Any], fl_ctx: FLContext
     ) -> tuple[Shareable | None, float]:
+        if self.done:
+            return None, 0
         data = self.file.read(self.chunk)
+        # An empty file still travels as one empty object, so it gets created.
         if not data and self.offset:
             return None, 0
+        self.done = len(data) < self.chunk
         obj = Shareable(file=self.path.name, offset=self.offset, data=data)
         self.offset += len(data)
         return obj, self.timeout

@@ -149,10 +149,34 @@ def _result_text(case: CaseResult) -> tuple[str, str]:
             _spread(m["mb_per_s"]),
         )
     if case.scenario == "memory":
-        return (
+        text = (
             f"send +{_num(m['sender_rss_increase'].max)} / "
-            f"recv +{_num(m['receiver_rss_increase'].max)} MiB",
+            f"recv +{_num(m['receiver_rss_increase'].max)} MiB"
+        )
+        if "receiver_rss_multiple" in m:
+            text += (
+                f" ({_num(m['sender_rss_multiple'].max)}x / "
+                f"{_num(m['receiver_rss_multiple'].max)}x size)"
+            )
+        return (
+            text,
             f"peak {_num(m['sender_rss_peak'].max)} / {_num(m['receiver_rss_peak'].max)} MiB",
+        )
+    if case.scenario == "hol":
+        if "idle_p50" in m:
+            p50, p99 = m["idle_p50"], m["idle_p99"]
+            return f"p50 {_num(p50.median, 'us')}, p99 {_num(p99.median, 'us')}", _spread(p50)
+        if "loaded_p50" in m:
+            p50, p99 = m["loaded_p50"], m["loaded_p99"]
+            return (
+                f"p50 {_num(p50.median, 'us')}, p99 {_num(p99.median, 'us')}, "
+                f"{_num(m['p50_slowdown'].median)}x idle p50",
+                _spread(p50),
+            )
+        during = m["during_big"]
+        return (
+            f"{during.median:,.0f} small done, {_num(m['big_mb_per_s'].median, 'MB/s')}",
+            f"{during.min:,.0f} - {during.max:,.0f} small" if len(during.values) > 1 else "-",
         )
     if case.scenario == "latency":
         return (

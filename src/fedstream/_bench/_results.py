@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["CaseResult", "Ceiling", "Report", "Series", "Status", "Target"]
+__all__ = ["CaseResult", "Ceiling", "Report", "Series", "Status", "Target", "TargetKind"]
 
 Status = Literal["PASS", "FAIL", "INFO", "N/A", "ERROR"]
 
@@ -64,6 +64,9 @@ class Ceiling:
         return {"label": self.label, "error": self.error, **self.series.to_json()}
 
 
+TargetKind = Literal["ratio_min", "complete", "rss_max", "at_most", "at_least", "report"]
+
+
 @dataclass(frozen=True)
 class Target:
     """What a case must achieve.
@@ -71,14 +74,23 @@ class Target:
     ``ratio_min``: ratio to the ceiling at least ``value``. ``complete``: every
     repetition ran and every stream finished OK. ``rss_max``: the largest RSS
     increase (sender or receiver, worst repetition) below ``value`` MiB.
+    ``at_most`` / ``at_least``: every repetition's value of every metric named
+    in ``metrics`` is at most / at least ``value`` (so the worst one decides).
+    ``report``: the issue only asks for the figure to be reported (``INFO``).
     """
 
-    kind: Literal["ratio_min", "complete", "rss_max"]
+    kind: TargetKind
     value: float
     text: str
+    metrics: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "value": self.value, "text": self.text}
+        return {
+            "kind": self.kind,
+            "value": self.value,
+            "text": self.text,
+            "metrics": list(self.metrics),
+        }
 
 
 @dataclass
@@ -113,7 +125,7 @@ class CaseResult:
             self.ratio = ratio if math.isfinite(ratio) else None
         if not self.completed:
             self.status = "ERROR"
-        elif self.target is None:
+        elif self.target is None or self.target.kind == "report":
             self.status = "INFO"
         elif self.target.kind == "complete":
             self.status = "PASS"
@@ -123,6 +135,12 @@ class CaseResult:
                 self.metrics["receiver_rss_increase"].max,
             )
             self.status = "PASS" if worst < self.target.value else "FAIL"
+        elif self.target.kind == "at_most":
+            worst = max(self.metrics[key].max for key in self.target.metrics)
+            self.status = "PASS" if worst <= self.target.value else "FAIL"
+        elif self.target.kind == "at_least":
+            worst = min(self.metrics[key].min for key in self.target.metrics)
+            self.status = "PASS" if worst >= self.target.value else "FAIL"
         elif self.ratio is None:
             self.status = "N/A"
         else:

@@ -25,7 +25,7 @@ __all__ = ["SCENARIOS", "Plan", "make_plan", "run_plan"]
 
 logger = logging.getLogger(__name__)
 
-SCENARIOS: Final = ("throughput", "fanout", "concurrency", "memory", "latency")
+SCENARIOS: Final = ("throughput", "fanout", "concurrency", "memory", "latency", "hol")
 
 #: Size of the ping-pong message.
 PING_SIZE: Final = 64
@@ -34,6 +34,10 @@ THROUGHPUT_TARGETS: Final = {KIB: 0.6, MIB: 0.45, 16 * MIB: 0.6}
 FANOUT_TARGETS: Final = {16: 0.5}
 #: Allowed peak-RSS increase while streaming many 1 MiB objects.
 MEMORY_LIMIT_MIB: Final = 100.0
+#: Allowed peak-RSS increase of each side for one large object, in object sizes.
+SINGLE_OBJECT_RSS_LIMIT: Final = 2.5
+#: Small objects that must complete while the large one is in transfer (``hol``).
+HOL_MIN_DURING: Final = 10
 
 Values = dict[str, float]
 
@@ -70,6 +74,10 @@ class Plan:
     memory_total: int = 2 * GIB
     memory_single: int = 256 * MIB
     latency_objects: int = 10_000
+    hol_small: int = KIB
+    #: Small objects timed on the idle connection before the large one starts.
+    hol_idle_objects: int = 2000
+    hol_big: int = 256 * MIB
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,6 +118,8 @@ def make_plan(
         memory_total=256 * MIB,
         memory_single=64 * MIB,
         latency_objects=2000,
+        hol_idle_objects=500,
+        hol_big=64 * MIB,
     )
 
 
@@ -234,13 +244,17 @@ def _concurrency(plan: Plan, streams: int, per_stream: int) -> Values:
 
 def _memory(plan: Plan, size: int, objects: int) -> Values:
     sent, (received,) = _fs_exchange(plan, 1, {"object_size": size, "objects": objects})
-    return {
+    values = {
         "sender_rss_increase": sent["rss_increase"] / MIB,
         "receiver_rss_increase": received["rss_increase"] / MIB,
         "sender_rss_peak": sent["rss_peak"] / MIB,
         "receiver_rss_peak": received["rss_peak"] / MIB,
         "mb_per_s": objects * size / sent["elapsed"] / MB,
     }
+    if objects == 1:
+        values["sender_rss_multiple"] = sent["rss_increase"] / size
+        values["receiver_rss_multiple"] = received["rss_increase"] / size
+    return values
 
 
 def _latency(plan: Plan, objects: int) -> Values:
@@ -252,11 +266,81 @@ def _latency(plan: Plan, objects: int) -> Values:
     }
 
 
+def _hol(plan: Plan) -> Values:
+    sent, (received,) = run_exchange(
+        "fs-recv",
+        [{"name": "site-0", "site": plan.site}],
+        "fs-hol",
+        lambda addresses: {
+            "addresses": addresses,
+            "site": plan.site,
+            "small_size": plan.hol_small,
+            "idle_objects": plan.hol_idle_objects,
+            "big_size": plan.hol_big,
+        },
+        timeout=plan.timeout,
+        pin=plan.pin,
+    )
+    if sent["failures"]:
+        raise BenchError("; ".join(sent["failures"]))
+    small, bulk = sent["small_objects"], received["bulk"]
+    if received["objects"] != small or received["streams_ok"] != 1:
+        raise BenchError(
+            f"receiver got {received['objects']}/{small} small objects, "
+            f"{received['streams_ok']}/1 streams OK, failed: {received['streams_failed']}"
+        )
+    if bulk["objects"] != 1 or bulk["bytes"] != plan.hol_big or bulk["streams_ok"] != 1:
+        raise BenchError(f"receiver got the large object wrong: {bulk}")
+    if sent["idle_count"] < plan.hol_idle_objects or sent["loaded_count"] < 1:
+        raise BenchError(
+            f"{sent['idle_count']} idle and {sent['loaded_count']} loaded latencies recorded"
+        )
+    return {
+        "idle_p50": sent["idle_p50"] * 1e6,
+        "idle_p99": sent["idle_p99"] * 1e6,
+        "loaded_p50": sent["loaded_p50"] * 1e6,
+        "loaded_p99": sent["loaded_p99"] * 1e6,
+        "p50_slowdown": sent["loaded_p50"] / sent["idle_p50"],
+        "loaded_count": float(sent["loaded_count"]),
+        "during_big": float(sent["during_big"]),
+        "big_mb_per_s": sent["big_mb_per_s"],
+        "big_elapsed": sent["big_elapsed"],
+    }
+
+
 @dataclass
 class _CaseSpec:
-    result: CaseResult
+    """One measurement and the table row(s) it feeds: each row takes, from
+    every repetition's values, those named by its own metrics."""
+
+    results: list[CaseResult]
     run: Callable[[], Values]
     repetitions: int
+
+
+def _result(
+    scenario: str,
+    case: str,
+    params: dict[str, Any],
+    units: dict[str, str],
+    headline: str,
+    *,
+    ceiling: str | None = None,
+    inverse: bool = False,
+    target: Target | None = None,
+    notes: Sequence[str] = (),
+) -> CaseResult:
+    return CaseResult(
+        scenario=scenario,
+        case=case,
+        params=params,
+        metrics={key: Series(unit) for key, unit in units.items()},
+        headline=headline,
+        ceiling=ceiling,
+        inverse=inverse,
+        target=target,
+        notes=list(notes),
+    )
 
 
 def _case(
@@ -273,18 +357,18 @@ def _case(
     target: Target | None = None,
     notes: Sequence[str] = (),
 ) -> _CaseSpec:
-    result = CaseResult(
-        scenario=scenario,
-        case=case,
-        params=params,
-        metrics={key: Series(unit) for key, unit in units.items()},
-        headline=headline,
+    result = _result(
+        scenario,
+        case,
+        params,
+        units,
+        headline,
         ceiling=ceiling,
         inverse=inverse,
         target=target,
-        notes=list(notes),
+        notes=notes,
     )
-    return _CaseSpec(result, run, repetitions)
+    return _CaseSpec([result], run, repetitions)
 
 
 _RATE_UNITS: Final = {"mb_per_s": "MB/s", "objects_per_s": "obj/s"}
@@ -379,11 +463,20 @@ def _case_specs(plan: Plan, scenarios: Sequence[str]) -> list[_CaseSpec]:
                 "memory",
                 f"1 x {format_size(plan.memory_single)}",
                 {"object_size": plan.memory_single, "objects": 1},
-                _MEMORY_UNITS,
-                "receiver_rss_increase",
+                {**_MEMORY_UNITS, "sender_rss_multiple": "x", "receiver_rss_multiple": "x"},
+                "receiver_rss_multiple",
                 functools.partial(_memory, plan, plan.memory_single, 1),
                 plan.memory_repeat,
-                notes=[f"one object of {format_size(plan.memory_single)}{scaled}"],
+                target=Target(
+                    "at_most",
+                    SINGLE_OBJECT_RSS_LIMIT,
+                    f"<={SINGLE_OBJECT_RSS_LIMIT:g}x size",
+                    ("sender_rss_multiple", "receiver_rss_multiple"),
+                ),
+                notes=[
+                    f"one object of {format_size(plan.memory_single)}{scaled}; "
+                    "x size = peak RSS increase / object size, each side"
+                ],
             )
         )
     if "latency" in scenarios:
@@ -399,6 +492,64 @@ def _case_specs(plan: Plan, scenarios: Sequence[str]) -> list[_CaseSpec]:
                 ceiling="pingpong_rtt",
                 inverse=True,
                 notes=["produce returning -> process_replies called; ratio = ping-pong RTT / p50"],
+            )
+        )
+    if "hol" in scenarios:
+        small_name, big_name = format_size(plan.hol_small), format_size(plan.hol_big)
+        params = {
+            "small_size": plan.hol_small,
+            "idle_objects": plan.hol_idle_objects,
+            "big_size": plan.hol_big,
+        }
+        reported = Target("report", 0, "reported")
+        scaled = " (scaled down from 256 MiB by --quick)" if plan.quick else ""
+        notes = [
+            f"one connection; {plan.hol_idle_objects:,} x {small_name} alone (idle), then "
+            f"{small_name} objects beside one {big_name} object on a second stream{scaled}; "
+            "loaded = in flight during its transfer; latency = produce returning -> "
+            "process_replies; x idle p50 = median over repetitions of loaded p50 / idle p50"
+        ]
+        specs.append(
+            _CaseSpec(
+                [
+                    _result(
+                        "hol",
+                        f"{small_name} idle",
+                        params,
+                        {"idle_p50": "us", "idle_p99": "us"},
+                        "idle_p50",
+                        target=reported,
+                        notes=notes,
+                    ),
+                    _result(
+                        "hol",
+                        f"{small_name} + {big_name}",
+                        params,
+                        {
+                            "loaded_p50": "us",
+                            "loaded_p99": "us",
+                            "p50_slowdown": "x",
+                            "loaded_count": "obj",
+                        },
+                        "loaded_p50",
+                        target=reported,
+                    ),
+                    _result(
+                        "hol",
+                        f"{big_name} beside",
+                        params,
+                        {"during_big": "obj", "big_mb_per_s": "MB/s", "big_elapsed": "s"},
+                        "during_big",
+                        target=Target(
+                            "at_least",
+                            HOL_MIN_DURING,
+                            f">={HOL_MIN_DURING} small done",
+                            ("during_big",),
+                        ),
+                    ),
+                ],
+                functools.partial(_hol, plan),
+                reps,
             )
         )
     return specs
@@ -423,7 +574,7 @@ def run_plan(
     for spec in ceiling_specs:
         for ceiling in spec.feeds.values():
             report.ceilings[ceiling.key] = ceiling
-    report.cases = [spec.result for spec in case_specs]
+    report.cases = [result for spec in case_specs for result in spec.results]
     for rep in range(plan.repeat):
         tag = f"[{rep + 1}/{plan.repeat}]"
         for cspec in ceiling_specs:
@@ -446,24 +597,25 @@ def run_plan(
             elapsed = time.monotonic() - started
             progress(f"{tag} ceiling {ceilings[0].label}: {', '.join(shown)} ({elapsed:.1f} s)")
         for case_spec in case_specs:
-            result = case_spec.result
-            if result.error is not None or rep >= case_spec.repetitions:
+            first = case_spec.results[0]
+            if first.error is not None or rep >= case_spec.repetitions:
                 continue
             started = time.monotonic()
             try:
                 values = case_spec.run()
             except Exception as exc:
-                logger.debug("%s %s failed", result.scenario, result.case, exc_info=True)
-                result.error = _describe(exc)
-                progress(f"{tag} {result.scenario} {result.case}: FAILED: {result.error}")
+                logger.debug("%s %s failed", first.scenario, first.case, exc_info=True)
+                for result in case_spec.results:
+                    result.error = _describe(exc)
+                progress(f"{tag} {first.scenario} {first.case}: FAILED: {first.error}")
                 continue
-            for key, value in values.items():
-                result.metrics[key].values.append(value)
-            result.repetitions += 1
-            headline = result.metrics[result.headline]
             elapsed = time.monotonic() - started
-            progress(
-                f"{tag} {result.scenario} {result.case}: "
-                f"{values[result.headline]:,.1f} {headline.unit} ({elapsed:.1f} s)"
-            )
+            shown = []
+            for result in case_spec.results:
+                for key, series in result.metrics.items():
+                    series.values.append(values[key])
+                result.repetitions += 1
+                unit = result.metrics[result.headline].unit
+                shown.append(f"{result.case}: {values[result.headline]:,.1f} {unit}")
+            progress(f"{tag} {first.scenario} {'; '.join(shown)} ({elapsed:.1f} s)")
     report.judge()

@@ -28,6 +28,12 @@ Roles:
     ``sync_callbacks="inline"``. The sender streams a few small warm-up
     objects first, then times from the first ``produce`` of the measured
     streams until every ``stream_objects`` call has returned.
+``fs-recv`` / ``fs-hol``
+    Head-of-line blocking on one connection: a stream of small objects runs
+    alone for ``idle_objects`` objects, then carries on while a second stream
+    on the same connection sends one ``big_size`` object, and stops once that
+    object's reply is in. Each small object's latency is the time from
+    ``produce`` returning to ``process_replies`` being called.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from .. import (
     StreamContextKey,
     open_site,
 )
-from ._common import KIB, MIB, BenchError, current_rss, peak_rss, percentile
+from ._common import KIB, MB, MIB, BenchError, current_rss, peak_rss, percentile
 
 __all__ = ["ROLES", "main"]
 
@@ -65,6 +71,8 @@ logger = logging.getLogger(__name__)
 CHANNEL: Final = "bench"
 WARMUP_TOPIC: Final = "warmup"
 MEASURE_TOPIC: Final = "measure"
+#: Topic of the large object that shares the connection in ``fs-hol``.
+BULK_TOPIC: Final = "bulk"
 #: Bytes per ``send_all`` in the raw ceiling.
 RAW_CHUNK: Final = MIB
 #: ``receive_some`` size in the raw ceiling (the engine's reader uses 256 KiB).
@@ -226,6 +234,29 @@ class _RecvStats:
         self.streams_failed: dict[str, int] = {}
         self.baseline = current_rss()
 
+    async def stream_done(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> None:
+        rc = str(stream_ctx.get(StreamContextKey.RC))
+        if rc == ReturnCode.OK:
+            self.streams_ok += 1
+        else:
+            self.streams_failed[rc] = self.streams_failed.get(rc, 0) + 1
+
+    def to_json(self) -> Result:
+        return {
+            "objects": self.objects,
+            "bytes": self.bytes,
+            "streams_ok": self.streams_ok,
+            "streams_failed": self.streams_failed,
+        }
+
+
+def _nbytes(data: Any) -> int:
+    """Size of a payload the engine delivered (``bytes`` or another buffer), else 0."""
+    try:
+        return memoryview(data).nbytes
+    except TypeError:
+        return 0
+
 
 class _Consumer(ObjectConsumer):
     def __init__(self, stats: _RecvStats | None) -> None:
@@ -235,9 +266,8 @@ class _Consumer(ObjectConsumer):
         self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
     ) -> tuple[bool, Shareable | None]:
         if self._stats is not None:
-            data = shareable.get("data")
             self._stats.objects += 1
-            self._stats.bytes += len(data) if isinstance(data, (bytes, bytearray)) else 0
+            self._stats.bytes += _nbytes(shareable.get("data"))
         return True, None
 
 
@@ -259,9 +289,12 @@ class _Producer(ObjectProducer):
         self._count = count
         self._timeout = timeout
         self._latencies = latencies
-        self._produced_at = 0.0
         #: ``perf_counter()`` when the first ``produce`` was entered.
         self.first: float | None = None
+        #: ``perf_counter()`` just before the last ``produce`` returned an object.
+        self.produced_at = 0.0
+        #: ``perf_counter()`` when ``process_replies`` was last entered.
+        self.replied_at = 0.0
         self.sent = 0
         self.acknowledged = 0
         self.error: str | None = None
@@ -275,14 +308,15 @@ class _Producer(ObjectProducer):
             return None, self._timeout
         self.sent += 1
         shareable = Shareable(data=self._payload)
-        self._produced_at = time.perf_counter()
+        self.produced_at = time.perf_counter()
         return shareable, self._timeout
 
     async def process_replies(
         self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext
     ) -> Any:
+        self.replied_at = time.perf_counter()
         if self._latencies is not None:
-            self._latencies.append(time.perf_counter() - self._produced_at)
+            self._latencies.append(self.replied_at - self.produced_at)
         for name, reply in replies.items():
             rc = reply.get_return_code()
             if rc != ReturnCode.OK:
@@ -299,17 +333,12 @@ def _site_options(config: Config) -> dict[str, Any]:
 
 
 async def fs_recv(config: Config) -> Result:
+    """Count the measured objects (and, separately, ``fs-hol``'s large one)."""
     stats = _RecvStats()
+    bulk = _RecvStats()
 
     async def warmup_done(stream_ctx: dict[str, Any], fl_ctx: FLContext) -> None:
         stats.baseline = current_rss()
-
-    async def measure_done(stream_ctx: dict[str, Any], fl_ctx: FLContext) -> None:
-        rc = str(stream_ctx.get(StreamContextKey.RC))
-        if rc == ReturnCode.OK:
-            stats.streams_ok += 1
-        else:
-            stats.streams_failed[rc] = stats.streams_failed.get(rc, 0) + 1
 
     async with open_site(
         str(config["name"]), listen="tcp://127.0.0.1:0", **_site_options(config)
@@ -318,17 +347,14 @@ async def fs_recv(config: Config) -> Result:
             CHANNEL, WARMUP_TOPIC, _Factory(None), stream_done_cb=warmup_done
         )
         site.register_stream_processing(
-            CHANNEL, MEASURE_TOPIC, _Factory(stats), stream_done_cb=measure_done
+            CHANNEL, MEASURE_TOPIC, _Factory(stats), stream_done_cb=stats.stream_done
+        )
+        site.register_stream_processing(
+            CHANNEL, BULK_TOPIC, _Factory(bulk), stream_done_cb=bulk.stream_done
         )
         _emit({"event": "ready", "address": site.address})
         await _stdin_eof()
-    return {
-        "objects": stats.objects,
-        "bytes": stats.bytes,
-        "streams_ok": stats.streams_ok,
-        "streams_failed": stats.streams_failed,
-        **_rss_fields("", stats.baseline),
-    }
+    return {**stats.to_json(), "bulk": bulk.to_json(), **_rss_fields("", stats.baseline)}
 
 
 async def fs_send(config: Config) -> Result:
@@ -387,6 +413,129 @@ async def fs_send(config: Config) -> Result:
     return result
 
 
+class _SmallProducer(ObjectProducer):
+    """Small objects back to back until :meth:`stop`; records every object's
+    (``produce`` returned, ``process_replies`` called) times."""
+
+    def __init__(self, payload: bytes, timeout: float, idle_objects: int) -> None:
+        self._payload = payload
+        self._timeout = timeout
+        self._idle_objects = idle_objects
+        self._stopped = False
+        self._produced_at = 0.0
+        self.times: list[tuple[float, float]] = []
+        #: Set once the first ``idle_objects`` objects were acknowledged.
+        self.idle_done = trio.Event()
+        self.error: str | None = None
+
+    def stop(self) -> None:
+        """End the stream before the next object."""
+        self._stopped = True
+
+    async def produce(
+        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[Shareable | None, float]:
+        if self._stopped:
+            return None, self._timeout
+        shareable = Shareable(data=self._payload)
+        self._produced_at = time.perf_counter()
+        return shareable, self._timeout
+
+    async def process_replies(
+        self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> Any:
+        self.times.append((self._produced_at, time.perf_counter()))
+        for name, reply in replies.items():
+            rc = reply.get_return_code()
+            if rc != ReturnCode.OK:
+                self.error = f"{name} replied {rc}: {reply.get_header(ReservedHeaderKey.ERROR)}"
+                return False
+        if len(self.times) >= self._idle_objects:
+            self.idle_done.set()
+        return None
+
+
+def _latency_fields(prefix: str, latencies: Sequence[float]) -> Result:
+    return {
+        f"{prefix}p50": percentile(latencies, 50),
+        f"{prefix}p99": percentile(latencies, 99),
+        f"{prefix}count": len(latencies),
+    }
+
+
+async def fs_hol(config: Config) -> Result:
+    """Small-object latency on one connection, idle and beside one large object.
+
+    The large object's transfer runs from its ``produce`` returning (``t0``)
+    to its ``process_replies`` (``t1``). A small object counts as *loaded* if
+    its flight overlaps that interval (reply after ``t0``, produced before
+    ``t1``); it *completed during* the transfer if its reply came in it.
+    """
+    small_size = int(config["small_size"])
+    idle_objects = int(config["idle_objects"])
+    big_size = int(config["big_size"])
+    timeout = float(config.get("object_timeout") or config["timeout"])
+    small = _SmallProducer(b"\xa5" * small_size, timeout, idle_objects)
+    big = _Producer(b"\x5a" * big_size, 1, timeout, None)
+    outcomes: dict[str, tuple[str, Any]] = {}
+
+    async with open_site("sender", **_site_options(config)) as site:
+        (address,) = config["addresses"]
+        targets = [await site.connect(address)]
+        warm = _Producer(b"\xa5" * min(small_size, WARMUP_OBJECT_MAX), 4, timeout, None)
+        rc, _ = await site.stream_objects(CHANNEL, WARMUP_TOPIC, {}, targets, warm, None)
+        if rc != ReturnCode.OK or warm.error:
+            raise BenchError(f"warm-up stream failed: {rc} {warm.error or ''}")
+        baseline = current_rss()
+
+        async def run_small() -> None:
+            try:
+                outcomes["small"] = await site.stream_objects(
+                    CHANNEL, MEASURE_TOPIC, {}, targets, small, None
+                )
+            finally:
+                small.idle_done.set()  # a stream that ended early must not leave us waiting
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_small)
+            await small.idle_done.wait()
+            try:
+                if "small" not in outcomes:
+                    outcomes["big"] = await site.stream_objects(
+                        CHANNEL, BULK_TOPIC, {}, targets, big, None
+                    )
+            finally:
+                small.stop()
+        if len(connections := site.stats()) != 1:
+            raise BenchError(f"expected one connection, the sender has {len(connections)}")
+
+    t0, t1 = big.produced_at, big.replied_at
+    idle = [replied - produced for produced, replied in small.times[:idle_objects]]
+    loaded = [
+        replied - produced for produced, replied in small.times if replied >= t0 and produced <= t1
+    ]
+    failures = [
+        f"{name} stream: rc={rc} result={res!r}"
+        for name, (rc, res) in outcomes.items()
+        if rc != ReturnCode.OK or res
+    ]
+    failures += [p.error for p in (small, big) if p.error]
+    if big.acknowledged != 1 or t1 <= t0:
+        failures.append(f"the {big_size}-byte object was not acknowledged")
+    return {
+        "small_objects": len(small.times),
+        "small_size": small_size,
+        "big_size": big_size,
+        "big_elapsed": t1 - t0,
+        "big_mb_per_s": big_size / (t1 - t0) / MB if t1 > t0 else 0.0,
+        "during_big": sum(1 for _, replied in small.times if t0 <= replied <= t1),
+        **_latency_fields("idle_", idle),
+        **_latency_fields("loaded_", loaded),
+        "failures": failures[:5],
+        **_rss_fields("", baseline),
+    }
+
+
 # ---------------------------------------------------------------------- main
 
 ROLES: Final[dict[str, Callable[[Config], Awaitable[Result]]]] = {
@@ -396,6 +545,7 @@ ROLES: Final[dict[str, Callable[[Config], Awaitable[Result]]]] = {
     "ping-client": ping_client,
     "fs-recv": fs_recv,
     "fs-send": fs_send,
+    "fs-hol": fs_hol,
 }
 
 

@@ -51,7 +51,9 @@ class CallbackRunner:
         # behind a bound method: the check is on the per-object hot path.
         self._async: dict[Any, bool] = {}
 
-    async def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def __call__(
+        self, fn: Callable[..., Any], *args: Any, abandon_on_cancel: bool = False, **kwargs: Any
+    ) -> Any:
         key = getattr(fn, "__func__", fn)
         is_async = self._async.get(key)
         if is_async is None:
@@ -64,7 +66,9 @@ class CallbackRunner:
             result = fn(*args, **kwargs)
         else:
             result = await trio.to_thread.run_sync(
-                functools.partial(fn, *args, **kwargs), limiter=self._limiter
+                functools.partial(fn, *args, **kwargs),
+                limiter=self._limiter,
+                abandon_on_cancel=abandon_on_cancel,
             )
         if inspect.isawaitable(result):
             result = await result

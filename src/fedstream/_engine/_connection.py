@@ -294,7 +294,7 @@ class Connection:
         window = self.peer_limits.get("window", 0)
         if window:
             limit = min(limit, window // 2)
-        return max(1024, limit)
+        return max(1, limit)
 
     def stats(self) -> ConnectionStats:
         """A snapshot of this connection and its streams."""
@@ -467,6 +467,9 @@ class Connection:
         # On a plain TCP stream, receive straight into the protocol's buffers
         # (and, for large object chunks, into the object's own buffer).
         sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        # Frames that came in with the peer's HELLO are already buffered.
+        if not self._drain_events():
+            return
         while True:
             if sock is not None:
                 with protocol.get_buffer() as buf:
@@ -484,16 +487,22 @@ class Connection:
                 protocol.receive_data(data)
             self._last_receive = trio.current_time()
             self.bytes_received += count
-            while True:
-                event = protocol.next_event()
-                if event is NEED_DATA:
-                    break
-                if event is CLOSED:
-                    self.lose("peer closed the connection")
-                    return
-                self._dispatch(event)
-                if self._outbox.closed:
-                    return
+            if not self._drain_events():
+                return
+
+    def _drain_events(self) -> bool:
+        """Dispatch every complete frame; False once the connection is done."""
+        protocol = self.protocol
+        while True:
+            event = protocol.next_event()
+            if event is NEED_DATA:
+                return True
+            if event is CLOSED:
+                self.lose("peer closed the connection")
+                return False
+            self._dispatch(event)
+            if self._outbox.closed:
+                return False
 
     def _body_target(self, frame: Frame, nbytes: int) -> memoryview | None:
         """Where a large CHUNK body for an object being received should land."""
@@ -544,7 +553,7 @@ class Connection:
                 # An ABORT may arrive before the stream's first object (frames
                 # of different priority can pass each other): remember it, so
                 # that object opens no session.
-                self._early_aborts[sid] = frame.rc
+                self._early_aborts[sid] = frame.rc[:64]
                 if len(self._early_aborts) > _MAX_EARLY_ABORTS:
                     del self._early_aborts[next(iter(self._early_aborts))]
                 return
@@ -580,6 +589,7 @@ class Connection:
         from .._shareable import ReservedHeaderKey, make_reply
         from .._wire import encode_object
 
+        message = message[:500]  # it may quote what the peer sent
         logger.warning("rejecting object %d of stream %d from %s: %s", seq, sid, self.peer, message)
         encoded = encode_object(make_reply(rc, {ReservedHeaderKey.ERROR: message})).to_bytes()
         self.send_control(Reply(sid, seq, len(encoded), True, encoded))
@@ -624,6 +634,14 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.lose(f"connection broke: {exc!r}")
             self._cancel()  # nothing more can be written, even when draining
+        except Exception as exc:
+            # A bug of ours, or a resource limit (MemoryError) a peer ran us
+            # into: lose this connection, never the site.
+            logger.exception("internal error on the connection to %s", self.peer)
+            self.lose(
+                f"internal error: {exc!r}",
+                goaway=GoAway(ErrorCode.INTERNAL_ERROR, "internal error"),
+            )
 
     async def aclose(self, code: int = ErrorCode.NO_ERROR, message: str = "") -> None:
         """Say GOAWAY, flush what is queued (bounded), and close."""

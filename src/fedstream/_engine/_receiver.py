@@ -25,7 +25,12 @@ import trio
 
 from .._api import ConsumerFactory, ObjectConsumer, StreamContextKey
 from .._context import FLContext
-from .._errors import LocalProtocolError, ObjectTooLargeError, RemoteProtocolError
+from .._errors import (
+    ConnectionLostError,
+    LocalProtocolError,
+    ObjectTooLargeError,
+    RemoteProtocolError,
+)
 from .._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
 from .._wire import (
     Abort,
@@ -291,12 +296,12 @@ class ReceiverSession:
         try:
             with self.scope:
                 try:
-                    consumer = await self.runner(factory.get_consumer, self.stream_ctx, self.fl_ctx)
-                    if not isinstance(consumer, ObjectConsumer):
+                    made = await self.runner(factory.get_consumer, self.stream_ctx, self.fl_ctx)
+                    if not isinstance(made, ObjectConsumer):
                         raise TypeError(
-                            f"get_consumer returned {type(consumer).__name__}, "
-                            "not an ObjectConsumer"
+                            f"get_consumer returned {type(made).__name__}, not an ObjectConsumer"
                         )
+                    consumer = made
                     await self._consume_all(consumer)
                 except Exception as exc:
                     if self.rc is not None:
@@ -402,48 +407,53 @@ class ReceiverSession:
         """Run the end-of-session steps exactly once, shielded and bounded."""
         rc = self.rc or ReturnCode.EXECUTION_EXCEPTION
         self.rc = rc
+        self._assembler = None  # release what the session held
+        self._inbox.clear()
         self.stream_ctx[StreamContextKey.RC] = rc
         reg = self.registration
         timeout = self.conn.options.finalize_timeout
         result: Any = None
-        with trio.CancelScope(shield=True):
-            # The ABCs' default finalize/return_consumer do nothing: skip the
-            # call (and, for plain callbacks, a worker-thread round trip).
-            if consumer is not None and type(consumer).finalize is not ObjectConsumer.finalize:
-                await self._step(
-                    "finalize", timeout, consumer.finalize, self.stream_ctx, self.fl_ctx
-                )
-            if reg.stream_done_cb is not None:
-                result = await self._step(
-                    "stream_done_cb",
-                    timeout,
-                    reg.stream_done_cb,
-                    self.stream_ctx,
-                    self.fl_ctx,
-                    **reg.cb_kwargs,
-                )
-            if (
-                consumer is not None
-                and type(reg.factory).return_consumer is not ConsumerFactory.return_consumer
-            ):
-                await self._step(
-                    "return_consumer",
-                    timeout,
-                    reg.factory.return_consumer,
-                    consumer,
-                    self.stream_ctx,
-                    self.fl_ctx,
-                )
-        self.send_done(rc, result)
-        self.finished.set()
-        self._on_finished(self)
+        try:
+            with trio.CancelScope(shield=True):
+                # The ABCs' default finalize/return_consumer do nothing: skip
+                # the call (and, for plain callbacks, a worker-thread hop).
+                if consumer is not None and _overridden(consumer.finalize, ObjectConsumer.finalize):
+                    await self._step(
+                        "finalize", timeout, consumer.finalize, self.stream_ctx, self.fl_ctx
+                    )
+                if reg.stream_done_cb is not None:
+                    result = await self._step(
+                        "stream_done_cb",
+                        timeout,
+                        reg.stream_done_cb,
+                        self.stream_ctx,
+                        self.fl_ctx,
+                        **reg.cb_kwargs,
+                    )
+                if consumer is not None and _overridden(
+                    reg.factory.return_consumer, ConsumerFactory.return_consumer
+                ):
+                    await self._step(
+                        "return_consumer",
+                        timeout,
+                        reg.factory.return_consumer,
+                        consumer,
+                        self.stream_ctx,
+                        self.fl_ctx,
+                    )
+                await self._send_done(rc, result)
+        finally:
+            self.finished.set()
+            self._on_finished(self)
 
     async def _step(
         self, what: str, limit: float, fn: Callable[..., Any], *args: Any, **kwargs: Any
     ) -> Any:
         with trio.move_on_after(limit) as scope:
             try:
-                return await self.runner(fn, *args, **kwargs)
+                # Nothing can overlap this step any more, so a plain callback
+                # that overstays may be left running in its thread.
+                return await self.runner(fn, *args, abandon_on_cancel=True, **kwargs)
             except Exception:
                 logger.exception("%s failed for stream %d from %s", what, self.sid, self.conn.peer)
                 return None
@@ -451,14 +461,27 @@ class ReceiverSession:
             logger.error("%s did not finish within %s s for stream %d", what, limit, self.sid)
         return None
 
-    def send_done(self, rc: str, result: Any) -> None:
+    async def _send_done(self, rc: str, result: Any) -> None:
+        """DONE goes in order behind this stream's replies (bounded)."""
         if self.conn.closed.is_set():
             return
         try:
-            self.conn.send_control(Done(self.sid, rc, result if result else None))
-        except LocalProtocolError:
-            logger.warning("stream_done_cb result %r cannot be sent; sending none", result)
-            self.conn.send_control(Done(self.sid, rc, None))
+            value = result if result else None
+        except Exception:  # an object with no truth value (an array, a frame)
+            value = result
+        with trio.move_on_after(self.conn.options.finalize_timeout):
+            try:
+                try:
+                    await self.conn.send_data(Done(self.sid, rc, value))
+                except LocalProtocolError:
+                    logger.warning("stream_done_cb result %r cannot be sent; sending none", result)
+                    await self.conn.send_data(Done(self.sid, rc, None))
+            except ConnectionLostError:
+                pass
+
+
+def _overridden(bound: Callable[..., Any], default: Callable[..., Any]) -> bool:
+    return getattr(bound, "__func__", None) is not default
 
 
 def _check_consume_result(result: Any) -> tuple[bool, Shareable | None]:

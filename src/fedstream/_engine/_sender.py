@@ -359,6 +359,12 @@ class StreamSession:
                 rc, result, normal_end = self._stop_rc, None, False
             elif signal.triggered and normal_end:
                 rc, result, normal_end = ReturnCode.TASK_ABORTED, result, False
+        except BaseException:
+            # Cancelled by the caller's own scope (or interrupted): the
+            # receivers must not mistake that for a completed stream.
+            rc, normal_end = ReturnCode.TASK_ABORTED, False
+            self._stop_reason = self._stop_reason or "cancelled by the sender"
+            raise
         finally:
             unregister()
             with trio.CancelScope(shield=True):

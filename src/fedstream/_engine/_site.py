@@ -186,9 +186,10 @@ class Site:
         self._check_open()
         transport = get_transport(url)
         try:
-            stream = await transport.connect(url)
-        except OSError as exc:
-            raise ConnectionLostError(f"cannot connect to {url}: {exc}") from exc
+            with trio.fail_after(self.options.handshake_timeout):
+                stream = await transport.connect(url)
+        except (OSError, trio.TooSlowError) as exc:
+            raise ConnectionLostError(f"cannot connect to {url}: {exc!r}") from exc
         protocol = FrameProtocol(max_frame_size=self.options.max_frame_size)
         try:
             hello = await dial_handshake(
