@@ -23,6 +23,7 @@ connection cancels exactly them (their ``finalize`` still runs, shielded).
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import logging
 import math
@@ -266,6 +267,8 @@ class Connection:
         self.bytes_received = 0
         #: When bytes were last written to the stream.
         self.last_write = trio.current_time()
+        self._written_waiters: list[tuple[int, int, trio.Event]] = []
+        self._waiter_ids = itertools.count()
         self.connected_at = trio.current_time()
         #: Called from the reader for a DATA frame with seq 0 on an unknown sid.
         self.on_open: Callable[[Connection, Data], ReceiveHandler | None] = lambda c, f: None
@@ -348,6 +351,7 @@ class Connection:
         self.bytes_sent += written
         if written:
             self.last_write = trio.current_time()
+            self._wake_written()
         total = len(head) + (len(body) if body is not None else 0)
         if written < total:
             rest: list[memoryview] = []
@@ -457,6 +461,21 @@ class Connection:
     def _wrote(self, nbytes: int) -> None:
         self.bytes_sent += nbytes
         self.last_write = trio.current_time()
+        self._wake_written()
+
+    def written_event(self, mark: int) -> trio.Event:
+        """An event set once ``bytes_sent`` reaches ``mark`` (or the connection is lost)."""
+        event = trio.Event()
+        if self.bytes_sent >= mark or self.closed.is_set():
+            event.set()
+        else:
+            heapq.heappush(self._written_waiters, (mark, next(self._waiter_ids), event))
+        return event
+
+    def _wake_written(self) -> None:
+        waiters = self._written_waiters
+        while waiters and (waiters[0][0] <= self.bytes_sent or self.closed.is_set()):
+            heapq.heappop(waiters)[2].set()
 
     # ---------------------------------------------------------------- receiving
 
@@ -674,6 +693,7 @@ class Connection:
             handler.on_connection_lost()
         for link in list(self.senders.values()):
             link.on_connection_lost()
+        self._wake_written()
         if goaway is None:
             self._cancel()
         elif self._cancel_scope is not None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import mmap
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -127,11 +129,13 @@ class ReceiverSession:
         self._assembler: ObjectAssembler | None = None
         self._assembling_seq = -1
         self._discard_left = 0
-        self._inbox: collections.deque[tuple[int, bytes | bytearray | memoryview]] = (
+        self._inbox: collections.deque[tuple[int, bytes | bytearray | memoryview | mmap.mmap]] = (
             collections.deque()
         )
         self._inbox_event = trio.Event()
         self._end_received = False
+        #: The last object's buffer, when nothing references it any more.
+        self._spare: bytearray | None = None
         self._ungranted = 0
         self._grant_threshold = max(1, conn.options.window // 2)
         #: True while consume or consumed_cb runs.
@@ -181,8 +185,9 @@ class ReceiverSession:
             return
         try:
             self._assembler = ObjectAssembler(
-                frame.size, max_size=self.conn.options.max_object_size
+                frame.size, max_size=self.conn.options.max_object_size, buffer=self._spare
             )
+            self._spare = None
         except ObjectTooLargeError as exc:
             self.conn.reject(self.sid, frame.seq, ReturnCode.BAD_REQUEST_DATA, str(exc))
             self._discard_left = frame.size - len(frame.body)
@@ -227,7 +232,7 @@ class ReceiverSession:
             self.conn.send_control(Credit(self.sid, self._ungranted))
             self._ungranted = 0
 
-    def _deliver(self, raw: bytes | bytearray | memoryview) -> None:
+    def _deliver(self, raw: bytes | bytearray | memoryview | mmap.mmap) -> None:
         """Hand a complete object to the session task."""
         if len(self._inbox) >= _INBOX_LIMIT:
             self.conn.reject(
@@ -343,6 +348,10 @@ class ReceiverSession:
                 await self._reply_error(seq, ReturnCode.BAD_REQUEST_DATA, str(exc))
                 self.rc = ReturnCode.BAD_REQUEST_DATA
                 return
+            # Keep the buffer for the next object unless the decoded values
+            # still use it (NumPy arrays are views of it; bytes are copies).
+            if type(raw) is bytearray and _unshared(raw):
+                self._spare = raw
             del raw
             self._busy = True
             try:
@@ -478,6 +487,13 @@ class ReceiverSession:
                     await self.conn.send_data(Done(self.sid, rc, None))
             except ConnectionLostError:
                 pass
+
+
+def _unshared(buffer: bytearray) -> bool:
+    """True when nothing but the caller's own variable refers to ``buffer``."""
+    getrefcount = getattr(sys, "getrefcount", None)
+    # 3: the caller's variable, this function's argument and getrefcount's own.
+    return getrefcount is not None and getrefcount(buffer) <= 3
 
 
 def _overridden(bound: Callable[..., Any], default: Callable[..., Any]) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import mmap
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -146,7 +147,7 @@ class TargetLink:
         self._assembler = None
         self._decode_reply(assembler.take())
 
-    def _decode_reply(self, raw: bytes | bytearray | memoryview) -> None:
+    def _decode_reply(self, raw: bytes | bytearray | memoryview | mmap.mmap) -> None:
         try:
             reply = decode_object(raw)
         except RemoteProtocolError as exc:
@@ -209,6 +210,8 @@ class TargetLink:
         conn = self.conn
         offset = 0
         mark = conn.bytes_queued
+        written: trio.Event | None = None
+        armed = False  # whether the consumer's own deadline has started
         deadline = trio.current_time() + no_progress
         while True:
             with trio.move_on_at(deadline) as scope:
@@ -232,12 +235,26 @@ class TargetLink:
                     deadline = scope.deadline = trio.current_time() + no_progress
                     if offset == encoded.size:
                         self.objects_sent += 1
+                if written is None and not self._ended():
+                    written = conn.written_event(mark)
+                if written is not None and not armed:
+                    await written.wait()
+                    # The consumer's time starts when the object has left.
+                    armed = True
+                    deadline = scope.deadline = trio.current_time() + no_progress
                 await self._wait(self._answered)
             if not scope.cancelled_caught:
                 break
             # Our chunks may still be waiting behind others in the connection's
             # queue: as long as that queue moves, this object is making progress.
-            if conn.bytes_sent < mark and conn.last_write + no_progress > trio.current_time():
+            now = trio.current_time()
+            if written is not None and written.is_set() and not armed:
+                # The last bytes left just as the old deadline fell due.
+                armed = True
+                deadline = now + no_progress
+                continue
+            unwritten = written is None or not written.is_set()
+            if unwritten and conn.last_write + no_progress > now:
                 deadline = conn.last_write + no_progress
                 continue
             logger.warning(

@@ -38,6 +38,7 @@ import functools
 import importlib
 import io
 import math
+import mmap
 import re
 import struct
 import sys
@@ -321,7 +322,7 @@ _REJECTED_TAGS: Final = {
 }
 
 
-def decode_object(data: BytesLike) -> Shareable:
+def decode_object(data: BytesLike | mmap.mmap) -> Shareable:
     """Decode an object produced by :func:`encode_object`.
 
     Raises:
@@ -547,12 +548,20 @@ _ARRAY_DECODERS: Final[Mapping[int, Any]] = {
 _OBJECT_DECODERS: Final = {**_REJECTED_TAGS, **_ARRAY_DECODERS}
 
 
+#: Objects at least this large are reassembled in an anonymous memory map.
+MMAP_MIN: Final = 32 * 1024 * 1024
+
+
 class ObjectAssembler:
     """Reassembles one object (or reply) from its DATA/REPLY body and CHUNK bodies.
 
     The buffer for the whole object is allocated once, when the first frame
     announces its size, and only after that size was checked against
-    ``max_size``.
+    ``max_size``. A caller may pass a spare ``buffer`` of exactly that size
+    to reuse (nothing needs zeroing: every byte is written before the object
+    completes). Objects of :data:`MMAP_MIN` bytes and more get an anonymous
+    memory map, whose pages the kernel zeroes as they are first written,
+    instead of one long zero-filling pass.
 
     Raises:
         ObjectTooLargeError: ``size`` exceeds ``max_size`` (from the constructor).
@@ -561,12 +570,18 @@ class ObjectAssembler:
 
     __slots__ = ("_buf", "_view", "received", "size")
 
-    def __init__(self, size: int, *, max_size: int) -> None:
+    def __init__(self, size: int, *, max_size: int, buffer: bytearray | None = None) -> None:
         if size > max_size:
             raise ObjectTooLargeError(f"object of {size} bytes exceeds max_object_size {max_size}")
         self.size = size
         self.received = 0
-        self._buf = bytearray(size)
+        self._buf: bytearray | mmap.mmap
+        if buffer is not None and len(buffer) == size:
+            self._buf = buffer
+        elif size >= MMAP_MIN:
+            self._buf = mmap.mmap(-1, size)
+        else:
+            self._buf = bytearray(size)
         self._view = memoryview(self._buf)
 
     @property
@@ -595,7 +610,7 @@ class ObjectAssembler:
         self.received = end
         return end == self.size
 
-    def take(self) -> bytearray:
+    def take(self) -> bytearray | mmap.mmap:
         """Return the completed buffer."""
         if not self.complete:
             raise LocalProtocolError("object is not complete")
