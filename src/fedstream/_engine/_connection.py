@@ -117,9 +117,11 @@ class _Outbox:
         #: What is left of a frame that a direct write could not finish; it
         #: goes out before anything else.
         self.partial: list[memoryview] = []
+        #: The closing GOAWAY: written only after everything queued before it.
+        self.final: list[tuple[bytes, memoryview | None]] = []
 
     def __bool__(self) -> bool:
-        return bool(self.partial or self.control or self.data)
+        return bool(self.partial or self.control or self.data or self.final)
 
 
 def _code_name(code: int) -> str:
@@ -270,6 +272,8 @@ class Connection:
         self._written_waiters: list[tuple[int, int, trio.Event]] = []
         self._waiter_ids = itertools.count()
         self.connected_at = trio.current_time()
+        #: Called (once, synchronously) when the connection is lost.
+        self.on_lost: Callable[[Connection], None] = lambda c: None
         #: Called from the reader for a DATA frame with seq 0 on an unknown sid.
         self.on_open: Callable[[Connection, Data], ReceiveHandler | None] = lambda c, f: None
 
@@ -457,6 +461,10 @@ class Connection:
         if freed:
             outbox.data_bytes -= freed
             outbox.space.unpark()
+        if outbox.final and not (outbox.partial or outbox.control or outbox.data):
+            head, _ = outbox.final.pop()
+            await stream.send_all(head)
+            self._wrote(len(head))
 
     def _wrote(self, nbytes: int) -> None:
         self.bytes_sent += nbytes
@@ -630,18 +638,24 @@ class Connection:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the connection until it is lost or closed; always closes the stream."""
+        # Receiver sessions run in the outer nursery, the I/O tasks in the
+        # inner one: when the connection is lost the stream is closed at once,
+        # while sessions may still be finalizing.
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._cancel_scope = nursery.cancel_scope
-                nursery.start_soon(self._guard, self._writer)
-                nursery.start_soon(self._guard, self._reader)
-                nursery.start_soon(self._heartbeat)
-                task_status.started()
+            async with trio.open_nursery() as sessions:
+                self._nursery = sessions
+                try:
+                    async with trio.open_nursery() as io:
+                        self._cancel_scope = io.cancel_scope
+                        io.start_soon(self._guard, self._writer)
+                        io.start_soon(self._guard, self._reader)
+                        io.start_soon(self._heartbeat)
+                        task_status.started()
+                finally:
+                    self.lose("connection closed")
+                    with trio.CancelScope(shield=True), trio.move_on_after(1):
+                        await self.stream.aclose()
         finally:
-            self.lose("connection closed")
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await self.stream.aclose()
             self.finished.set()
 
     async def _guard(self, fn: Callable[[], Any]) -> None:
@@ -682,13 +696,14 @@ class Connection:
         outbox = self._outbox
         if goaway is not None:
             try:
-                outbox.control.append(self.protocol.send_parts(goaway))
+                outbox.final.append(self.protocol.send_parts(goaway))
             except LocalProtocolError:  # we already said GOAWAY
                 goaway = None
         outbox.closed = True
         outbox.space.unpark_all()
         outbox.wakeup.set()
         self.closed.set()
+        self.on_lost(self)
         for handler in list(self.receivers.values()):
             handler.on_connection_lost()
         for link in list(self.senders.values()):

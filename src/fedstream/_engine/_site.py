@@ -267,6 +267,7 @@ class Site:
             stream, protocol, hello, local=self.name, dialer=dialer, options=self.options, url=url
         )
         conn.on_open = self._open_receiver
+        conn.on_lost = self._forget
         self._reserved.discard(conn.peer)
         self._connections[conn.peer] = conn
         self._notify()
@@ -276,6 +277,12 @@ class Site:
         finally:
             if self._connections.get(conn.peer) is conn:
                 del self._connections[conn.peer]
+            self._notify()
+
+    def _forget(self, conn: Connection) -> None:
+        """A lost peer leaves ``peers`` at once, so it can connect again."""
+        if self._connections.get(conn.peer) is conn:
+            del self._connections[conn.peer]
             self._notify()
 
     def _open_receiver(self, conn: Connection, frame: Data) -> ReceiveHandler | None:

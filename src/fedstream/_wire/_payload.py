@@ -188,13 +188,19 @@ def encode_object(obj: Mapping[str, Any]) -> EncodedObject:
             encoder.encode_bytes(bytes(view))
 
     def encode_shareable(encoder: cbor2.CBOREncoder, value: Shareable) -> None:
+        _check_keys(value)
         encoder.encode(cbor2.CBORTag(TAG_SHAREABLE, dict(value)))
+
+    def encode_map(encoder: cbor2.CBOREncoder, value: dict[Any, Any]) -> None:
+        _check_keys(value)
+        encoder.encode_map(value)
 
     encoders: dict[type, Any] = {
         bytes: encode_bytes,
         bytearray: encode_bytes,
         memoryview: encode_bytes,
         Shareable: encode_shareable,
+        dict: encode_map,
     }
     default: Callable[[cbor2.CBOREncoder, Any], None] | None = None
     # No array can be in the object unless the caller has imported NumPy.
@@ -299,6 +305,7 @@ def _decoder(fp: io.BytesIO, tag_hook: Any) -> cbor2.CBORDecoder:
         max_depth=MAX_OBJECT_DEPTH,
         allow_indefinite=False,
         allow_duplicate_keys=False,
+        strict_hashable_types=True,
     )
 
 
@@ -320,6 +327,15 @@ _REJECTED_TAGS: Final = {
     **{tag: _reject for tag in (25, 28, 29, 35, 256)},
     **{tag: _reject_number for tag in (2, 3, 4, 5, 30)},
 }
+
+
+def _check_keys(mapping: Mapping[Any, Any]) -> None:
+    # Receivers refuse other key types (see decode_object); fail here instead.
+    for key in mapping:
+        if type(key) is not str and type(key) is not bytes:
+            raise LocalProtocolError(
+                f"map keys must be str or bytes, not {type(key).__name__} ({key!r:.40})"
+            )
 
 
 def decode_object(data: BytesLike | mmap.mmap) -> Shareable:
@@ -377,6 +393,9 @@ def decode_object(data: BytesLike | mmap.mmap) -> Shareable:
             max_depth=MAX_OBJECT_DEPTH,
             allow_indefinite=False,
             allow_duplicate_keys=False,
+            # Keys other than text and byte strings (tuples, big numbers) can be
+            # chosen to collide in Python's hash table and make decoding quadratic.
+            strict_hashable_types=True,
         ).decode()
     except Exception as exc:
         cause = _remote_cause(exc)
