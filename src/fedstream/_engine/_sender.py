@@ -215,14 +215,22 @@ class TargetLink:
         deadline = trio.current_time() + no_progress
         while True:
             with trio.move_on_at(deadline) as scope:
+                if ctx is not None and offset == 0 and not self.opened:
+                    # The context rides alone in the first DATA (its head may be
+                    # large); the object's bytes all follow in CHUNKs.
+                    await conn.send_data(
+                        Data(self.sid, seq, encoded.size, channel, topic, ctx, b"")
+                    )
+                    self.opened = True
+                    mark = conn.bytes_queued
                 for view in _views_from(encoded, offset, conn.max_body):
                     size = len(view)
                     await self._wait(functools.partial(self._can_send, size))
                     if self._ended():
                         break
-                    if offset == 0:
+                    if offset == 0 and not (ctx is not None and seq == 0):
                         frame: Data | Chunk = Data(
-                            self.sid, seq, encoded.size, channel, topic, ctx, view
+                            self.sid, seq, encoded.size, channel, topic, None, view
                         )
                     else:
                         frame = Chunk(self.sid, seq, offset, view)
@@ -332,6 +340,7 @@ class StreamSession:
         self.scope = trio.CancelScope()
         self._stop_rc: str | None = None
         self._stop_reason = ""
+        self._delivery_error: Exception | None = None
 
     def stop(self, rc: str, reason: str) -> None:
         """Cancel the stream from outside (abort signal, site shutdown)."""
@@ -395,6 +404,17 @@ class StreamSession:
         seq = 0
         wire_ctx = {k: v for k, v in self.stream_ctx.items() if k != StreamContextKey.END_STREAM}
         check_encodable(wire_ctx)
+        for link in self.links:
+            # The context travels in the first DATA head: it must meet this
+            # peer's frame limit and depth rules before anything is produced.
+            try:
+                link.conn.protocol.send_parts(
+                    Data(link.sid, 0, 0, self.channel, self.topic, wire_ctx)
+                )
+            except LocalProtocolError as exc:
+                raise LocalProtocolError(
+                    f"stream_ctx cannot be sent to {link.name}: {exc}"
+                ) from exc
         while True:
             if signal.triggered:
                 return ReturnCode.TASK_ABORTED, None, False
@@ -416,6 +436,8 @@ class StreamSession:
                 async with trio.open_nursery() as nursery:
                     for link in live:
                         nursery.start_soon(self._deliver, link, replies, seq, encoded, timeout, ctx)
+            if self._delivery_error is not None:
+                raise self._delivery_error
             for link in self.links:
                 if link.name not in replies:
                     replies[link.name] = make_reply(link.ended_rc or ReturnCode.ERROR)
@@ -448,6 +470,12 @@ class StreamSession:
         except ConnectionLostError:
             link.on_connection_lost()
             replies[link.name] = make_reply(ReturnCode.COMMUNICATION_ERROR)
+        except Exception as exc:
+            # Raised again after every delivery finished, as itself (not as
+            # an ExceptionGroup from the delivery nursery).
+            if self._delivery_error is None:
+                self._delivery_error = exc
+            replies[link.name] = make_reply(ReturnCode.EXECUTION_EXCEPTION)
 
     def _all_ended_rc(self) -> str:
         """Every target ended its session: OK if all did so cleanly, else the first failure."""

@@ -1,0 +1,184 @@
+"""Regressions for problems found in review: each test failed before its fix."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import fedstream
+from fedstream import (
+    ConsumerFactory,
+    FLContext,
+    ObjectConsumer,
+    ObjectProducer,
+    ReturnCode,
+    Shareable,
+    StreamContextKey,
+)
+
+_names = itertools.count()
+
+
+def _url() -> str:
+    return f"memory://review-{next(_names)}"
+
+
+class Recorder(ConsumerFactory):
+    def __init__(self, hold: trio.Event | None = None) -> None:
+        self.hold = hold
+        self.items: list[int] = []
+        self.rcs: list[str] = []
+
+    def get_consumer(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> ObjectConsumer:
+        return _Consumer(self)
+
+
+class _Consumer(ObjectConsumer):
+    def __init__(self, factory: Recorder) -> None:
+        self.factory = factory
+
+    async def consume(
+        self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[bool, Shareable | None]:
+        self.factory.items.append(shareable["i"])
+        if self.factory.hold is not None:
+            await self.factory.hold.wait()
+        return True, None
+
+    async def finalize(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> None:
+        self.factory.rcs.append(stream_ctx[StreamContextKey.RC])
+
+
+class Counter(ObjectProducer):
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.i = 0
+        self.produced = 0
+
+    async def produce(
+        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[Shareable | None, float]:
+        self.produced += 1
+        if self.i == self.n:
+            return None, 0
+        self.i += 1
+        return Shareable(i=self.i - 1), 30.0
+
+    async def process_replies(
+        self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> Any:
+        return None
+
+
+async def test_caller_cancelling_stream_objects_aborts_receivers(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    url = _url()
+    rec = Recorder(hold=trio.Event())
+    with trio.fail_after(120):
+        async with (
+            fedstream.open_site("rx", listen=url) as rx,
+            fedstream.open_site("tx", connect=[url]) as tx,
+        ):
+            rx.register_stream_processing("*", "*", rec)
+            await rx.wait_for_peers(["tx"])
+            with trio.move_on_after(5):
+                await tx.stream_objects("c", "t", {}, ["rx"], Counter(3), FLContext())
+            with trio.fail_after(60):
+                while not rec.rcs:
+                    await trio.sleep(0.1)
+    assert rec.items == [0]
+    assert rec.rcs == [ReturnCode.TASK_ABORTED]
+
+
+async def test_stream_ctx_too_large_for_a_peer_fails_before_producing(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    url = _url()
+    with trio.fail_after(60):
+        async with (
+            fedstream.open_site(
+                "rx", listen=url, max_frame_size=64 * 1024, chunk_size=32 * 1024
+            ) as rx,
+            fedstream.open_site("rx2", listen=_url()) as rx2,
+            fedstream.open_site("tx", connect=[url, rx2.address or ""]) as tx,
+        ):
+            rx.register_stream_processing("*", "*", Recorder())
+            rx2.register_stream_processing("*", "*", Recorder())
+            await tx.wait_for_peers(["rx", "rx2"])
+            producer = Counter(1)
+            with pytest.raises(fedstream.LocalProtocolError, match="rx"):
+                await tx.stream_objects(
+                    "c", "t", {"big": "x" * 100_000}, ["rx", "rx2"], producer, FLContext()
+                )
+            assert producer.produced == 0
+            deep: dict[str, Any] = {}
+            node = deep
+            for _ in range(40):
+                node["n"] = {}
+                node = node["n"]
+            with pytest.raises(fedstream.LocalProtocolError):
+                await tx.stream_objects("c", "t", deep, ["rx", "rx2"], Counter(1), FLContext())
+
+
+async def test_a_lost_peer_can_connect_again_at_once() -> None:
+    rec = Recorder()
+    with trio.fail_after(20):
+        async with fedstream.open_site("srv", listen="tcp://127.0.0.1:0") as srv:
+            srv.register_stream_processing("*", "*", rec)
+            async with fedstream.open_site("cli", connect=[srv.address or ""]) as cli:
+                await srv.wait_for_peers(["cli"])
+                cli._connections["srv"].lose("test cut")
+                assert "srv" not in cli.peers
+                with trio.fail_after(5):
+                    while "cli" in srv.peers:
+                        await trio.sleep(0.01)
+                assert await cli.connect(srv.address or "") == "srv"
+                await srv.wait_for_peers(["cli"])
+                rc, _ = await cli.stream_objects("c", "t", {}, ["srv"], Counter(2), FLContext())
+    assert rc == ReturnCode.OK
+    assert rec.items == [0, 1]
+
+
+def test_cli_send_of_an_empty_file_terminates(tmp_path: Path) -> None:
+    from fedstream._cli import _FileProducer
+
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    producer = _FileProducer(empty, 1024, 5.0)
+    try:
+        first, _ = producer.produce({}, FLContext())
+        assert first is not None
+        assert first["data"] == b""
+        assert producer.produce({}, FLContext()) == (None, 0)
+    finally:
+        producer.file.close()
+
+
+async def test_unknown_channel_named_by_a_long_string_does_not_crash_the_site() -> None:
+    """The TOPIC_UNKNOWN reply quotes the channel: it must stay within the peer's limit."""
+    from fedstream._wire import CLOSED, NEED_DATA, Data, FrameProtocol, Reply, decode_object
+
+    with trio.fail_after(20):
+        async with fedstream.open_site("victim", listen="tcp://127.0.0.1:0") as victim:
+            port = int((victim.address or "").rsplit(":", 1)[1])
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            proto = FrameProtocol(max_frame_size=64 * 1024)
+            await stream.send_all(proto.send(proto.hello("evil")))
+            await stream.send_all(proto.send(Data(1, 0, 4, "c" * 60_000, "t", {}, b"")))
+            got = None
+            while got is None:
+                event = proto.next_event()
+                if event is NEED_DATA:
+                    proto.receive_data(await stream.receive_some(65536))
+                    continue
+                assert event is not CLOSED
+                if isinstance(event, Reply):
+                    got = decode_object(bytes(event.body))
+            assert got.get_return_code() == ReturnCode.TOPIC_UNKNOWN
+            await stream.aclose()
+            assert not victim.closed
