@@ -135,7 +135,7 @@ class ReceiverSession:
         self._inbox_event = trio.Event()
         self._end_received = False
         #: The last object's buffer, when nothing references it any more.
-        self._spare: bytearray | None = None
+        self._spare: bytearray | mmap.mmap | None = None
         self._ungranted = 0
         self._grant_threshold = max(1, conn.options.window // 2)
         #: True while consume or consumed_cb runs.
@@ -350,7 +350,7 @@ class ReceiverSession:
                 return
             # Keep the buffer for the next object unless the decoded values
             # still use it (NumPy arrays are views of it; bytes are copies).
-            if type(raw) is bytearray and _unshared(raw):
+            if isinstance(raw, (bytearray, mmap.mmap)) and _unshared(raw):
                 self._spare = raw
             del raw
             self._busy = True
@@ -489,7 +489,7 @@ class ReceiverSession:
                 pass
 
 
-def _unshared(buffer: bytearray) -> bool:
+def _unshared(buffer: bytearray | mmap.mmap) -> bool:
     """True when nothing but the caller's own variable refers to ``buffer``."""
     getrefcount = getattr(sys, "getrefcount", None)
     # 3: the caller's variable, this function's argument and getrefcount's own.

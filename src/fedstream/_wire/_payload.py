@@ -567,8 +567,9 @@ _ARRAY_DECODERS: Final[Mapping[int, Any]] = {
 _OBJECT_DECODERS: Final = {**_REJECTED_TAGS, **_ARRAY_DECODERS}
 
 
-#: Objects at least this large are reassembled in an anonymous memory map.
-MMAP_MIN: Final = 32 * 1024 * 1024
+#: Objects at least this large are reassembled in an anonymous memory map: a
+#: peer that announces a large object makes us commit only what it really sends.
+MMAP_MIN: Final = 1024 * 1024
 
 
 class ObjectAssembler:
@@ -589,7 +590,9 @@ class ObjectAssembler:
 
     __slots__ = ("_buf", "_view", "received", "size")
 
-    def __init__(self, size: int, *, max_size: int, buffer: bytearray | None = None) -> None:
+    def __init__(
+        self, size: int, *, max_size: int, buffer: bytearray | mmap.mmap | None = None
+    ) -> None:
         if size > max_size:
             raise ObjectTooLargeError(f"object of {size} bytes exceeds max_object_size {max_size}")
         self.size = size
