@@ -297,14 +297,16 @@ def _check_ndarray_dtype(np: ModuleType, dtype: Any) -> None:
         )
 
 
-def _decoder(fp: io.BytesIO, tag_hook: Any) -> cbor2.CBORDecoder:
+def _decoder(fp: io.BytesIO, semantic_decoders: Mapping[int, Any]) -> cbor2.CBORDecoder:
+    """A decoder with the object CBOR profile (see docs/protocol.md)."""
     return cbor2.CBORDecoder(
         fp,
-        tag_hook=tag_hook,
-        semantic_decoders=_REJECTED_TAGS,
+        semantic_decoders=semantic_decoders,
         max_depth=MAX_OBJECT_DEPTH,
         allow_indefinite=False,
         allow_duplicate_keys=False,
+        # Keys other than text and byte strings (tuples, big numbers) can be
+        # chosen to collide in Python's hash table and make decoding quadratic.
         strict_hashable_types=True,
     )
 
@@ -352,7 +354,7 @@ def decode_object(data: BytesLike | mmap.mmap) -> Shareable:
         raise RemoteProtocolError("encoded object head is longer than the object")
     fp = io.BytesIO(bytes(view[_LEN.size : _LEN.size + head_len]))
     try:
-        lengths = _decoder(fp, None).decode()
+        lengths = _decoder(fp, _REJECTED_TAGS).decode()
     except Exception as exc:
         raise RemoteProtocolError(f"object head is not valid CBOR: {exc}") from exc
     if type(lengths) is not list or not all(type(n) is int and n >= 0 for n in lengths):
@@ -383,19 +385,8 @@ def decode_object(data: BytesLike | mmap.mmap) -> Shareable:
         return Shareable(value)
 
     try:
-        value = cbor2.CBORDecoder(
-            fp,
-            semantic_decoders={
-                **_OBJECT_DECODERS,
-                TAG_BUFFER: buffer,
-                TAG_SHAREABLE: shareable,
-            },
-            max_depth=MAX_OBJECT_DEPTH,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-            # Keys other than text and byte strings (tuples, big numbers) can be
-            # chosen to collide in Python's hash table and make decoding quadratic.
-            strict_hashable_types=True,
+        value = _decoder(
+            fp, {**_OBJECT_DECODERS, TAG_BUFFER: buffer, TAG_SHAREABLE: shareable}
         ).decode()
     except Exception as exc:
         cause = _remote_cause(exc)
