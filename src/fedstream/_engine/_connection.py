@@ -239,7 +239,6 @@ class Connection:
         self.url = url
         self.options = options
         self.peer_limits = dict(peer_hello.limits)
-        self.peer_features = frozenset(peer_hello.features)
         self.dialer = dialer
         self._sids = itertools.count(1 if dialer else 2, 2)
         self._parity = 1 if dialer else 0

@@ -23,7 +23,7 @@ import functools
 import logging
 import math
 import mmap
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -223,7 +223,7 @@ class TargetLink:
                     )
                     self.opened = True
                     mark = conn.bytes_queued
-                for view in _views_from(encoded, offset, conn.max_body):
+                for view in encoded.chunks(conn.max_body, offset):
                     size = len(view)
                     await self._wait(functools.partial(self._can_send, size))
                     if self._ended():
@@ -504,20 +504,6 @@ class StreamSession:
             self.stream_ctx[END_RESULTS] = results
         for link in self.links:
             link.conn.senders.pop(link.sid, None)
-
-
-def _views_from(encoded: EncodedObject, start: int, max_body: int) -> Iterator[memoryview]:
-    """The object's bytes from ``start`` on, as views of at most ``max_body`` bytes
-    that never span two parts (so nothing is copied)."""
-    pos = 0
-    for part in encoded.parts:
-        end = pos + len(part)
-        if end > start:
-            index = max(0, start - pos)
-            while index < len(part):
-                yield part[index : index + max_body]
-                index += max_body
-        pos = end
 
 
 def check_encodable(stream_ctx: dict[str, Any]) -> None:

@@ -143,14 +143,19 @@ class EncodedObject:
     parts: tuple[memoryview, ...]
     size: int
 
-    def chunks(self, max_chunk: int) -> Iterator[memoryview]:
-        """Yield consecutive views of at most ``max_chunk`` bytes covering the object.
+    def chunks(self, max_chunk: int, start: int = 0) -> Iterator[memoryview]:
+        """Yield consecutive views of at most ``max_chunk`` bytes covering the
+        object from byte ``start`` on.
 
         A view never spans two parts, so nothing is copied.
         """
+        pos = 0
         for part in self.parts:
-            for start in range(0, len(part), max_chunk):
-                yield part[start : start + max_chunk]
+            end = pos + len(part)
+            if end > start:
+                for index in range(max(0, start - pos), len(part), max_chunk):
+                    yield part[index : index + max_chunk]
+            pos = end
 
     def to_bytes(self) -> bytes:
         """The whole encoding as one ``bytes`` (copies; for tests and small objects)."""
