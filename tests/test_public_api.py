@@ -51,8 +51,9 @@ def test_every_export_exists_and_public_modules_are_private() -> None:
     for name in fedstream.__all__:
         assert hasattr(fedstream, name), name
     public_attrs = {
-        n for n in vars(fedstream) if not n.startswith("_") and not isinstance(
-            getattr(fedstream, n), type(fedstream))
+        n
+        for n in vars(fedstream)
+        if not n.startswith("_") and not isinstance(getattr(fedstream, n), type(fedstream))
     }
     assert public_attrs <= EXPECTED | {"annotations"}
 

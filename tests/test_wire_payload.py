@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import array
+import gc
 import io
+import itertools
 import struct
 import tracemalloc
 from typing import Any
@@ -21,6 +23,8 @@ from fedstream._wire import (
     TAG_SHAREABLE,
     EncodedObject,
     ObjectAssembler,
+    ScatteredObject,
+    _payload,
     decode_object,
     encode_object,
 )
@@ -379,3 +383,153 @@ def test_encoded_object_is_immutable_record() -> None:
     assert isinstance(encoded, EncodedObject)
     with pytest.raises(AttributeError):
         encoded.size = 0  # type: ignore[misc]
+
+
+# ------------------------------------------------------ part-by-part reassembly
+
+
+def assemble(encoding: bytes, cuts: list[int], *, in_place: bool = False) -> bytearray | Any:
+    """Feed ``encoding`` to an assembler cut at ``cuts``; receive via target() if asked."""
+    assembler = ObjectAssembler(len(encoding), max_size=len(encoding))
+    bounds = [0, *sorted(set(c for c in cuts if 0 < c < len(encoding))), len(encoding)]
+    for start, end in itertools.pairwise(bounds):
+        piece = encoding[start:end]
+        target = assembler.target(start, len(piece)) if in_place else None
+        if target is not None:
+            target[:] = piece
+            done = assembler.feed(start, target)
+        else:
+            done = assembler.feed(start, piece)
+        assert done == (end == len(encoding))
+        assert assembler.received == end
+    return assembler.take()
+
+
+@st.composite
+def large_objects(draw: st.DrawFn) -> Shareable:
+    """Objects with several out-of-band buffers (some empty-ish, some large)."""
+    sizes = draw(
+        st.lists(
+            st.one_of(
+                st.sampled_from([OUT_OF_BAND_MIN, OUT_OF_BAND_MIN + 1, 3 * OUT_OF_BAND_MIN]),
+                st.integers(OUT_OF_BAND_MIN, 4 * OUT_OF_BAND_MIN),
+            ),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    blobs = [bytes([i + 1]) * n for i, n in enumerate(sizes)]
+    extra = draw(st.dictionaries(unicode_texts, payload_values, max_size=3))
+    return Shareable({**extra, "blobs": blobs, "small": b"inline"})
+
+
+@given(obj=large_objects(), data=st.data(), in_place=st.booleans())
+@at_most(60)
+def test_parts_reassemble_at_any_cut(obj: Shareable, data: st.DataObject, in_place: bool) -> None:
+    encoding = encode_object(obj).to_bytes()
+    cuts = data.draw(st.lists(st.integers(0, len(encoding)), max_size=12))
+    raw = assemble(encoding, cuts, in_place=in_place)
+    assert isinstance(raw, ScatteredObject)
+    assert bytes(raw) == encoding
+    assert len(raw) == len(encoding)
+    got = decode_object(raw)
+    assert_same_payload(got, expected_payload(obj))
+
+
+@pytest.mark.skipif(_payload._inplace_bytes is None, reason="needs CPython in-place bytes")
+def test_large_bytes_are_delivered_without_a_copy() -> None:
+    blob = bytes(range(256)) * 4096  # 1 MiB
+    encoding = encode_object(Shareable({"blob": blob})).to_bytes()
+    raw = assemble(encoding, list(range(0, len(encoding), 300_000)), in_place=True)
+    assert isinstance(raw, ScatteredObject)
+    (part,) = raw.buffers
+    assert type(part) is bytes
+    got = decode_object(raw)
+    assert got["blob"] is part, "the received bytes object itself is delivered"
+    assert got["blob"] == blob
+    assert hash(got["blob"]) == hash(blob)
+    assert {got["blob"]: 1}[blob] == 1
+
+
+def test_small_buffers_and_arrays_get_their_own_writable_parts() -> None:
+    np = pytest.importorskip("numpy")
+    array = np.arange(OUT_OF_BAND_MIN, dtype="<i8").reshape(64, -1)
+    obj = Shareable({"w": array, "b": bytes(OUT_OF_BAND_MIN)})
+    raw = assemble(encode_object(obj).to_bytes(), [5, 17, 70_000], in_place=True)
+    assert isinstance(raw, ScatteredObject)
+    got = decode_object(raw)
+    assert got["w"].flags.writeable
+    np.testing.assert_array_equal(got["w"], array)
+    got["w"][0, 0] = -1  # the array owns writable memory, not a bytes object
+    assert type(got["b"]) is bytes
+    assert got["b"] == bytes(OUT_OF_BAND_MIN)
+
+
+def test_head_trickling_in_byte_by_byte() -> None:
+    obj = Shareable({f"k{i}": "v" * 50 for i in range(200)} | {"blob": b"z" * OUT_OF_BAND_MIN})
+    encoding = encode_object(obj).to_bytes()
+    raw = assemble(encoding, list(range(1, 12_000)))
+    assert isinstance(raw, ScatteredObject)
+    assert decode_object(raw) == expected_payload(obj)
+
+
+def test_target_view_keeps_its_part_alive() -> None:
+    """A view handed to the transport stays valid even if the assembler is dropped."""
+    encoding = encode_object(Shareable({"blob": b"q" * (2 * OUT_OF_BAND_MIN)})).to_bytes()
+    assembler = ObjectAssembler(len(encoding), max_size=len(encoding))
+    (head_len,) = U32.unpack_from(encoding)
+    assembler.feed(0, encoding[: 4 + head_len])
+    target = assembler.target(4 + head_len, 1000)
+    assert target is not None
+    assert not target.readonly
+    del assembler
+    gc.collect()
+    target[:] = b"w" * 1000  # would write into freed memory if nothing held the part
+    assert bytes(target[:3]) == b"www"
+
+
+HOSTILE_PARTS = {
+    "lengths beyond the size": lambda blob: build([len(blob) + 1], cbor2.dumps({}), blob),
+    "head_len beyond the size": lambda blob: U32.pack(10**6) + blob,
+    "buffer referenced twice": lambda blob: build(
+        [len(blob)],
+        cbor2.dumps({"a": cbor2.CBORTag(TAG_BUFFER, 0), "b": cbor2.CBORTag(TAG_BUFFER, 0)}),
+        blob,
+    ),
+    "rejected tag in the value": lambda blob: build(
+        [len(blob)],
+        cbor2.dumps({"a": cbor2.CBORTag(25, 0), "b": cbor2.CBORTag(TAG_BUFFER, 0)}),
+        blob,
+    ),
+    "value not a map": lambda blob: build(
+        [len(blob)], cbor2.dumps([cbor2.CBORTag(TAG_BUFFER, 0)]), blob
+    ),
+}
+
+
+@pytest.mark.parametrize("make", list(HOSTILE_PARTS.values()), ids=list(HOSTILE_PARTS))
+def test_hostile_large_objects_are_rejected_after_reassembly(make: Any) -> None:
+    encoding = make(b"\x07" * (2 * OUT_OF_BAND_MIN))
+    raw = assemble(encoding, [3, 9, 4000])
+    with pytest.raises(RemoteProtocolError):
+        decode_object(raw)
+
+
+def test_scattered_object_checks_its_parts() -> None:
+    encoding = encode_object(Shareable({"blob": b"a" * OUT_OF_BAND_MIN})).to_bytes()
+    raw = assemble(encoding, [])
+    assert isinstance(raw, ScatteredObject)
+    with pytest.raises(RemoteProtocolError, match="parts"):
+        decode_object(ScatteredObject(raw.head, [*raw.buffers, b""]))
+    with pytest.raises(RemoteProtocolError, match="parts"):
+        decode_object(ScatteredObject(raw.head, [b"short"]))
+
+
+def test_objects_with_very_many_buffers_use_one_buffer() -> None:
+    """Part-by-part reassembly is for a bounded number of parts."""
+    encoding = build(
+        [40] * 2000, cbor2.dumps({"b": cbor2.CBORTag(TAG_BUFFER, 1999)}), b"x" * 80_000
+    )
+    raw = assemble(encoding, [3, 50_000])
+    assert not isinstance(raw, ScatteredObject)
+    assert decode_object(raw)["b"] == b"x" * 40

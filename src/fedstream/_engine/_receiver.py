@@ -42,6 +42,7 @@ from .._wire import (
     Done,
     End,
     ObjectAssembler,
+    RawObject,
     Reply,
     decode_object,
     encode_object,
@@ -129,9 +130,7 @@ class ReceiverSession:
         self._assembler: ObjectAssembler | None = None
         self._assembling_seq = -1
         self._discard_left = 0
-        self._inbox: collections.deque[tuple[int, bytes | bytearray | memoryview | mmap.mmap]] = (
-            collections.deque()
-        )
+        self._inbox: collections.deque[tuple[int, RawObject]] = collections.deque()
         self._inbox_event = trio.Event()
         self._end_received = False
         #: The last object's buffer, when nothing references it any more.
@@ -232,7 +231,7 @@ class ReceiverSession:
             self.conn.send_control(Credit(self.sid, self._ungranted))
             self._ungranted = 0
 
-    def _deliver(self, raw: bytes | bytearray | memoryview | mmap.mmap) -> None:
+    def _deliver(self, raw: RawObject) -> None:
         """Hand a complete object to the session task."""
         if len(self._inbox) >= _INBOX_LIMIT:
             self.conn.reject(

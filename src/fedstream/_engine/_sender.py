@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import mmap
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -41,6 +40,7 @@ from .._wire import (
     EncodedObject,
     End,
     ObjectAssembler,
+    RawObject,
     Reply,
     decode_object,
     encode_object,
@@ -147,7 +147,7 @@ class TargetLink:
         self._assembler = None
         self._decode_reply(assembler.take())
 
-    def _decode_reply(self, raw: bytes | bytearray | memoryview | mmap.mmap) -> None:
+    def _decode_reply(self, raw: RawObject) -> None:
         try:
             reply = decode_object(raw)
         except RemoteProtocolError as exc:

@@ -28,6 +28,8 @@ from ._payload import (
     TAG_SHAREABLE,
     EncodedObject,
     ObjectAssembler,
+    RawObject,
+    ScatteredObject,
     decode_object,
     encode_object,
 )
@@ -71,7 +73,9 @@ __all__ = [
     "Ping",
     "Pong",
     "ProtocolState",
+    "RawObject",
     "Reply",
+    "ScatteredObject",
     "decode_head",
     "decode_object",
     "encode_frame",

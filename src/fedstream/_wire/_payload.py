@@ -42,7 +42,7 @@ import mmap
 import re
 import struct
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import ModuleType
@@ -64,6 +64,8 @@ __all__ = [
     "TYPED_ARRAY_TAGS",
     "EncodedObject",
     "ObjectAssembler",
+    "RawObject",
+    "ScatteredObject",
     "decode_object",
     "encode_object",
 ]
@@ -345,13 +347,11 @@ def _check_keys(mapping: Mapping[Any, Any]) -> None:
             )
 
 
-def decode_object(data: BytesLike | mmap.mmap) -> Shareable:
-    """Decode an object produced by :func:`encode_object`.
+def _split_head(view: memoryview) -> tuple[io.BytesIO, int, list[int]]:
+    """Parse the length prefix and the ``lengths`` item of an encoded object.
 
-    Raises:
-        RemoteProtocolError: ``data`` is not a valid encoded object.
+    Returns a stream positioned at ``value``, ``head_len`` and the lengths.
     """
-    view = memoryview(data)
     if len(view) < _LEN.size:
         raise RemoteProtocolError("encoded object is shorter than its length prefix")
     (head_len,) = _LEN.unpack_from(view)
@@ -364,13 +364,36 @@ def decode_object(data: BytesLike | mmap.mmap) -> Shareable:
         raise RemoteProtocolError(f"object head is not valid CBOR: {exc}") from exc
     if type(lengths) is not list or not all(type(n) is int and n >= 0 for n in lengths):
         raise RemoteProtocolError("object head must start with an array of buffer lengths")
-    offset = _LEN.size + head_len
-    if offset + sum(lengths) != len(view):
-        raise RemoteProtocolError("object buffer lengths do not add up to its size")
-    buffers: list[memoryview] = []
-    for n in lengths:
-        buffers.append(view[offset : offset + n])
-        offset += n
+    return fp, head_len, lengths
+
+
+def decode_object(data: RawObject) -> Shareable:
+    """Decode an object produced by :func:`encode_object`.
+
+    ``data`` is the whole encoding in one buffer, or a :class:`ScatteredObject`
+    from an :class:`ObjectAssembler`, whose out-of-band ``bytes`` are handed
+    out as they are (no copy).
+
+    Raises:
+        RemoteProtocolError: ``data`` is not a valid encoded object.
+    """
+    buffers: Sequence[BytesLike | mmap.mmap]
+    if isinstance(data, ScatteredObject):
+        fp, head_len, lengths = _split_head(memoryview(data.head))
+        buffers = data.buffers
+        if lengths != [len(b) for b in buffers] or _LEN.size + head_len != len(data.head):
+            raise RemoteProtocolError("object buffer lengths do not match its parts")
+    else:
+        view = memoryview(data)
+        fp, head_len, lengths = _split_head(view)
+        offset = _LEN.size + head_len
+        if offset + sum(lengths) != len(view):
+            raise RemoteProtocolError("object buffer lengths do not add up to its size")
+        views = []
+        for n in lengths:
+            views.append(view[offset : offset + n])
+            offset += n
+        buffers = views
 
     used: set[int] = set()
     arrays = _ArrayDecoding()
@@ -380,9 +403,11 @@ def decode_object(data: BytesLike | mmap.mmap) -> Shareable:
         if type(index) is not int or not 0 <= index < len(buffers) or index in used:
             raise ValueError(f"bad out-of-band buffer index {index!r}")
         used.add(index)
+        buf = buffers[index]
         if arrays.open_tags:
-            return _BufferView(buffers[index])
-        return bytes(buffers[index])
+            return _BufferView(memoryview(buf))
+        # A ``bytes`` part was received in place and is used only here.
+        return buf if type(buf) is bytes else bytes(buf)
 
     def shareable(value: Any, immutable: bool) -> Any:
         if not isinstance(value, dict):
@@ -566,25 +591,169 @@ _OBJECT_DECODERS: Final = {**_REJECTED_TAGS, **_ARRAY_DECODERS}
 #: Objects at least this large are reassembled in an anonymous memory map: a
 #: peer that announces a large object makes us commit only what it really sends.
 MMAP_MIN: Final = 1024 * 1024
+#: Objects at least this large (any object with an out-of-band buffer) are
+#: reassembled part by part when their head comes first (see ObjectAssembler).
+SCATTER_MIN: Final = OUT_OF_BAND_MIN
+#: Most out-of-band buffers an object may have for part-by-part reassembly.
+_SCATTER_MAX_PARTS: Final = 1024
+#: Longest head held while waiting to decide how to reassemble an object.
+_SCATTER_MAX_HEAD: Final = 1024 * 1024
+#: Out-of-band ``bytes`` at least this long are received straight into the
+#: ``bytes`` object that is delivered (where the interpreter allows it).
+INPLACE_BYTES_MIN: Final = 4096
+
+
+def _inplace_bytes_factory() -> Callable[[int], tuple[bytes, memoryview]] | None:
+    """A way to receive straight into a new ``bytes`` object, or None.
+
+    A payload must arrive as ``bytes`` (FLARE code checks for it), and copying
+    a large one out of the reassembly buffer costs as much as receiving it and
+    holds the only trio thread (150 ms for 256 MiB). On CPython an
+    uninitialised ``bytes`` object can be made with
+    ``PyBytes_FromStringAndSize(NULL, n)`` and filled before anyone else sees
+    it, which is what C extensions do. The view returned keeps the object
+    alive, and the object is handed out only once every byte is written (by
+    :meth:`ObjectAssembler.take`); until then nothing else refers to it, so
+    nobody can observe it change. Other interpreters, or a CPython where the
+    self-check below fails, copy instead.
+    """
+    if sys.implementation.name != "cpython":
+        return None
+    try:
+        import ctypes
+
+        prototype = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_char_p, ctypes.c_ssize_t)
+        new_bytes = prototype(("PyBytes_FromStringAndSize", ctypes.pythonapi))
+        # ``ob_sval``, the first byte, ends the fixed part of the object.
+        offset = bytes.__basicsize__ - 1
+
+        def inplace_bytes(size: int) -> tuple[bytes, memoryview]:
+            obj = new_bytes(None, size)
+            array = (ctypes.c_char * size).from_address(id(obj) + offset)
+            array._owner = obj  # type: ignore[attr-defined]  # the view keeps obj alive
+            return obj, memoryview(array).cast("B")
+
+        probe = b"fedstream in-place bytes"
+        obj, view = inplace_bytes(len(probe))
+        view[:] = probe
+        view.release()
+        if obj != probe or hash(obj) != hash(probe) or len(obj) != len(probe):
+            return None
+    except Exception:  # no ctypes, or an unexpected object layout
+        return None
+    return inplace_bytes
+
+
+_inplace_bytes: Final = _inplace_bytes_factory()
+
+
+class _BufferScan:
+    """Decoder hooks that find which out-of-band buffers hold array elements."""
+
+    def __init__(self, count: int) -> None:
+        self.depth = 0
+        self.in_array = [False] * count
+
+    def open(self, immutable: bool) -> tuple[None, Callable[[Any], None]]:
+        self.depth += 1
+        return None, self._close
+
+    def _close(self, value: Any) -> None:
+        self.depth -= 1
+
+    def buffer(self, index: Any, immutable: bool) -> None:
+        if self.depth and type(index) is int and 0 <= index < len(self.in_array):
+            self.in_array[index] = True
+
+
+def _ignore(value: Any, immutable: bool) -> None:
+    return None
+
+
+def _scan_buffers(fp: io.BytesIO, count: int) -> list[bool]:
+    """For each out-of-band buffer, whether it is the element data of an array.
+
+    Decodes the object's value with hooks mirroring :func:`decode_object`:
+    a buffer referenced inside a typed-array or :data:`TAG_NDARRAY` tag
+    becomes (a view for) a NumPy array, any other becomes ``bytes``.
+    """
+    scan = _BufferScan(count)
+    opener = cbor2.shareable_decoder(functools.partial(_BufferScan.open, scan))
+    hooks = {
+        **_REJECTED_TAGS,
+        **{tag: opener for tag in (*_TYPED_DTYPES, TAG_NDARRAY)},
+        TAG_ROW_MAJOR: _ignore,
+        TAG_COLUMN_MAJOR: _ignore,
+        TAG_SHAREABLE: _ignore,
+        TAG_BUFFER: scan.buffer,
+    }
+    _decoder(fp, hooks).decode()
+    return scan.in_array
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ScatteredObject:
+    """An object reassembled as its head plus one buffer per out-of-band part.
+
+    ``bytes`` parts were received in place and are delivered as they are;
+    ``bytearray`` and ``mmap`` parts become array views or ``bytes`` copies.
+    """
+
+    head: bytes
+    buffers: list[bytes | bytearray | mmap.mmap]
+
+    def __len__(self) -> int:
+        return len(self.head) + sum(len(b) for b in self.buffers)
+
+    def __bytes__(self) -> bytes:
+        return b"".join([self.head, *self.buffers])
+
+
+#: A received object before decoding: one buffer, or its parts.
+RawObject = bytes | bytearray | memoryview | mmap.mmap | ScatteredObject
 
 
 class ObjectAssembler:
     """Reassembles one object (or reply) from its DATA/REPLY body and CHUNK bodies.
 
-    The buffer for the whole object is allocated once, when the first frame
-    announces its size, and only after that size was checked against
-    ``max_size``. A caller may pass a spare ``buffer`` of exactly that size
-    to reuse (nothing needs zeroing: every byte is written before the object
-    completes). Objects of :data:`MMAP_MIN` bytes and more get an anonymous
-    memory map, whose pages the kernel zeroes as they are first written,
-    instead of one long zero-filling pass.
+    Nothing is allocated before ``size`` is checked against ``max_size``.
+
+    Small objects (under :data:`SCATTER_MIN`), and objects whose head does not
+    come first or is not valid, go into one buffer for the whole object. A
+    caller may pass a spare ``buffer`` of exactly that size to reuse (nothing
+    needs zeroing: every byte is written before the object completes).
+    Buffers of :data:`MMAP_MIN` bytes and more are anonymous memory maps, whose
+    pages the kernel zeroes as they are first written, instead of one long
+    zero-filling pass: a peer makes us commit only what it really sends.
+
+    Larger objects are reassembled *part by part*: once the head has arrived
+    (``u32 head_len | lengths | value``, normally the whole first frame), each
+    out-of-band buffer gets its own destination, chosen by what the value
+    makes of it. A byte string is received straight into the ``bytes`` object
+    that will be delivered (see :func:`_inplace_bytes_factory`), so it is never
+    copied; array elements go into a writable ``bytearray`` or map that the
+    array will view. :meth:`take` then returns a :class:`ScatteredObject`.
 
     Raises:
         ObjectTooLargeError: ``size`` exceeds ``max_size`` (from the constructor).
         RemoteProtocolError: a chunk is out of order or overruns the size.
     """
 
-    __slots__ = ("_buf", "_view", "received", "size")
+    __slots__ = (
+        "_buf",
+        "_head",
+        "_part",
+        "_part_end",
+        "_part_start",
+        "_parts",
+        "_placed",
+        "_spare",
+        "_stage",
+        "_view",
+        "_views",
+        "received",
+        "size",
+    )
 
     def __init__(
         self, size: int, *, max_size: int, buffer: bytearray | mmap.mmap | None = None
@@ -593,18 +762,102 @@ class ObjectAssembler:
             raise ObjectTooLargeError(f"object of {size} bytes exceeds max_object_size {max_size}")
         self.size = size
         self.received = 0
-        self._buf: bytearray | mmap.mmap
-        if buffer is not None and len(buffer) == size:
-            self._buf = buffer
+        # One-buffer mode: the buffer and a view of it.
+        self._buf: bytearray | mmap.mmap | None = None
+        self._view: memoryview | None = None
+        self._spare = buffer
+        # Part-by-part mode: the head, the parts and a writable view of each.
+        self._head = b""
+        self._parts: list[bytes | bytearray | mmap.mmap] = []
+        self._views: list[memoryview] = []
+        self._part = 0
+        self._part_start = 0
+        self._part_end = 0
+        #: The view last returned by target(), which feed() sees filled.
+        self._placed: memoryview | None = None
+        #: The start of the object while it is too short to choose a mode.
+        self._stage = bytearray()
+        if size < SCATTER_MIN:
+            self._one_buffer()
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.size
+
+    def _one_buffer(self) -> None:
+        size = self.size
+        spare = self._spare
+        self._spare = None
+        if spare is not None and len(spare) == size:
+            self._buf = spare
         elif size >= MMAP_MIN:
             self._buf = mmap.mmap(-1, size)
         else:
             self._buf = bytearray(size)
         self._view = memoryview(self._buf)
 
-    @property
-    def complete(self) -> bool:
-        return self.received == self.size
+    def _one_buffer_view(self) -> memoryview:
+        assert self._view is not None
+        return self._view
+
+    def _feed_start(self, body: memoryview) -> memoryview | None:
+        """Take the object's first bytes until the mode can be chosen.
+
+        Returns None while still waiting for the head. Otherwise it chooses
+        the mode and returns all bytes received so far that lie beyond what it
+        placed (the whole start for one buffer, what follows the head for
+        parts).
+        """
+        stage = self._stage
+        if stage:
+            stage += body
+        have = len(stage) if stage else len(body)
+        if have >= _LEN.size:
+            (head_len,) = _LEN.unpack_from(stage if stage else body)
+            head_end = _LEN.size + head_len
+            if head_end <= have or head_end > min(self.size, _SCATTER_MAX_HEAD):
+                first = memoryview(bytes(stage)) if stage else body
+                self._stage = bytearray()
+                if head_end <= have and self._scatter(first, head_end):
+                    return first[head_end:]
+                self._one_buffer()
+                return first
+        if not stage:
+            self._stage = bytearray(body)
+        return None
+
+    def _scatter(self, first: memoryview, head_end: int) -> bool:
+        """Set up part-by-part reassembly from a complete head; False if it does not fit."""
+        try:
+            fp, _, lengths = _split_head(first[:head_end])
+            if not 0 < len(lengths) <= _SCATTER_MAX_PARTS or head_end + sum(lengths) != self.size:
+                return False
+            in_array = _scan_buffers(fp, len(lengths))
+        except Exception:
+            # decode_object reports what is wrong with it, as for any object.
+            return False
+        self._head = bytes(first[:head_end])
+        for length, is_array in zip(lengths, in_array, strict=True):
+            part: bytes | bytearray | mmap.mmap
+            if not is_array and length >= INPLACE_BYTES_MIN and _inplace_bytes is not None:
+                part, view = _inplace_bytes(length)
+            else:
+                part = mmap.mmap(-1, length) if length >= MMAP_MIN else bytearray(length)
+                view = memoryview(part)
+            self._parts.append(part)
+            self._views.append(view)
+        self.received = head_end
+        self._part = -1
+        self._part_end = head_end
+        self._next_part()
+        return True
+
+    def _next_part(self) -> None:
+        """Move to the next part that still has room (parts may be empty)."""
+        while self._part_end == self.received and self._part + 1 < len(self._parts):
+            self._part += 1
+            self._part_start = self._part_end
+            self._part_end += len(self._parts[self._part])
 
     def target(self, offset: int, nbytes: int) -> memoryview | None:
         """The slice of the buffer where ``nbytes`` at ``offset`` belong, if they fit.
@@ -614,7 +867,13 @@ class ObjectAssembler:
         """
         if offset != self.received or offset + nbytes > self.size:
             return None
-        return self._view[offset : offset + nbytes]
+        if self._view is not None:
+            return self._view[offset : offset + nbytes]
+        if not self._views or offset + nbytes > self._part_end:
+            return None  # the head is not in yet, or the body spans two parts
+        start = offset - self._part_start
+        self._placed = self._views[self._part][start : start + nbytes]
+        return self._placed
 
     def feed(self, offset: int, body: BytesLike) -> bool:
         """Add ``body`` at ``offset``; return whether the object is complete."""
@@ -623,14 +882,46 @@ class ObjectAssembler:
         end = offset + len(body)
         if end > self.size:
             raise RemoteProtocolError(f"chunk overruns the object size {self.size}")
-        if not (isinstance(body, memoryview) and body.obj is self._buf):
-            self._view[offset:end] = body
-        self.received = end
-        return end == self.size
+        if self._view is not None:
+            if not (isinstance(body, memoryview) and body.obj is self._buf):
+                self._view[offset:end] = body
+            self.received = end
+            return end == self.size
+        if body is self._placed and self._placed is not None:
+            self._placed = None
+            self.received = end
+            self._next_part()
+            return end == self.size
+        rest: memoryview | None = memoryview(body)
+        if not self._views:
+            assert rest is not None
+            rest = self._feed_start(rest if rest.format == "B" else rest.cast("B"))
+            if rest is None:
+                self.received = end  # still waiting for the head
+                return False
+            self.received = end - len(rest)
+            if not self._views:  # one buffer after all
+                self._one_buffer_view()[self.received : end] = rest
+                self.received = end
+                return end == self.size
+        while rest:
+            part_offset = self.received - self._part_start
+            n = min(len(rest), self._part_end - self.received)
+            self._views[self._part][part_offset : part_offset + n] = rest[:n]
+            rest = rest[n:]
+            self.received += n
+            self._next_part()
+        return self.received == self.size
 
-    def take(self) -> bytearray | mmap.mmap:
-        """Return the completed buffer."""
+    def take(self) -> bytearray | mmap.mmap | ScatteredObject:
+        """Return the completed object: its buffer, or its parts."""
         if not self.complete:
             raise LocalProtocolError("object is not complete")
-        self._view.release()
-        return self._buf
+        self._placed = None
+        if self._view is not None:
+            self._view.release()
+            assert self._buf is not None
+            return self._buf
+        for view in self._views:
+            view.release()
+        return ScatteredObject(self._head, self._parts)
