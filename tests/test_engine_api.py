@@ -1581,3 +1581,41 @@ async def test_busy_receiver_is_not_mistaken_for_a_lost_peer(
 def test_public_names_used_here_are_exported() -> None:
     for name in ("open_site", "serve_site", "END_RESULT", "END_RESULTS", "HandshakeError"):
         assert name in fedstream.__all__
+
+
+async def test_stuck_consumer_times_out_while_the_connection_stays_busy() -> None:
+    """A busy connection counts as progress only for bytes not yet written.
+
+    Once an object has left (here at once, by a direct write), only its
+    consumer's reply counts: another stream keeping the same connection busy
+    must not stretch the no-progress deadline.
+    """
+
+    async def stuck(c: Consumer, s: Shareable, ctx: Any, fl: Any) -> tuple[bool, None]:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    stuck_rec, busy_rec = AsyncRecorder(stuck), AsyncRecorder()
+    stuck_producer = AsyncProducer(1, size=1000, timeout=0.5)
+    busy_producer = AsyncProducer(100_000, size=1000, timeout=5)
+    elapsed = math.inf
+    async with pair({"sync_callbacks": "inline"}, {"sync_callbacks": "inline"}) as (rx, tx):
+        rx.register_stream_processing(CH, "stuck", stuck_rec)
+        rx.register_stream_processing(CH, "busy", busy_rec)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+
+                async def run_stuck() -> None:
+                    nonlocal elapsed
+                    await trio.sleep(0.2)  # the busy stream is flowing by now
+                    start = trio.current_time()
+                    rc, _ = await tx.stream_objects(CH, "stuck", {}, ["rx"], stuck_producer, None)
+                    elapsed = trio.current_time() - start
+                    assert rc == ReturnCode.TIMEOUT
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(tx.stream_objects, CH, "busy", {}, ["rx"], busy_producer, None)
+                nursery.start_soon(run_stuck)
+    assert stuck_producer.rcs("rx") == [ReturnCode.TIMEOUT]
+    assert busy_producer.sent > 10, "the busy stream kept the connection writing"
+    assert elapsed < 3.0, f"TIMEOUT after {elapsed:.2f} s for a 0.5 s no-progress timeout"

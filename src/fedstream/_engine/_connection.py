@@ -496,13 +496,25 @@ class Connection:
         # Frames that came in with the peer's HELLO are already buffered.
         if not self._drain_events():
             return
+        fd = sock.fileno() if sock is not None else -1
+        more = False  # whether the last read filled its buffer (more is likely waiting)
         while True:
             if sock is not None:
+                # Wait first, then read: one syscall per read instead of
+                # trio's try-fail-wait-retry, and one scheduler pass.
+                if more:
+                    await trio.lowlevel.checkpoint()
+                else:
+                    await trio.lowlevel.wait_readable(fd)
                 with protocol.get_buffer() as buf:
                     try:
-                        count = await sock.recv_into(buf)
+                        count = os.readv(fd, (buf,))
+                    except BlockingIOError:
+                        more = False
+                        continue
                     except OSError as exc:
                         raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+                    more = count == len(buf)
                 if count:
                     protocol.buffer_updated(count)
                 else:

@@ -19,7 +19,6 @@ target's DONE: ``stream_objects`` returns only after the receivers finalized.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -62,6 +61,11 @@ END_RESULT: Final = "__end_result__"
 #: Sender ``stream_ctx`` key: ``{target: stream_done_cb result}`` for every
 #: target whose result was truthy, filled in before ``stream_objects`` returns.
 END_RESULTS: Final = "__end_results__"
+
+
+#: The encoding of the plain OK reply (``make_reply(OK)``), the most common one.
+_PLAIN_OK_BYTES: Final = encode_object(make_reply(ReturnCode.OK)).to_bytes()
+_PLAIN_OK_SIZE: Final = len(_PLAIN_OK_BYTES)
 
 
 class TargetLink:
@@ -148,6 +152,10 @@ class TargetLink:
         self._decode_reply(assembler.take())
 
     def _decode_reply(self, raw: RawObject) -> None:
+        if len(raw) == _PLAIN_OK_SIZE and raw == _PLAIN_OK_BYTES:
+            # The usual acknowledgement: no need to run a decoder for it.
+            self._set_reply(make_reply(ReturnCode.OK), last=self._reply_last)
+            return
         try:
             reply = decode_object(raw)
         except RemoteProtocolError as exc:
@@ -225,7 +233,8 @@ class TargetLink:
                     mark = conn.bytes_queued
                 for view in encoded.chunks(conn.max_body, offset):
                     size = len(view)
-                    await self._wait(functools.partial(self._can_send, size))
+                    while self.window < size and not self._ended():
+                        await self._changed.wait()
                     if self._ended():
                         break
                     if offset == 0 and not (ctx is not None and seq == 0):
@@ -240,11 +249,16 @@ class TargetLink:
                     self.bytes_sent += size
                     offset += size
                     mark = conn.bytes_queued
-                    deadline = scope.deadline = trio.current_time() + no_progress
-                    if offset == encoded.size:
+                    if offset < encoded.size:
+                        deadline = scope.deadline = trio.current_time() + no_progress
+                    else:
                         self.objects_sent += 1
-                if written is None and not self._ended():
-                    written = conn.written_event(mark)
+                if written is None and not armed and not self._ended():
+                    if conn.bytes_sent >= mark:
+                        armed = True  # written at once: the consumer's time starts now
+                    else:
+                        written = conn.written_event(mark)
+                    deadline = scope.deadline = trio.current_time() + no_progress
                 if written is not None and not armed:
                     await written.wait()
                     # The consumer's time starts when the object has left.
@@ -261,8 +275,7 @@ class TargetLink:
                 armed = True
                 deadline = now + no_progress
                 continue
-            unwritten = written is None or not written.is_set()
-            if unwritten and conn.last_write + no_progress > now:
+            if not armed and conn.last_write + no_progress > now:
                 deadline = conn.last_write + no_progress
                 continue
             logger.warning(
