@@ -39,6 +39,7 @@ from fedstream._wire import (
     Pong,
     ProtocolState,
     Reply,
+    _protocol,
     decode_head,
     encode_frame,
 )
@@ -537,3 +538,27 @@ def test_huge_declared_cbor_lengths_do_not_allocate(item: bytes) -> None:
     finally:
         tracemalloc.stop()
     assert peak < 4 * 1024 * 1024
+
+
+@given(frame=st.one_of(*(FRAME_STRATEGIES[cls] for cls in (Data, Chunk, Reply, Credit))))
+def test_hot_frame_shortcut_encodes_like_the_checked_path(frame: Frame) -> None:
+    """DATA/CHUNK/REPLY/CREDIT skip the per-field spec walk; the bytes must not change."""
+    assert encode_frame(frame) == _protocol._encode_checked(frame)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        Chunk(-1, 0, 0, b""),
+        Chunk(1, 2**64, 0, b""),
+        Reply(1, 0, 0, 1, b""),  # type: ignore[arg-type]
+        Data(1, 0, 0, "c", 5, None),  # type: ignore[arg-type]
+        Data(1, 0, 2, "c", "t", None, b"too long"),
+        Credit(1, -5),
+        Credit(1, True),
+    ],
+    ids=repr,
+)
+def test_hot_frame_shortcut_still_refuses_invalid_fields(frame: Frame) -> None:
+    with pytest.raises(LocalProtocolError):
+        encode_frame(frame)

@@ -33,10 +33,15 @@ from .._errors import LocalProtocolError, RemoteProtocolError
 from ._frames import (
     FRAME_TYPES,
     PROTOCOL_VERSION,
+    Chunk,
+    Credit,
+    Data,
     ErrorCode,
     Frame,
+    FrameType,
     GoAway,
     Hello,
+    Reply,
 )
 
 __all__ = [
@@ -256,6 +261,77 @@ def _check_semantics(frame: Frame, error: type[LocalProtocolError | RemoteProtoc
         raise error(f"{type(frame).__name__} body ({len(body)} bytes) exceeds its size {size}")
 
 
+def _hot_head(frame: Frame) -> list[Any] | None:
+    """The head of a per-object frame whose fields are plainly valid, else None.
+
+    DATA without a context, CHUNK, REPLY and CREDIT go out once or more per
+    object: their fields are checked here inline instead of through
+    :data:`_SPECS`. Anything unusual (an ``IntEnum``, a context, a value out
+    of range) returns None and takes the general path, which reports it.
+    """
+    cls = type(frame)
+    u64 = _U64_MAX
+    if cls is Chunk:
+        a, b, c = frame.sid, frame.seq, frame.offset  # type: ignore[attr-defined]
+        if (
+            type(a) is int
+            and type(b) is int
+            and type(c) is int
+            and 0 <= a <= u64
+            and 0 <= b <= u64
+            and 0 <= c <= u64
+        ):
+            return [FrameType.CHUNK.value, a, b, c]
+    elif cls is Reply:
+        a, b, c, last = frame.sid, frame.seq, frame.size, frame.last  # type: ignore[attr-defined]
+        if (
+            type(a) is int
+            and type(b) is int
+            and type(c) is int
+            and type(last) is bool
+            and 0 <= a <= u64
+            and 0 <= b <= u64
+            and 0 <= c <= u64
+        ):
+            return [FrameType.REPLY.value, a, b, c, last]
+    elif cls is Data:
+        data: Data = frame  # type: ignore[assignment]
+        a, b, c = data.sid, data.seq, data.size
+        if (
+            data.ctx is None
+            and type(a) is int
+            and type(b) is int
+            and type(c) is int
+            and type(data.channel) is str
+            and type(data.topic) is str
+            and 0 <= a <= u64
+            and 0 <= b <= u64
+            and 0 <= c <= u64
+        ):
+            return [FrameType.DATA.value, a, b, c, data.channel, data.topic, None]
+    elif cls is Credit:
+        a, b = frame.sid, frame.increment  # type: ignore[attr-defined]
+        if type(a) is int and type(b) is int and 0 <= a <= u64 and 0 <= b <= u64:
+            return [FrameType.CREDIT.value, a, b]
+    return None
+
+
+def _body_view(frame: Frame) -> memoryview | None:
+    """The frame's body as a flat byte view (None when empty), checked against its size."""
+    raw = frame.body  # type: ignore[attr-defined]
+    body = raw if isinstance(raw, memoryview) else memoryview(raw)
+    if not body.c_contiguous:
+        body = memoryview(body.tobytes())
+    elif body.ndim != 1 or body.itemsize != 1:
+        body = body.cast("B")
+    size = getattr(frame, "size", None)
+    if size is not None and len(body) > size:
+        raise LocalProtocolError(
+            f"{type(frame).__name__} body ({len(body)} bytes) exceeds its size {size}"
+        )
+    return body if len(body) else None
+
+
 def encode_frame(frame: Frame) -> tuple[bytes, memoryview | None]:
     """Encode ``frame`` into ``(length prefix + head, body or None)``.
 
@@ -266,6 +342,19 @@ def encode_frame(frame: Frame) -> tuple[bytes, memoryview | None]:
         LocalProtocolError: a field has the wrong type, or the head cannot be
             encoded as CBOR.
     """
+    hot = _hot_head(frame)
+    if hot is not None:
+        body = _body_view(frame) if frame.HAS_BODY else None
+        head_bytes = cbor2.dumps(hot)
+        length = len(head_bytes) + (len(body) if body is not None else 0)
+        if length > _U32_MAX:
+            raise LocalProtocolError(f"frame of {length} bytes does not fit a u32 length prefix")
+        return _LEN.pack(length) + head_bytes, body
+    return _encode_checked(frame)
+
+
+def _encode_checked(frame: Frame) -> tuple[bytes, memoryview | None]:
+    """:func:`encode_frame` for any frame: every field checked against its spec."""
     specs = _SPECS[type(frame)]
     head: list[Any] = [int(frame.TYPE)]
     free_form = False
@@ -280,21 +369,7 @@ def encode_frame(frame: Frame) -> tuple[bytes, memoryview | None]:
             )
         head.append(int(value) if check is _is_uint else value)
         free_form = free_form or is_free
-    body: memoryview | None = None
-    if frame.HAS_BODY:
-        raw = frame.body  # type: ignore[attr-defined]
-        body = raw if isinstance(raw, memoryview) else memoryview(raw)
-        if not body.c_contiguous:
-            body = memoryview(body.tobytes())
-        elif body.ndim != 1 or body.itemsize != 1:
-            body = body.cast("B")
-        size = getattr(frame, "size", None)
-        if size is not None and len(body) > size:
-            raise LocalProtocolError(
-                f"{type(frame).__name__} body ({len(body)} bytes) exceeds its size {size}"
-            )
-        if not len(body):
-            body = None
+    body = _body_view(frame) if frame.HAS_BODY else None
     if isinstance(frame, Hello):
         mfs = frame.limits.get("max_frame_size", MIN_MAX_FRAME_SIZE)
         if isinstance(mfs, int) and not MIN_MAX_FRAME_SIZE <= mfs <= _U32_MAX:
