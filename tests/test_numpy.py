@@ -677,14 +677,15 @@ class EchoFactory(ConsumerFactory):
 SITE_OPTIONS: dict[str, Any] = {"chunk_size": 64 * 1024, "sync_callbacks": "inline"}
 
 
-async def _through_sites(objects: list[Shareable]) -> tuple[Any, list[Any], Any]:
+async def _through_sites(objects: list[Shareable], **options: Any) -> tuple[Any, list[Any], Any]:
     factory = EchoFactory()
     producer = ArrayProducer(objects)
+    options = {**SITE_OPTIONS, **options}
     with trio.fail_after(60):
-        async with fedstream.open_site("rx", listen="memory://0", **SITE_OPTIONS) as rx:
+        async with fedstream.open_site("rx", listen="memory://0", **options) as rx:
             rx.register_stream_processing("np", "arrays", factory)
             assert rx.address is not None
-            async with fedstream.open_site("tx", connect=[rx.address], **SITE_OPTIONS) as tx:
+            async with fedstream.open_site("tx", connect=[rx.address], **options) as tx:
                 result = await tx.stream_objects("np", "arrays", {}, ["rx"], producer, None)
     return result, factory.got, producer.replies
 
@@ -719,6 +720,28 @@ async def test_arrays_round_trip_through_a_site_pair(autojump_clock: trio.abc.Cl
             same_array(reply["rx"][key], array)
             assert received[key].flags.writeable
         assert not received["big"].flags.owndata, "out-of-band elements are a view"
+
+
+@pytest.mark.parametrize("nbytes", [OUT_OF_BAND_MIN, 100_000, 400_000])
+async def test_out_of_band_arrays_arrive_writable_at_any_size(
+    nbytes: int, autojump_clock: trio.abc.Clock
+) -> None:
+    """Small objects travel in one frame, larger ones in parts: arrays are writable either way."""
+    array = np.arange(nbytes // 4, dtype="<f4")
+    blob = bytes(range(256)) * (nbytes // 256)
+    # The first object of a stream follows the context's DATA frame in
+    # CHUNKs; the second is sent the way most objects are.
+    objects = [Shareable({"a": array, "b": blob}) for _ in range(2)]
+    result, got, replies = await _through_sites(objects, chunk_size=1024 * 1024)
+    assert result == (ReturnCode.OK, None)
+    assert len(got) == 2
+    for received, reply in zip(got, replies, strict=True):
+        same_array(received["a"], array)
+        assert received["a"].flags.writeable
+        received["a"][0] = -1.0
+        assert type(received["b"]) is bytes
+        assert received["b"] == blob
+        same_array(reply["rx"]["a"], array)
 
 
 @given(

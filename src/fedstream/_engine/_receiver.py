@@ -35,6 +35,7 @@ from .._errors import (
 )
 from .._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
 from .._wire import (
+    OUT_OF_BAND_MIN,
     Abort,
     Chunk,
     Credit,
@@ -179,8 +180,12 @@ class ReceiverSession:
         self._assembling_seq = frame.seq
         if frame.size == len(frame.body) and frame.size <= self.conn.options.max_object_size:
             # The whole object came in this one frame: no reassembly needed.
-            self._grant(len(frame.body))
-            self._deliver(frame.body)
+            body = frame.body
+            self._grant(len(body))
+            # A frame body is read-only; an object with out-of-band buffers
+            # (senders put objects of up to 128 KiB in one frame) gets a
+            # writable copy, so its arrays are writable like any others.
+            self._deliver(body if len(body) < OUT_OF_BAND_MIN else bytearray(body))
             return
         try:
             self._assembler = ObjectAssembler(
