@@ -281,7 +281,12 @@ class TargetLink:
                 armed = True
                 deadline = now + no_progress
                 continue
-            if not armed and conn.last_write + no_progress > now:
+            # Waiting for the peer's credit once all we queued is written is
+            # no progress, however busy the connection is otherwise.
+            queued = conn.bytes_sent < mark or self._can_send(
+                min(conn.max_body, encoded.size - offset)
+            )
+            if not armed and queued and conn.last_write + no_progress > now:
                 deadline = conn.last_write + no_progress
                 continue
             logger.warning(
