@@ -332,8 +332,8 @@ class Connection:
 
     # ------------------------------------------------------------------ sending
 
-    def _write_now(self, head: bytes, body: memoryview | None) -> bool:
-        """Write a frame straight to the socket when nothing is queued or being written.
+    def _write_now(self, *items: tuple[bytes, memoryview | None]) -> bool:
+        """Write frames straight to the socket when nothing is queued or being written.
 
         A non-blocking ``writev`` with no await in between, so it cannot be
         cancelled halfway. Whatever the socket does not take right away is
@@ -343,7 +343,11 @@ class Connection:
         outbox = self._outbox
         if self._fd < 0 or self._writing or outbox:
             return False
-        parts: list[bytes | memoryview] = [head] if body is None else [head, body]
+        parts: list[bytes | memoryview] = []
+        for head, body in items:
+            parts.append(head)
+            if body is not None:
+                parts.append(body)
         try:
             written = os.writev(self._fd, parts)
         except BlockingIOError:
@@ -355,7 +359,7 @@ class Connection:
         if written:
             self.last_write = trio.current_time()
             self._wake_written()
-        total = len(head) + (len(body) if body is not None else 0)
+        total = sum(_size(item) for item in items)
         if written < total:
             rest: list[memoryview] = []
             for part in parts:
@@ -375,7 +379,7 @@ class Connection:
             return
         item = self.protocol.send_parts(frame)
         self.bytes_queued += _size(item)
-        if self._write_now(*item):
+        if self._write_now(item):
             return
         self._outbox.control.append(item)
         if len(self._outbox.control) > _MAX_CONTROL_QUEUE:
@@ -383,8 +387,13 @@ class Connection:
             return
         self._outbox.wakeup.set()
 
-    async def send_data(self, frame: Frame) -> None:
-        """Queue a data frame, waiting while the data queue is full.
+    async def send_data(self, frame: Frame, *more: Frame) -> None:
+        """Queue a data frame (and ``more`` right behind it), waiting while the
+        data queue is full.
+
+        Frames passed together are written with one system call when the
+        socket takes them at once (an object's small head frame and its first
+        chunk, say), which also spares the peer a wake-up.
 
         Raises:
             ConnectionLostError: the connection is closed.
@@ -401,11 +410,14 @@ class Connection:
                 raise
         if outbox.closed:
             raise ConnectionLostError(f"connection to {self.peer} is closed: {self.close_reason}")
-        item = self.protocol.send_parts(frame)
-        self.bytes_queued += _size(item)
-        if not self._write_now(*item):
-            outbox.data.append(item)
-            outbox.data_bytes += _size(item)
+        items = [self.protocol.send_parts(frame)]
+        items += [self.protocol.send_parts(f) for f in more]
+        for item in items:
+            self.bytes_queued += _size(item)
+        if not self._write_now(*items):
+            for item in items:
+                outbox.data.append(item)
+                outbox.data_bytes += _size(item)
             outbox.wakeup.set()
         if outbox.data_bytes < outbox.data_limit:
             outbox.space.unpark()

@@ -68,6 +68,8 @@ _PLAIN_OK_BYTES: Final = encode_object(make_reply(ReturnCode.OK)).to_bytes()
 _PLAIN_OK_SIZE: Final = len(_PLAIN_OK_BYTES)
 
 
+#: A part this small is sent in one write with the part after it.
+_PAIR_MAX: Final = 4096
 #: Objects up to this size go in one frame even when they have out-of-band
 #: buffers: copying them together costs less than a frame more per part (on
 #: both sides), and they stay within the receiver's staging buffer.
@@ -237,8 +239,18 @@ class TargetLink:
                     )
                     self.opened = True
                     mark = conn.bytes_queued
-                for view in encoded.chunks(conn.max_body, offset):
+                views = list(encoded.chunks(conn.max_body, offset))
+                index = 0
+                while index < len(views):
+                    view = views[index]
                     size = len(view)
+                    # A small part (the object's head) goes out together
+                    # with the next one: one write, one wake-up at the peer.
+                    pair = (
+                        size <= _PAIR_MAX
+                        and index + 1 < len(views)
+                        and self.window >= size + len(views[index + 1])
+                    )
                     while self.window < size and not self._ended():
                         await self._changed.wait()
                     if self._ended():
@@ -249,7 +261,14 @@ class TargetLink:
                         )
                     else:
                         frame = Chunk(self.sid, seq, offset, view)
-                    await conn.send_data(frame)
+                    if pair:
+                        index += 1
+                        follow = Chunk(self.sid, seq, offset + size, views[index])
+                        size += len(views[index])
+                        await conn.send_data(frame, follow)
+                    else:
+                        await conn.send_data(frame)
+                    index += 1
                     self.opened = True
                     self.window -= size
                     self.bytes_sent += size
