@@ -262,6 +262,10 @@ class TargetLink:
                 deadline = now + no_progress
                 continue
             unwritten = written is None or not written.is_set()
+            if written is None and conn.bytes_sent >= mark:
+                # All we queued is written: waiting for the peer's credit is
+                # no progress, however busy the connection is otherwise.
+                unwritten = self._can_send(min(conn.max_body, encoded.size - offset))
             if unwritten and conn.last_write + no_progress > now:
                 deadline = conn.last_write + no_progress
                 continue
