@@ -36,6 +36,7 @@ from ._options import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_MAX_OBJECT_SIZE,
+    DEFAULT_MAX_STREAMS_PER_PEER,
     DEFAULT_PEER_TIMEOUT,
     DEFAULT_WINDOW,
     SiteOptions,
@@ -476,6 +477,7 @@ async def open_site(
     finalize_timeout: float = DEFAULT_FINALIZE_TIMEOUT,
     sync_callbacks: SyncMode | str = SyncMode.THREAD,
     max_threads: float = math.inf,
+    max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
 ) -> AsyncIterator[Site]:
     """Run a site for the duration of the ``async with`` block.
 
@@ -495,6 +497,10 @@ async def open_site(
         sync_callbacks: ``"thread"`` (default) runs plain user callbacks in
             worker threads; ``"inline"`` runs them in the trio task.
         max_threads: most worker threads used at once for sync callbacks.
+        max_streams_per_peer: most receiving sessions one peer may have open
+            on this site at once. A stream beyond it is refused with a
+            ``SERVICE_UNAVAILABLE`` reply before any consumer is made; the
+            peer's other streams carry on.
 
     Resource handling:
         On exit (normal, error or cancellation) the site shuts down as by
@@ -512,6 +518,7 @@ async def open_site(
         finalize_timeout=finalize_timeout,
         sync_callbacks=SyncMode(sync_callbacks),
         max_threads=max_threads,
+        max_streams_per_peer=max_streams_per_peer,
     )
     _check_name(name)
     error: Exception | None = None
