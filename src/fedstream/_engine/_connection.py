@@ -57,6 +57,7 @@ from .._wire import (
     Pong,
     Reply,
 )
+from ._budget import ReceiveBudget
 from ._stats import ConnectionStats, StreamStats
 
 if TYPE_CHECKING:
@@ -248,6 +249,8 @@ class Connection:
         #: Sessions the peer opened (we receive), by sid.
         self.receivers: dict[int, ReceiveHandler] = {}
         self._early_aborts: dict[int, str] = {}
+        #: Bytes of objects the peer makes us hold, against max_receive_buffer_per_peer.
+        self.receive_budget = ReceiveBudget(options.max_receive_buffer_per_peer)
         #: Streams refused over max_streams_per_peer since the last warning, and when that was.
         self._refused = 0
         self._refusal_logged = -math.inf
@@ -323,6 +326,9 @@ class Connection:
             last_receive=self._last_receive,
             last_write=self.last_write,
             streams=tuple(sorted(streams, key=lambda s: s.sid)),
+            receive_buffered=self.receive_budget.held,
+            receive_buffered_peak=self.receive_budget.peak,
+            objects_waiting=self.receive_budget.waiting,
         )
 
     def new_sid(self) -> int:
