@@ -117,6 +117,11 @@ async def test_stats_show_live_sessions_and_counters(autojump_clock: trio.abc.Cl
             assert inn.credit >= 0
             assert tx_conn.bytes_sent >= out.bytes
             assert rx_conn.bytes_received >= inn.bytes
+            # The receive budget: object 1 is with the consumer, so nothing is held now.
+            assert rx_conn.receive_buffered == 0
+            assert size < rx_conn.receive_buffered_peak < 2 * size
+            assert rx_conn.objects_waiting == 0
+            assert (tx_conn.receive_buffered, tx_conn.receive_buffered_peak) == (0, 0)
             with pytest.raises(dataclasses.FrozenInstanceError):
                 out.objects = 0  # type: ignore[misc]
 

@@ -57,6 +57,7 @@ from .._wire import (
     Pong,
     Reply,
 )
+from ._budget import ReceiveBudget
 from ._stats import ConnectionStats, StreamStats
 
 if TYPE_CHECKING:
@@ -77,6 +78,9 @@ _MAX_CONTROL_QUEUE = 100_000
 _MAX_EARLY_ABORTS = 1024
 #: Time the writer gets to flush a closing GOAWAY.
 _DRAIN_TIMEOUT = 1.0
+#: At most one warning per this many seconds about streams refused over
+#: ``max_streams_per_peer`` (the peer decides how many it opens).
+_REFUSAL_LOG_INTERVAL = 60.0
 
 
 class ReceiveHandler(Protocol):
@@ -245,6 +249,11 @@ class Connection:
         #: Sessions the peer opened (we receive), by sid.
         self.receivers: dict[int, ReceiveHandler] = {}
         self._early_aborts: dict[int, str] = {}
+        #: Bytes of objects the peer makes us hold, against max_receive_buffer_per_peer.
+        self.receive_budget = ReceiveBudget(options.max_receive_buffer_per_peer)
+        #: Streams refused over max_streams_per_peer since the last warning, and when that was.
+        self._refused = 0
+        self._refusal_logged = -math.inf
         #: Links we opened (we send), by sid.
         self.senders: dict[int, SendHandler] = {}
         self._outbox = _Outbox(max(2 * options.chunk_size, 1 << 20))
@@ -317,6 +326,9 @@ class Connection:
             last_receive=self._last_receive,
             last_write=self.last_write,
             streams=tuple(sorted(streams, key=lambda s: s.sid)),
+            receive_buffered=self.receive_budget.held,
+            receive_buffered_peak=self.receive_budget.peak,
+            objects_waiting=self.receive_budget.waiting,
         )
 
     def new_sid(self) -> int:
@@ -613,6 +625,9 @@ class Connection:
                     if early_rc is not None:
                         self.send_control(Done(sid, early_rc, None))
                         return
+                    if len(self.receivers) >= self.options.max_streams_per_peer:
+                        self._refuse_stream(sid)
+                        return
                     receiver = self.on_open(self, frame)
                     if receiver is not None:
                         self.receivers[sid] = receiver
@@ -634,15 +649,52 @@ class Connection:
         else:
             receiver.on_abort(frame)
 
-    def reject(self, sid: int, seq: int, rc: str, message: str) -> None:
-        """Answer object ``seq`` of ``sid`` with an error reply that ends the stream."""
+    def reject(self, sid: int, seq: int, rc: str, message: str, *, quiet: bool = False) -> None:
+        """Answer object ``seq`` of ``sid`` with an error reply that ends the stream.
+
+        Logged as a warning, or with ``quiet`` (the caller rate-limits its own
+        warning) at debug level.
+        """
         from .._shareable import ReservedHeaderKey, make_reply
         from .._wire import encode_object
 
         message = message[:500]  # it may quote what the peer sent
-        logger.warning("rejecting object %d of stream %d from %s: %s", seq, sid, self.peer, message)
+        logger.log(
+            logging.DEBUG if quiet else logging.WARNING,
+            "rejecting object %d of stream %d from %s: %s",
+            seq,
+            sid,
+            self.peer,
+            message,
+        )
         encoded = encode_object(make_reply(rc, {ReservedHeaderKey.ERROR: message})).to_bytes()
         self.send_control(Reply(sid, seq, len(encoded), True, encoded))
+
+    def _refuse_stream(self, sid: int) -> None:
+        """Refuse a new stream over ``max_streams_per_peer``: error reply and DONE, no session."""
+        from .._shareable import ReturnCode
+
+        limit = self.options.max_streams_per_peer
+        self._refused += 1
+        now = trio.current_time()
+        if now - self._refusal_logged >= _REFUSAL_LOG_INTERVAL:
+            logger.warning(
+                "%s has max_streams_per_peer (%d) streams open to %s: refusing new ones "
+                "(%d refused since the last such warning)",
+                self.peer,
+                limit,
+                self.local,
+                self._refused,
+            )
+            self._refused = 0
+            self._refusal_logged = now
+        rc = ReturnCode.SERVICE_UNAVAILABLE
+        message = (
+            f"{self.local!r} accepts at most {limit} open streams from {self.peer!r} "
+            f"(max_streams_per_peer); try again when one has ended"
+        )
+        self.reject(sid, 0, rc, message, quiet=True)
+        self.send_control(Done(sid, rc, None))
 
     # ---------------------------------------------------------------- lifecycle
 

@@ -15,6 +15,8 @@ __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_HEARTBEAT_INTERVAL",
     "DEFAULT_MAX_OBJECT_SIZE",
+    "DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER",
+    "DEFAULT_MAX_STREAMS_PER_PEER",
     "DEFAULT_PEER_TIMEOUT",
     "DEFAULT_WINDOW",
     "SiteOptions",
@@ -32,6 +34,11 @@ DEFAULT_HEARTBEAT_INTERVAL: Final = 5.0
 DEFAULT_PEER_TIMEOUT: Final = 20.0
 #: Time allowed for the HELLO exchange.
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
+#: Receiving sessions one peer may have open at once on this site.
+DEFAULT_MAX_STREAMS_PER_PEER: Final = 4096
+#: Bytes of objects one peer may have under reassembly or waiting for their
+#: consumers on this site (1 GiB) before its streams stop getting credit.
+DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER: Final = 1024**3
 #: Bound on each end-of-stream step (finalize, stream_done_cb, return_consumer,
 #: and the sender's wait for receivers to confirm they finalized).
 DEFAULT_FINALIZE_TIMEOUT: Final = 30.0
@@ -51,6 +58,8 @@ class SiteOptions:
     finalize_timeout: float = DEFAULT_FINALIZE_TIMEOUT
     sync_callbacks: SyncMode = SyncMode.THREAD
     max_threads: float = math.inf
+    max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
+    max_receive_buffer_per_peer: int = DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER
 
     def __post_init__(self) -> None:
         if not MIN_MAX_FRAME_SIZE <= self.max_frame_size <= 0xFFFF_FFFF:
@@ -64,6 +73,10 @@ class SiteOptions:
         for name in ("heartbeat_interval", "peer_timeout", "handshake_timeout", "finalize_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
+        for name in ("max_streams_per_peer", "max_receive_buffer_per_peer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
         if self.peer_timeout <= self.heartbeat_interval:
             raise ValueError("peer_timeout must be longer than heartbeat_interval")
         object.__setattr__(self, "sync_callbacks", SyncMode(self.sync_callbacks))

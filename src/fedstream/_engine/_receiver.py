@@ -48,6 +48,7 @@ from .._wire import (
     decode_object,
     encode_object,
 )
+from ._budget import ObjectHolds
 from ._callbacks import current_session
 from ._stats import StreamStats
 
@@ -138,6 +139,10 @@ class ReceiverSession:
         self._spare: bytearray | mmap.mmap | None = None
         self._ungranted = 0
         self._grant_threshold = max(1, conn.options.window // 2)
+        #: This session's objects in the connection's receive budget.
+        self._holds = ObjectHolds(
+            conn.receive_budget, conn.options.max_object_size, functools.partial(self._grant, 0)
+        )
         #: True while consume or consumed_cb runs.
         self._busy = False
         #: rc passed to END_STREAM from inside consume, applied when it returns.
@@ -178,6 +183,7 @@ class ReceiverSession:
             return
         self._expected_seq += 1
         self._assembling_seq = frame.seq
+        self._holds.add(frame.size)
         if frame.size == len(frame.body) and frame.size <= self.conn.options.max_object_size:
             # The whole object came in this one frame: no reassembly needed.
             body = frame.body
@@ -232,7 +238,7 @@ class ReceiverSession:
         # Credit goes back in batches of half a window: the sender keeps its
         # chunks to at most half a window, so it can always make progress.
         self._ungranted += nbytes
-        if self._ungranted >= self._grant_threshold:
+        if self._ungranted >= self._grant_threshold and not self._holds.withholding:
             self.conn.send_control(Credit(self.sid, self._ungranted))
             self._ungranted = 0
 
@@ -344,6 +350,7 @@ class ReceiverSession:
                 self._inbox_event = trio.Event()
                 await self._inbox_event.wait()
             seq, raw = self._inbox.popleft()
+            self._holds.take()
             self.objects_received += 1
             self.bytes_received += len(raw)
             try:
@@ -422,6 +429,7 @@ class ReceiverSession:
         self.rc = rc
         self._assembler = None  # release what the session held
         self._inbox.clear()
+        self._holds.release()
         self.stream_ctx[StreamContextKey.RC] = rc
         reg = self.registration
         timeout = self.conn.options.finalize_timeout

@@ -36,6 +36,8 @@ from ._options import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_MAX_OBJECT_SIZE,
+    DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
+    DEFAULT_MAX_STREAMS_PER_PEER,
     DEFAULT_PEER_TIMEOUT,
     DEFAULT_WINDOW,
     SiteOptions,
@@ -476,6 +478,8 @@ async def open_site(
     finalize_timeout: float = DEFAULT_FINALIZE_TIMEOUT,
     sync_callbacks: SyncMode | str = SyncMode.THREAD,
     max_threads: float = math.inf,
+    max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
+    max_receive_buffer_per_peer: int = DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
 ) -> AsyncIterator[Site]:
     """Run a site for the duration of the ``async with`` block.
 
@@ -495,6 +499,20 @@ async def open_site(
         sync_callbacks: ``"thread"`` (default) runs plain user callbacks in
             worker threads; ``"inline"`` runs them in the trio task.
         max_threads: most worker threads used at once for sync callbacks.
+        max_streams_per_peer: most receiving sessions one peer may have open
+            on this site at once. A stream beyond it is refused with a
+            ``SERVICE_UNAVAILABLE`` reply before any consumer is made; the
+            peer's other streams carry on.
+        max_receive_buffer_per_peer: bytes of received objects one peer may
+            make this site hold, counted by announced size from an object's
+            first frame until ``consume`` is called. Past it, that peer's
+            streams get no more credit (their senders stall, and time out if
+            that lasts) until objects are consumed; an object that does not
+            fit waits its turn, and one larger than the whole budget is let
+            in alone. A waiting stream can still send what its credit
+            allowed (one ``window`` at most), so the bytes actually held
+            stay within this (or one larger object) plus one ``window`` per
+            waiting stream.
 
     Resource handling:
         On exit (normal, error or cancellation) the site shuts down as by
@@ -512,6 +530,8 @@ async def open_site(
         finalize_timeout=finalize_timeout,
         sync_callbacks=SyncMode(sync_callbacks),
         max_threads=max_threads,
+        max_streams_per_peer=max_streams_per_peer,
+        max_receive_buffer_per_peer=max_receive_buffer_per_peer,
     )
     _check_name(name)
     error: Exception | None = None

@@ -51,6 +51,12 @@ class ConnectionStats:
         last_receive: when bytes last arrived.
         last_write: when bytes were last written.
         streams: the stream sessions on this connection, both directions.
+        receive_buffered: announced bytes of the peer's objects this site
+            holds (being reassembled or waiting for their consumer), counted
+            against ``max_receive_buffer_per_peer``.
+        receive_buffered_peak: the largest ``receive_buffered`` so far.
+        objects_waiting: the peer's objects waiting for room in that budget;
+            their streams get no credit meanwhile.
     """
 
     peer: str
@@ -63,3 +69,6 @@ class ConnectionStats:
     last_receive: float
     last_write: float
     streams: tuple[StreamStats, ...]
+    receive_buffered: int = 0
+    receive_buffered_peak: int = 0
+    objects_waiting: int = 0
