@@ -72,3 +72,23 @@ def test_py_typed_marker_ships() -> None:
     from importlib.resources import files
 
     assert files("fedstream").joinpath("py.typed").is_file()
+
+
+def test_site_options_are_the_same_everywhere() -> None:
+    """open_site's keywords, serve_site's typed **options and SiteOptions agree."""
+    import dataclasses
+    import inspect
+    import typing
+
+    from fedstream._engine._site import SiteKeywords
+
+    keywords = {
+        name
+        for name, param in inspect.signature(fedstream.open_site).parameters.items()
+        if param.kind is param.KEYWORD_ONLY and name not in ("listen", "connect")
+    }
+    fields = {f.name for f in dataclasses.fields(fedstream.SiteOptions)}
+    assert keywords == fields
+    assert set(typing.get_type_hints(SiteKeywords)) == fields
+    serve = inspect.signature(fedstream.serve_site).parameters
+    assert serve["options"].kind is inspect.Parameter.VAR_KEYWORD

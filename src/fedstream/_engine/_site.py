@@ -12,7 +12,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import trio
 
@@ -46,7 +46,10 @@ from ._receiver import ReceiverSession, Registration
 from ._sender import StreamSession, TargetLink
 from ._stats import ConnectionStats
 
-__all__ = ["Site", "open_site", "serve_site"]
+if TYPE_CHECKING:  # Unpack for **kwargs is in typing from Python 3.11 (PEP 692)
+    from typing_extensions import Unpack
+
+__all__ = ["Site", "SiteKeywords", "open_site", "serve_site"]
 
 logger = logging.getLogger(__name__)
 
@@ -462,6 +465,23 @@ class Site:
     aclose = shutdown_streamer
 
 
+class SiteKeywords(TypedDict, total=False):
+    """The engine options of :func:`open_site`, for typing :func:`serve_site`'s ``**options``."""
+
+    max_frame_size: int
+    max_object_size: int
+    chunk_size: int
+    window: int
+    heartbeat_interval: float
+    peer_timeout: float
+    handshake_timeout: float
+    finalize_timeout: float
+    sync_callbacks: SyncMode | str
+    max_threads: float
+    max_streams_per_peer: int
+    max_receive_buffer_per_peer: int
+
+
 @asynccontextmanager
 async def open_site(
     name: str,
@@ -568,7 +588,7 @@ async def serve_site(
     listen: str | Sequence[str] | None = None,
     connect: Sequence[str] = (),
     task_status: trio.TaskStatus[Site] = trio.TASK_STATUS_IGNORED,
-    **options: Any,
+    **options: Unpack[SiteKeywords],
 ) -> None:
     """Run a site until cancelled, for callers that manage their own nursery.
 
