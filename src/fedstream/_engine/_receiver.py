@@ -96,6 +96,7 @@ async def send_object(
 
 _PLAIN_OK: Final = make_reply(ReturnCode.OK)
 _PLAIN_OK_ENCODED: Final = encode_object(_PLAIN_OK)
+_PLAIN_OK_VIEW: Final = memoryview(_PLAIN_OK_ENCODED.to_bytes())
 
 
 class ReceiverSession:
@@ -391,6 +392,11 @@ class ReceiverSession:
             if self.rc is not None:
                 return  # ended while consume ran (abort, shutdown): no reply
             end_rc = self._end_requested
+            if reply is None and end_rc is None and keep_going:
+                # The plain acknowledgement, encoded once for all.
+                body = _PLAIN_OK_VIEW
+                await self.conn.send_data(Reply(self.sid, seq, len(body), False, body))
+                continue
             if reply is None:
                 reply = make_reply(end_rc or ReturnCode.OK)
             if end_rc is not None:

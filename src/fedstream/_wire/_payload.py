@@ -357,7 +357,11 @@ def _split_head(view: memoryview) -> tuple[io.BytesIO, int, list[int]]:
     (head_len,) = _LEN.unpack_from(view)
     if head_len > len(view) - _LEN.size:
         raise RemoteProtocolError("encoded object head is longer than the object")
-    fp = io.BytesIO(bytes(view[_LEN.size : _LEN.size + head_len]))
+    head = bytes(view[_LEN.size : _LEN.size + head_len])
+    fp = io.BytesIO(head)
+    if head[:1] == b"\x80":  # no out-of-band buffers, the usual case for small objects
+        fp.seek(1)
+        return fp, head_len, []
     try:
         lengths = _decoder(fp, _REJECTED_TAGS).decode()
     except Exception as exc:
@@ -409,15 +413,9 @@ def decode_object(data: RawObject) -> Shareable:
         # A ``bytes`` part was received in place and is used only here.
         return buf if type(buf) is bytes else bytes(buf)
 
-    def shareable(value: Any, immutable: bool) -> Any:
-        if not isinstance(value, dict):
-            raise ValueError("nested Shareable must be a map")
-        return Shareable(value)
-
+    hooks = {**_OBJECT_DECODERS, TAG_BUFFER: buffer} if buffers else _NO_BUFFER_DECODERS
     try:
-        value = _decoder(
-            fp, {**_OBJECT_DECODERS, TAG_BUFFER: buffer, TAG_SHAREABLE: shareable}
-        ).decode()
+        value = _decoder(fp, hooks).decode()
     except Exception as exc:
         cause = _remote_cause(exc)
         if cause is not None:
@@ -430,6 +428,16 @@ def decode_object(data: RawObject) -> Shareable:
     if not isinstance(value, dict):
         raise RemoteProtocolError("object value must be a CBOR map")
     return Shareable(value)
+
+
+def _shareable_hook(value: Any, immutable: bool) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError("nested Shareable must be a map")
+    return Shareable(value)
+
+
+def _no_buffer_hook(index: Any, immutable: bool) -> Any:
+    raise ValueError(f"bad out-of-band buffer index {index!r}")
 
 
 def _remote_cause(exc: BaseException) -> RemoteProtocolError | None:
@@ -585,7 +593,13 @@ _ARRAY_DECODERS: Final[Mapping[int, Any]] = {
     TAG_COLUMN_MAJOR: functools.partial(_multi_dimensional, "F"),
 }
 
-_OBJECT_DECODERS: Final = {**_REJECTED_TAGS, **_ARRAY_DECODERS}
+_OBJECT_DECODERS: Final = {
+    **_REJECTED_TAGS,
+    **_ARRAY_DECODERS,
+    TAG_SHAREABLE: _shareable_hook,
+}
+#: Hooks for an object without out-of-band buffers.
+_NO_BUFFER_DECODERS: Final = {**_OBJECT_DECODERS, TAG_BUFFER: _no_buffer_hook}
 
 
 #: Objects at least this large are reassembled in an anonymous memory map: a
