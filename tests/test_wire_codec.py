@@ -562,3 +562,47 @@ def test_hot_frame_shortcut_encodes_like_the_checked_path(frame: Frame) -> None:
 def test_hot_frame_shortcut_still_refuses_invalid_fields(frame: Frame) -> None:
     with pytest.raises(LocalProtocolError):
         encode_frame(frame)
+
+
+_simple_items = st.one_of(
+    st.integers(0, U64_MAX),
+    st.text(max_size=40),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False),
+    st.integers(-(2**63), -1),
+    st.binary(max_size=4),
+)
+
+
+@given(
+    items=st.lists(_simple_items, min_size=1, max_size=24),
+    tail=st.binary(max_size=8),
+    cut=st.integers(0, 64),
+)
+def test_simple_head_reader_agrees_with_the_strict_decoder(
+    items: list[Any], tail: bytes, cut: int
+) -> None:
+    """The shortcut for plain heads decodes exactly what the strict decoder does, or declines."""
+    encoded = cbor2.dumps(items) + tail
+    for data in (encoded, encoded[: max(1, len(encoded) - cut)]):
+        simple = _protocol._loads_simple(data)
+        if simple is None:
+            continue
+        assert simple == _protocol._loads_strict(data, max_depth=MAX_HEAD_DEPTH)
+
+
+@given(data=st.binary(min_size=1, max_size=64).map(lambda b: bytes([0x81 + b[0] % 23]) + b[1:]))
+def test_simple_head_reader_on_arbitrary_bytes(data: bytes) -> None:
+    simple = _protocol._loads_simple(data)
+    if simple is not None:
+        assert simple == _protocol._loads_strict(data, max_depth=MAX_HEAD_DEPTH)
+
+
+def test_simple_head_reader_declines_what_it_does_not_know() -> None:
+    assert _protocol._loads_simple(cbor2.dumps([1, {"a": 1}])) is None
+    assert _protocol._loads_simple(cbor2.dumps([1, -1])) is None
+    assert _protocol._loads_simple(b"\x82\x01\x62\xff\xfe") is None  # invalid UTF-8
+    assert _protocol._loads_simple(b"\x83\x01\x02") is None  # truncated
+    assert _protocol._loads_simple(b"\x9f\x01\xff") is None  # indefinite
+    assert _protocol._loads_simple(b"\x82\x01\x18\x05") == ([1, 5], 4)  # not shortest: as cbor2

@@ -132,6 +132,56 @@ def _loads_strict(data: bytes, *, max_depth: int) -> tuple[Any, int]:
     return item, fp.tell()
 
 
+def _loads_simple(data: bytes) -> tuple[list[Any], int] | None:
+    """Decode a head that is a short array of uints, short texts, booleans and nulls.
+
+    The frames sent once or more per object (DATA without a context, CHUNK,
+    REPLY, CREDIT) have such heads; reading them here spares setting up a
+    CBOR decoder. Anything else, a truncated head included, returns None and
+    goes to :func:`_loads_strict`, which accepts the same items with the same
+    values.
+    """
+    try:
+        first = data[0]
+        if not 0x81 <= first <= 0x97:
+            return None
+        pos = 1
+        items: list[Any] = []
+        append = items.append
+        for _ in range(first - 0x80):
+            byte = data[pos]
+            pos += 1
+            if byte < 0x18:
+                append(byte)
+            elif byte <= 0x1B:
+                end = pos + (1 << (byte - 0x18))
+                if end > len(data):
+                    return None
+                append(int.from_bytes(data[pos:end], "big"))
+                pos = end
+            elif 0x60 <= byte <= 0x78:
+                if byte == 0x78:
+                    end = pos + 1 + data[pos]
+                    pos += 1
+                else:
+                    end = pos + byte - 0x60
+                if end > len(data):
+                    return None
+                append(data[pos:end].decode("utf-8"))
+                pos = end
+            elif byte == 0xF6:
+                append(None)
+            elif byte == 0xF5:
+                append(True)
+            elif byte == 0xF4:
+                append(False)
+            else:
+                return None
+    except (IndexError, UnicodeDecodeError):
+        return None
+    return items, pos
+
+
 #: Field types whose content is not fixed by the frame layout.
 _FREE_FORM: Final = ((dict,), (object,))
 
@@ -209,6 +259,10 @@ def _parse_head(
             inside the head (only possible when ``len(data) < frame_len``).
         RemoteProtocolError: the head is invalid.
     """
+    simple = _loads_simple(data)
+    if simple is not None:
+        head, head_len = simple
+        return _fields(head, head_len, frame_len)
     try:
         head, head_len = _loads_strict(data, max_depth=max_depth)
     except cbor2.CBORDecodeEOF:
@@ -217,6 +271,11 @@ def _parse_head(
         raise RemoteProtocolError("frame head is truncated") from None
     except Exception as exc:  # cbor2 raises CBORDecodeError, but be total here
         raise RemoteProtocolError(f"frame head is not valid CBOR: {exc}") from exc
+    return _fields(head, head_len, frame_len)
+
+
+def _fields(head: Any, head_len: int, frame_len: int) -> tuple[type[Frame], dict[str, Any], int]:
+    """Check a decoded head against its frame's spec; see :func:`_parse_head`."""
     if type(head) is not list or not head:
         raise RemoteProtocolError("frame head must be a non-empty CBOR array")
     ftype = head[0]
