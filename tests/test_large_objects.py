@@ -285,6 +285,58 @@ async def test_2_gib_as_1_mib_objects_over_tcp() -> None:
     assert log.sha.digest() == want[0]
 
 
+class KeepingConsumer(ObjectConsumer):
+    def __init__(self, kept: list[Shareable]) -> None:
+        self.kept = kept
+
+    async def consume(
+        self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[bool, Shareable | None]:
+        self.kept.append(shareable)
+        return True, None
+
+
+class KeepingFactory(ConsumerFactory):
+    def __init__(self) -> None:
+        self.kept: list[Shareable] = []
+
+    async def get_consumer(  # type: ignore[override]
+        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> ObjectConsumer:
+        return KeepingConsumer(self.kept)
+
+
+async def test_delivered_payloads_stay_intact_while_later_objects_arrive() -> None:
+    """Payloads received in place are the consumer's to keep: nothing writes them again.
+
+    Sizes go around the one-frame, paired-head and chunked paths, and the
+    consumer keeps every object while the next ones arrive over the same
+    connection; all are compared (and hashed) only at the end.
+    """
+    sizes = [40_000, 130_000, 300_000, MIB, 3 * MIB + 5, 40_000, 3 * MIB + 5, MIB]
+    objects = [
+        Shareable({"seq": i, "a": payload(n, seed=20 + i), "b": [payload(OUT_OF_BAND_MIN, seed=i)]})
+        for i, n in enumerate(sizes)
+    ]
+    factory = KeepingFactory()
+    with trio.fail_after(60):
+        async with fedstream.open_site("rx", listen=LOOP, chunk_size=256 * KIB) as rx:
+            rx.register_stream_processing(CHANNEL, "keep", factory)
+            assert rx.address is not None
+            async with fedstream.open_site("tx", connect=[rx.address]) as tx:
+                producer = Producer(lambda i: objects[i], len(objects))
+                result = await tx.stream_objects(CHANNEL, "keep", {}, ["rx"], producer, None)
+    assert result == (OK, None)
+    assert len(factory.kept) == len(objects)
+    for sent, got in zip(objects, factory.kept, strict=True):
+        assert got["seq"] == sent["seq"]
+        assert type(got["a"]) is bytes
+        # Digests, not the bytes themselves: a failure must not diff megabytes.
+        assert digest_of(got["a"]) == digest_of(sent["a"]), f"object {sent['seq']}"
+        assert hash(got["a"]) == hash(bytes(sent["a"]))
+        assert [digest_of(b) for b in got["b"]] == [digest_of(b) for b in sent["b"]]
+
+
 # --------------------------------------------------------- head-of-line blocking
 
 
