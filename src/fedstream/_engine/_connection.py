@@ -28,6 +28,7 @@ import itertools
 import logging
 import math
 import os
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -77,6 +78,11 @@ _MAX_CONTROL_QUEUE = 100_000
 _MAX_EARLY_ABORTS = 1024
 #: Time the writer gets to flush a closing GOAWAY.
 _DRAIN_TIMEOUT = 1.0
+#: Unsent bytes the kernel holds at most while frames wait in the outbox
+#: (trio's own ``TCP_NOTSENT_LOWAT`` for its sockets).
+_UNSENT_QUEUED = 16 * 1024
+#: Room for a frame head on top of ``max_body`` when a whole frame goes out in one write.
+_UNSENT_SLACK = 64 * 1024
 
 
 class ReceiveHandler(Protocol):
@@ -250,6 +256,13 @@ class Connection:
         self._outbox = _Outbox(max(2 * options.chunk_size, 1 << 20))
         # The socket's descriptor for direct writes (-1 for non-socket streams).
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        #: The socket's current TCP_NOTSENT_LOWAT, and the one for a direct write
+        #: (both 0 without such a socket option, e.g. on memory streams).
+        self._unsent_limit = 0
+        self._unsent_whole = 0
+        if isinstance(stream, trio.SocketStream) and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+            self._unsent_limit = _UNSENT_QUEUED
+            self._unsent_whole = self.max_body + _UNSENT_SLACK
         #: True while the writer task is inside a write.
         self._writing = False
         self._pings = itertools.count()
@@ -332,6 +345,33 @@ class Connection:
 
     # ------------------------------------------------------------------ sending
 
+    def _fit_unsent(self) -> None:
+        """Set how many unsent bytes the kernel takes before a write stops short.
+
+        trio sets 16 KiB (``TCP_NOTSENT_LOWAT``). A 1 MiB chunk then went out
+        in pieces as the peer drained its window, the writer task and the
+        peer's reader waking for each piece. On a connection that carries
+        one stream, nothing can queue behind a frame, so the kernel may take
+        a whole one. With more streams it keeps to 16 KiB, so that what
+        queues behind a large object waits behind the outbox only.
+        """
+        if not self._unsent_whole:
+            return
+        if len(self.senders) + len(self.receivers) <= 1:
+            wanted = self._unsent_whole
+        else:
+            wanted = _UNSENT_QUEUED
+        if wanted == self._unsent_limit:
+            return
+        assert isinstance(self.stream, trio.SocketStream)
+        self._unsent_limit = wanted
+        try:
+            self.stream.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, min(wanted, 0x7FFF_FFFF)
+            )
+        except OSError:
+            self._unsent_whole = 0
+
     def _write_now(self, head: bytes, body: memoryview | None) -> bool:
         """Write a frame straight to the socket when nothing is queued or being written.
 
@@ -344,6 +384,8 @@ class Connection:
         if self._fd < 0 or self._writing or outbox:
             return False
         parts: list[bytes | memoryview] = [head] if body is None else [head, body]
+        if body is not None:
+            self._fit_unsent()
         try:
             written = os.writev(self._fd, parts)
         except BlockingIOError:
@@ -429,6 +471,7 @@ class Connection:
 
     async def _write_batch(self, outbox: _Outbox, stream: trio.abc.Stream) -> None:
         """Write what is queued: a direct write's leftover, then coalesced frames."""
+        self._fit_unsent()
         while outbox.partial:
             piece = outbox.partial.pop(0)
             await stream.send_all(piece)
