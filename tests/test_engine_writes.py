@@ -128,3 +128,102 @@ async def test_one_stream_writes_whole_chunks_two_streams_keep_trios_limit() -> 
                 assert rc == ReturnCode.OK
                 assert shared.limits == [whole + 64 * 1024, TRIO_UNSENT, TRIO_UNSENT]
                 assert small.limits == [TRIO_UNSENT, TRIO_UNSENT]
+
+
+class Blobs(ObjectProducer):
+    """One object per entry of ``shapes``: a list of blob sizes, each blob its own buffer."""
+
+    def __init__(self, shapes: list[list[int]]) -> None:
+        self.shapes = shapes
+        self.sent = 0
+        self.replies: list[str] = []
+
+    async def produce(
+        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[Shareable | None, float]:
+        if self.sent == len(self.shapes):
+            return None, 10.0
+        sizes = self.shapes[self.sent]
+        self.sent += 1
+        return Shareable(blobs=[bytes([i % 251]) * size for i, size in enumerate(sizes)]), 10.0
+
+    async def process_replies(
+        self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> Any:
+        self.replies.append(str(replies["recv"].get_return_code()))
+        return None
+
+
+class Keeper(ObjectConsumer):
+    def __init__(self, seen: list[list[bytes]]) -> None:
+        self.seen = seen
+
+    async def consume(
+        self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[bool, Shareable | None]:
+        self.seen.append([bytes(b) for b in shareable["blobs"]])
+        return True, None
+
+
+class KeeperFactory(ConsumerFactory):
+    def __init__(self) -> None:
+        self.seen: list[list[bytes]] = []
+
+    async def get_consumer(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> ObjectConsumer:
+        return Keeper(self.seen)
+
+
+async def test_head_and_buffer_leave_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 MiB buffer and the object head before it: one ``writev`` on an idle connection."""
+    import os
+
+    writes: list[int] = []
+    writev = os.writev
+
+    def counting(fd: int, parts: Any) -> int:
+        parts = list(parts)
+        written = writev(fd, parts)
+        writes.append(len(parts))
+        return written
+
+    with trio.fail_after(30):
+        async with fedstream.open_site("recv", listen=LOOP, sync_callbacks="inline") as recv:
+            factory = KeeperFactory()
+            recv.register_stream_processing(CHANNEL, "*", factory)
+            async with fedstream.open_site(
+                "send", connect=[recv.address], sync_callbacks="inline"
+            ) as send:
+                producer = Blobs([[MIB], [MIB]])
+                # Object 0 also carries the stream context, in a DATA of its own.
+                monkeypatch.setattr(os, "writev", counting)
+                rc, _ = await send.stream_objects(CHANNEL, "t", {}, ["recv"], producer, None)
+                monkeypatch.setattr(os, "writev", writev)
+    assert rc == ReturnCode.OK
+    assert producer.replies == [ReturnCode.OK] * 2
+    assert [[len(b) for b in blobs] for blobs in factory.seen] == [[MIB], [MIB]]
+    # (The receiving site in this process writes its replies with writev too.)
+    # Context DATA (a head only) + head DATA + buffer CHUNK; then head DATA + buffer CHUNK.
+    assert writes.count(5) == 1
+    assert writes.count(4) == 1
+
+
+@pytest.mark.parametrize("window", [4 * 1024, 12 * 1024])
+async def test_many_small_buffers_under_a_tight_window(window: int) -> None:
+    """Views grouped into one write never wait for credit while held back."""
+    # Blobs of 32 KiB and more are buffers of their own; smaller ones are in the head.
+    shapes = [[33_000] * 3 + [50_000], [40_000, 600], [100_000, 33_000, 33_000], [600] * 9]
+    with trio.fail_after(30):
+        async with fedstream.open_site(
+            "recv", listen=LOOP, sync_callbacks="inline", chunk_size=4 * 1024, window=window
+        ) as recv:
+            factory = KeeperFactory()
+            recv.register_stream_processing(CHANNEL, "*", factory)
+            async with fedstream.open_site(
+                "send", connect=[recv.address], sync_callbacks="inline", chunk_size=4 * 1024
+            ) as send:
+                producer = Blobs(shapes)
+                rc, _ = await send.stream_objects(CHANNEL, "t", {}, ["recv"], producer, None)
+    assert rc == ReturnCode.OK
+    assert producer.replies == [ReturnCode.OK] * len(shapes)
+    expected = [[bytes([i % 251]) * size for i, size in enumerate(sizes)] for sizes in shapes]
+    assert factory.seen == expected

@@ -372,19 +372,26 @@ class Connection:
         except OSError:
             self._unsent_whole = 0
 
-    def _write_now(self, head: bytes, body: memoryview | None) -> bool:
-        """Write a frame straight to the socket when nothing is queued or being written.
+    def _write_now(
+        self, head: bytes, body: memoryview | None, *more: tuple[bytes, memoryview | None]
+    ) -> bool:
+        """Write a frame (and ``more``) straight to the socket when nothing is
+        queued or being written.
 
         A non-blocking ``writev`` with no await in between, so it cannot be
         cancelled halfway. Whatever the socket does not take right away is
         left in ``partial`` for the writer task. Returns False (nothing
-        written) when the frame has to wait its turn in the queue.
+        written) when the frames have to wait their turn in the queue.
         """
         outbox = self._outbox
         if self._fd < 0 or self._writing or outbox:
             return False
         parts: list[bytes | memoryview] = [head] if body is None else [head, body]
-        if body is not None:
+        for item in more:
+            parts.append(item[0])
+            if item[1] is not None:
+                parts.append(item[1])
+        if body is not None or more:
             self._fit_unsent()
         try:
             written = os.writev(self._fd, parts)
@@ -398,6 +405,8 @@ class Connection:
             self.last_write = trio.current_time()
             self._wake_written()
         total = len(head) + (len(body) if body is not None else 0)
+        if more:
+            total += sum(map(_size, more))
         if written < total:
             rest: list[memoryview] = []
             for part in parts:
@@ -425,8 +434,11 @@ class Connection:
             return
         self._outbox.wakeup.set()
 
-    async def send_data(self, frame: Frame) -> None:
-        """Queue a data frame, waiting while the data queue is full.
+    async def send_data(self, frame: Frame, *more: Frame) -> None:
+        """Queue data frames, waiting while the data queue is full.
+
+        ``frame`` and ``more`` go out back to back, in one write when nothing
+        is queued, so the peer can read them at once.
 
         Raises:
             ConnectionLostError: the connection is closed.
@@ -444,11 +456,20 @@ class Connection:
         if outbox.closed:
             raise ConnectionLostError(f"connection to {self.peer} is closed: {self.close_reason}")
         item = self.protocol.send_parts(frame)
-        self.bytes_queued += _size(item)
-        if not self._write_now(*item):
-            outbox.data.append(item)
-            outbox.data_bytes += _size(item)
-            outbox.wakeup.set()
+        if more:
+            items = [item, *map(self.protocol.send_parts, more)]
+            self.bytes_queued += sum(map(_size, items))
+            if not self._write_now(*item, *items[1:]):
+                for item in items:
+                    outbox.data.append(item)
+                    outbox.data_bytes += _size(item)
+                outbox.wakeup.set()
+        else:
+            self.bytes_queued += _size(item)
+            if not self._write_now(*item):
+                outbox.data.append(item)
+                outbox.data_bytes += _size(item)
+                outbox.wakeup.set()
         if outbox.data_bytes < outbox.data_limit:
             outbox.space.unpark()
 

@@ -23,7 +23,7 @@ import functools
 import logging
 import math
 import mmap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -62,6 +62,9 @@ END_RESULT: Final = "__end_result__"
 #: Sender ``stream_ctx`` key: ``{target: stream_done_cb result}`` for every
 #: target whose result was truthy, filled in before ``stream_objects`` returns.
 END_RESULTS: Final = "__end_results__"
+#: Views of an object go out in groups of at least this many bytes (the last
+#: view of a group may be a whole chunk), each group in one write.
+_GROUP_BELOW: Final = 64 * 1024
 
 
 class TargetLink:
@@ -215,30 +218,38 @@ class TargetLink:
         deadline = trio.current_time() + no_progress
         while True:
             with trio.move_on_at(deadline) as scope:
+                frames: list[Data | Chunk] = []
                 if ctx is not None and offset == 0 and not self.opened:
                     # The context rides alone in the first DATA (its head may be
-                    # large); the object's bytes all follow in CHUNKs.
-                    await conn.send_data(
-                        Data(self.sid, seq, encoded.size, channel, topic, ctx, b"")
-                    )
-                    self.opened = True
-                    mark = conn.bytes_queued
-                for view in encoded.chunks(conn.max_body, offset):
-                    size = len(view)
-                    await self._wait(functools.partial(self._can_send, size))
+                    # large); the object's bytes all follow in CHUNKs, written
+                    # together with it.
+                    frames.append(Data(self.sid, seq, encoded.size, channel, topic, ctx, b""))
+                for group in self._groups(encoded, conn.max_body, offset):
+                    size = len(group[0]) if len(group) == 1 else sum(map(len, group))
+                    if not self._can_send(size):
+                        if frames:
+                            await conn.send_data(*frames)  # never held while waiting
+                            frames.clear()
+                            self.opened = True
+                            mark = conn.bytes_queued
+                        await self._wait(functools.partial(self._can_send, size))
                     if self._ended():
                         break
-                    if offset == 0 and not (ctx is not None and seq == 0):
-                        frame: Data | Chunk = Data(
-                            self.sid, seq, encoded.size, channel, topic, None, view
-                        )
-                    else:
-                        frame = Chunk(self.sid, seq, offset, view)
-                    await conn.send_data(frame)
+                    at = offset
+                    for view in group:
+                        if at == 0 and not (ctx is not None and seq == 0):
+                            frames.append(
+                                Data(self.sid, seq, encoded.size, channel, topic, None, view)
+                            )
+                        else:
+                            frames.append(Chunk(self.sid, seq, at, view))
+                        at += len(view)
+                    await conn.send_data(*frames)
+                    frames.clear()
                     self.opened = True
                     self.window -= size
                     self.bytes_sent += size
-                    offset += size
+                    offset = at
                     mark = conn.bytes_queued
                     deadline = scope.deadline = trio.current_time() + no_progress
                     if offset == encoded.size:
@@ -279,6 +290,30 @@ class TargetLink:
                 await self._attach_end_result(reply)
             return reply
         return make_reply(self.ended_rc or ReturnCode.COMMUNICATION_ERROR)
+
+    def _groups(
+        self, encoded: EncodedObject, max_body: int, start: int
+    ) -> Iterator[list[memoryview]]:
+        """The object's views from ``start`` on, grouped as they go out.
+
+        Small views (such as the object's head, before a large buffer) go out
+        in one write with the views after them, so that the receiver reads
+        them at once, but only while the window takes them all right now: a
+        frame is never held back while waiting for credit.
+        """
+        group: list[memoryview] = []
+        held = 0
+        for view in encoded.chunks(max_body, start):
+            if group and not self._can_send(held + len(view)):
+                yield group
+                group, held = [], 0
+            group.append(view)
+            held += len(view)
+            if held >= _GROUP_BELOW:
+                yield group
+                group, held = [], 0
+        if group:
+            yield group
 
     async def _tell(self, frame: Abort | End) -> None:
         """Send END or ABORT in order behind this stream's data (bounded, shielded)."""
