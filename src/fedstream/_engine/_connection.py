@@ -28,6 +28,7 @@ import itertools
 import logging
 import math
 import os
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -81,6 +82,11 @@ _DRAIN_TIMEOUT = 1.0
 #: At most one warning per this many seconds about streams refused over
 #: ``max_streams_per_peer`` (the peer decides how many it opens).
 _REFUSAL_LOG_INTERVAL = 60.0
+#: Unsent bytes the kernel holds at most while frames wait in the outbox
+#: (trio's own ``TCP_NOTSENT_LOWAT`` for its sockets).
+_UNSENT_QUEUED = 16 * 1024
+#: Room for a frame head on top of ``max_body`` when a whole frame goes out in one write.
+_UNSENT_SLACK = 64 * 1024
 
 
 class ReceiveHandler(Protocol):
@@ -259,6 +265,13 @@ class Connection:
         self._outbox = _Outbox(max(2 * options.chunk_size, 1 << 20))
         # The socket's descriptor for direct writes (-1 for non-socket streams).
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        #: The socket's current TCP_NOTSENT_LOWAT, and the one for a direct write
+        #: (both 0 without such a socket option, e.g. on memory streams).
+        self._unsent_limit = 0
+        self._unsent_whole = 0
+        if isinstance(stream, trio.SocketStream) and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+            self._unsent_limit = _UNSENT_QUEUED
+            self._unsent_whole = self.max_body + _UNSENT_SLACK
         #: True while the writer task is inside a write.
         self._writing = False
         self._pings = itertools.count()
@@ -344,13 +357,40 @@ class Connection:
 
     # ------------------------------------------------------------------ sending
 
+    def _fit_unsent(self) -> None:
+        """Set how many unsent bytes the kernel takes before a write stops short.
+
+        trio sets 16 KiB (``TCP_NOTSENT_LOWAT``). A 1 MiB chunk then went out
+        in pieces as the peer drained its window, the writer task and the
+        peer's reader waking for each piece. On a connection that carries
+        one stream, nothing can queue behind a frame, so the kernel may take
+        a whole one. With more streams it keeps to 16 KiB, so that what
+        queues behind a large object waits behind the outbox only.
+        """
+        if not self._unsent_whole:
+            return
+        if len(self.senders) + len(self.receivers) <= 1:
+            wanted = self._unsent_whole
+        else:
+            wanted = _UNSENT_QUEUED
+        if wanted == self._unsent_limit:
+            return
+        assert isinstance(self.stream, trio.SocketStream)
+        self._unsent_limit = wanted
+        try:
+            self.stream.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, min(wanted, 0x7FFF_FFFF)
+            )
+        except OSError:
+            self._unsent_whole = 0
+
     def _write_now(self, *items: tuple[bytes, memoryview | None]) -> bool:
         """Write frames straight to the socket when nothing is queued or being written.
 
         A non-blocking ``writev`` with no await in between, so it cannot be
         cancelled halfway. Whatever the socket does not take right away is
         left in ``partial`` for the writer task. Returns False (nothing
-        written) when the frame has to wait its turn in the queue.
+        written) when the frames have to wait their turn in the queue.
         """
         outbox = self._outbox
         if self._fd < 0 or self._writing or outbox:
@@ -360,6 +400,8 @@ class Connection:
             parts.append(head)
             if body is not None:
                 parts.append(body)
+        if len(parts) > 1:
+            self._fit_unsent()
         try:
             written = os.writev(self._fd, parts)
         except BlockingIOError:
@@ -453,6 +495,7 @@ class Connection:
 
     async def _write_batch(self, outbox: _Outbox, stream: trio.abc.Stream) -> None:
         """Write what is queued: a direct write's leftover, then coalesced frames."""
+        self._fit_unsent()
         while outbox.partial:
             piece = outbox.partial.pop(0)
             await stream.send_all(piece)
