@@ -546,3 +546,24 @@ def test_plain_ok_reply_shortcut_matches_the_decoder() -> None:
     assert decoded == shortcut
     assert decoded.get_return_code() == shortcut.get_return_code() == "OK"
     assert dict(decoded) == dict(shortcut)
+
+
+@pytest.mark.skipif(_payload._inplace_bytes is None, reason="needs CPython in-place bytes")
+def test_distinct_part_sizes_do_not_accumulate_memory() -> None:
+    """A peer choosing a new buffer size for every object must not grow what we keep."""
+    assert _payload._inplace_bytes is not None
+    for size in range(4096, 4096 + 64):  # warm the few size classes used below
+        _payload._inplace_bytes(size)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for size in range(4096, 4096 + 3000):
+            obj, view = _payload._inplace_bytes(size)
+            assert len(view) == size == len(obj)
+            view.release()
+            del obj, view
+        gc.collect()
+        current, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert current < 256 * 1024, f"{current} bytes kept after 3000 distinct sizes"

@@ -643,9 +643,14 @@ def _inplace_bytes_factory() -> Callable[[int], tuple[bytes, memoryview]] | None
 
         def inplace_bytes(size: int) -> tuple[bytes, memoryview]:
             obj = new_bytes(None, size)
-            array = (ctypes.c_char * size).from_address(id(obj) + offset)
+            # ctypes caches array types by length (how long depends on the
+            # version): sizes are rounded up to a power of two, so a peer
+            # choosing sizes can never make it hold more than a few dozen
+            # types. The view is cut to ``size`` at once.
+            array_type = ctypes.c_char * (1 << max(size - 1, 0).bit_length())
+            array = array_type.from_address(id(obj) + offset)
             array._owner = obj  # type: ignore[attr-defined]  # the view keeps obj alive
-            return obj, memoryview(array).cast("B")
+            return obj, memoryview(array).cast("B")[:size]
 
         probe = b"fedstream in-place bytes"
         obj, view = inplace_bytes(len(probe))
