@@ -228,3 +228,37 @@ async def test_many_small_buffers_under_a_tight_window(window: int) -> None:
     assert producer.replies == [ReturnCode.OK] * len(shapes)
     expected = [[bytes([i % 251]) * size for i, size in enumerate(sizes)] for sizes in shapes]
     assert factory.seen == expected
+
+
+@pytest.mark.parametrize("window", [4 * 1024, 12 * 1024])
+async def test_paired_views_never_overdraw_the_window(
+    window: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pairing a head with the next part never spends credit the sender does not have."""
+    from fedstream._engine import _sender
+
+    over: list[float] = []
+
+    def set_window(self: Any, value: float) -> None:
+        if value < 0:
+            over.append(value)
+        self.__dict__["_w"] = value
+
+    monkeypatch.setattr(
+        _sender.TargetLink,
+        "window",
+        property(lambda self: self.__dict__["_w"], set_window),
+        raising=False,
+    )
+    shapes = [[33_000] * 3 + [50_000], [40_000, 600], [100_000, 33_000, 33_000], [600] * 9]
+    with trio.fail_after(30):
+        async with fedstream.open_site(
+            "recv", listen=LOOP, sync_callbacks="inline", chunk_size=4 * 1024, window=window
+        ) as recv:
+            recv.register_stream_processing(CHANNEL, "*", KeeperFactory())
+            async with fedstream.open_site(
+                "send", connect=[recv.address], sync_callbacks="inline", chunk_size=4 * 1024
+            ) as send:
+                rc, _ = await send.stream_objects(CHANNEL, "t", {}, ["recv"], Blobs(shapes), None)
+    assert rc == ReturnCode.OK
+    assert over == [], "the sender spent credit it did not have"

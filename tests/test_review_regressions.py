@@ -182,3 +182,73 @@ async def test_unknown_channel_named_by_a_long_string_does_not_crash_the_site() 
             assert got.get_return_code() == ReturnCode.TOPIC_UNKNOWN
             await stream.aclose()
             assert not victim.closed
+
+
+class _ParkingConn:
+    """A connection stub: the first write goes out at once, later ones wait for room
+    forever while the connection keeps writing other streams' frames."""
+
+    def __init__(self, window: int) -> None:
+        import itertools
+        import math
+        from types import SimpleNamespace
+
+        self._sids = itertools.count(1, 2)
+        self.senders: dict[int, Any] = {}
+        self.peer_limits = {"window": window}
+        self.peer_window = float(window)
+        self.peer_max_object_size = math.inf
+        self.max_body = 1024 * 1024
+        self.bytes_queued = self.bytes_sent = 0
+        self.last_write = 0.0
+        self.options = SimpleNamespace(finalize_timeout=1.0)
+        self.closed = trio.Event()
+        self.calls = 0
+
+    def new_sid(self) -> int:
+        return next(self._sids)
+
+    def send_control(self, frame: Any) -> None:
+        pass
+
+    def written_event(self, mark: int) -> trio.Event:
+        event = trio.Event()
+        if self.bytes_sent >= mark:
+            event.set()
+        return event
+
+    async def send_data(self, frame: Any, *more: Any) -> None:
+        self.calls += 1
+        if self.calls > 1:
+            await trio.sleep_forever()
+        n = sum(len(getattr(f, "body", b"") or b"") + 20 for f in (frame, *more))
+        self.bytes_queued += n
+        self.bytes_sent += n
+        self.last_write = trio.current_time()
+
+
+async def test_waiting_for_room_with_credit_in_hand_is_not_a_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A short next view that waits for room in a busy connection is making progress."""
+    from fedstream._engine._sender import TargetLink
+    from fedstream._wire import encode_object
+
+    mib = 1024 * 1024
+    conn = _ParkingConn(window=2 * mib)
+    link = TargetLink(conn, "peer")  # type: ignore[arg-type]
+    obj = encode_object(Shareable({"a": b"x" * (mib + mib // 5), "b": b"y" * (mib + mib // 5)}))
+    rcs: list[Any] = []
+
+    async def busy() -> None:
+        while True:
+            await trio.sleep(0.1)
+            conn.last_write = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(busy)
+        with trio.move_on_after(30):
+            reply = await link.deliver(1, obj, 2.0, "c", "t", None)
+            rcs.append(reply.get_return_code())
+        nursery.cancel_scope.cancel()
+    assert rcs == [], f"delivery ended with {rcs} while the connection kept moving"

@@ -606,3 +606,15 @@ def test_simple_head_reader_declines_what_it_does_not_know() -> None:
     assert _protocol._loads_simple(b"\x83\x01\x02") is None  # truncated
     assert _protocol._loads_simple(b"\x9f\x01\xff") is None  # indefinite
     assert _protocol._loads_simple(b"\x82\x01\x18\x05") == ([1, 5], 4)  # not shortest: as cbor2
+
+
+def test_hot_frame_with_unencodable_text_raises_local_protocol_error() -> None:
+    with pytest.raises(LocalProtocolError):
+        encode_frame(Data(1, 1, 0, "\ud800", "t", None, b""))
+
+
+def test_decode_head_accepts_a_memoryview() -> None:
+    head, body = encode_frame(Data(1, 2, 3, "chan", "topic", None, b"abc"))
+    frame = decode_head(memoryview(head[4:] + bytes(body or b"")))  # type: ignore[arg-type]
+    assert isinstance(frame, Data)
+    assert (frame.channel, frame.topic, bytes(frame.body)) == ("chan", "topic", b"abc")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import ctypes
 import gc
 import io
 import itertools
@@ -484,8 +485,19 @@ def test_target_view_keeps_its_part_alive() -> None:
     assert not target.readonly
     del assembler
     gc.collect()
-    target[:] = b"w" * 1000  # would write into freed memory if nothing held the part
+    if _payload._inplace_bytes is not None:
+        # The memory the view writes to still belongs to a live bytes object.
+        start = ctypes.addressof(target.obj)
+        reachable = gc.get_referents(target.obj)
+        reachable += [o for r in reachable for o in gc.get_referents(r)]
+        assert any(
+            type(o) is bytes and id(o) + bytes.__basicsize__ - 1 == start for o in reachable
+        ), "nothing keeps the part alive"
+    # Freed memory would be reused by the next bytes objects of that size.
+    victims = [bytes(2 * OUT_OF_BAND_MIN) for _ in range(4)]
+    target[:] = b"w" * 1000
     assert bytes(target[:3]) == b"www"
+    assert all(v == bytes(2 * OUT_OF_BAND_MIN) for v in victims)
 
 
 HOSTILE_PARTS = {

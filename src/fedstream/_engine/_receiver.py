@@ -35,7 +35,6 @@ from .._errors import (
 )
 from .._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
 from .._wire import (
-    OUT_OF_BAND_MIN,
     Abort,
     Chunk,
     Credit,
@@ -192,7 +191,9 @@ class ReceiverSession:
             # A frame body is read-only; an object with out-of-band buffers
             # (senders put objects of up to 128 KiB in one frame) gets a
             # writable copy, so its arrays are writable like any others.
-            self._deliver(body if len(body) < OUT_OF_BAND_MIN else bytearray(body))
+            # (A head starting with 0x80 has no out-of-band buffers: no copy.)
+            has_buffers = len(body) > 4 and body[4] != 0x80
+            self._deliver(bytearray(body) if has_buffers else body)
             return
         try:
             self._assembler = ObjectAssembler(

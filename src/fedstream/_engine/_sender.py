@@ -228,6 +228,7 @@ class TargetLink:
         mark = conn.bytes_queued
         written: trio.Event | None = None
         armed = False  # whether the consumer's own deadline has started
+        starved = False  # whether we are waiting for the peer's credit (not for the connection)
         deadline = trio.current_time() + no_progress
         while True:
             with trio.move_on_at(deadline) as scope:
@@ -252,7 +253,9 @@ class TargetLink:
                         and self.window >= size + len(views[index + 1])
                     )
                     while self.window < size and not self._ended():
+                        starved = True
                         await self._changed.wait()
+                    starved = False
                     if self._ended():
                         break
                     if offset == 0 and not (ctx is not None and seq == 0):
@@ -302,9 +305,7 @@ class TargetLink:
                 continue
             # Waiting for the peer's credit once all we queued is written is
             # no progress, however busy the connection is otherwise.
-            queued = conn.bytes_sent < mark or self._can_send(
-                min(conn.max_body, encoded.size - offset)
-            )
+            queued = conn.bytes_sent < mark or not starved
             if not armed and queued and conn.last_write + no_progress > now:
                 deadline = conn.last_write + no_progress
                 continue

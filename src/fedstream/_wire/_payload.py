@@ -643,14 +643,10 @@ def _inplace_bytes_factory() -> Callable[[int], tuple[bytes, memoryview]] | None
 
         def inplace_bytes(size: int) -> tuple[bytes, memoryview]:
             obj = new_bytes(None, size)
-            # ctypes caches array types by length (how long depends on the
-            # version): sizes are rounded up to a power of two, so a peer
-            # choosing sizes can never make it hold more than a few dozen
-            # types. The view is cut to ``size`` at once.
-            array_type = ctypes.c_char * (1 << max(size - 1, 0).bit_length())
+            array_type = ctypes.c_char * size
             array = array_type.from_address(id(obj) + offset)
             array._owner = obj  # type: ignore[attr-defined]  # the view keeps obj alive
-            return obj, memoryview(array).cast("B")[:size]
+            return obj, memoryview(array).cast("B")
 
         probe = b"fedstream in-place bytes"
         obj, view = inplace_bytes(len(probe))
@@ -837,7 +833,7 @@ class ObjectAssembler:
             if head_end <= have or head_end > min(self.size, _SCATTER_MAX_HEAD):
                 first = memoryview(bytes(stage)) if stage else body
                 self._stage = bytearray()
-                if head_end <= have and self._scatter(first, head_end):
+                if head_end <= min(have, _SCATTER_MAX_HEAD) and self._scatter(first, head_end):
                     return first[head_end:]
                 self._one_buffer()
                 return first

@@ -167,7 +167,7 @@ def _loads_simple(data: bytes) -> tuple[list[Any], int] | None:
                     end = pos + byte - 0x60
                 if end > len(data):
                     return None
-                append(data[pos:end].decode("utf-8"))
+                append(str(data[pos:end], "utf-8"))
                 pos = end
             elif byte == 0xF6:
                 append(None)
@@ -404,7 +404,10 @@ def encode_frame(frame: Frame) -> tuple[bytes, memoryview | None]:
     hot = _hot_head(frame)
     if hot is not None:
         body = _body_view(frame) if frame.HAS_BODY else None
-        head_bytes = cbor2.dumps(hot)
+        try:
+            head_bytes = cbor2.dumps(hot)
+        except Exception:  # e.g. a lone surrogate in a name: report it as the checked path does
+            return _encode_checked(frame)
         length = len(head_bytes) + (len(body) if body is not None else 0)
         if length > _U32_MAX:
             raise LocalProtocolError(f"frame of {length} bytes does not fit a u32 length prefix")
