@@ -337,9 +337,6 @@ class TargetLink:
     def _answered(self) -> bool:
         return self._reply is not None or self.ended_rc is not None
 
-    def _can_send(self, size: int) -> bool:
-        return self.window >= size or self._ended()
-
     def _ended(self) -> bool:
         # A method, not an inline test: the state changes while we await.
         return self.ended_rc is not None
