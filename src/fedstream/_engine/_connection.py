@@ -23,7 +23,6 @@ connection cancels exactly them (their ``finalize`` still runs, shielded).
 from __future__ import annotations
 
 import collections
-import heapq
 import itertools
 import logging
 import math
@@ -62,7 +61,12 @@ from ._budget import ReceiveBudget
 from ._stats import ConnectionStats, StreamStats
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from ._options import SiteOptions
+
+    #: The frames that belong to one stream's ordered data.
+    StreamFrame: TypeAlias = Data | Chunk | Reply | Done | End | Abort
 
 __all__ = ["Connection", "ReceiveHandler", "SendHandler", "accept_handshake", "dial_handshake"]
 
@@ -113,25 +117,73 @@ class SendHandler(Protocol):
     def stats(self) -> StreamStats: ...
 
 
+class _StreamQueue:
+    """One stream's data frames waiting for the writer, in order."""
+
+    __slots__ = ("flushed", "items", "pending", "scheduled", "sid", "space")
+
+    def __init__(self, sid: int) -> None:
+        self.sid = sid
+        self.items: collections.deque[tuple[bytes, memoryview | None]] = collections.deque()
+        #: Bytes of this stream handed to the connection and not yet written
+        #: (queued, taken by the writer, or left over from a direct write).
+        self.pending = 0
+        #: Tasks of this stream waiting for its queue to have room.
+        self.space = trio.lowlevel.ParkingLot()
+        #: Events to set once ``pending`` is back to zero.
+        self.flushed: list[trio.Event] = []
+        #: Whether the queue is in the writer's rotation.
+        self.scheduled = False
+
+
 class _Outbox:
-    """Frames waiting for the writer: unbounded control queue, byte-bounded data queue."""
+    """Frames waiting for the writer.
+
+    Control frames wait in one unbounded queue and go first. Data frames wait
+    in one queue per stream, each bounded in bytes (a stream waits for room
+    in its own queue: that is the connection-level backpressure), and the
+    writer takes them one frame per stream in turn, so that a small stream's
+    object never waits behind more than one frame of a large transfer.
+    """
 
     def __init__(self, data_limit: int) -> None:
         self.control: collections.deque[tuple[bytes, memoryview | None]] = collections.deque()
-        self.data: collections.deque[tuple[bytes, memoryview | None]] = collections.deque()
-        self.data_bytes = 0
+        #: Per-stream queues with bytes pending, by sid.
+        self.queues: dict[int, _StreamQueue] = {}
+        #: Queues with frames to write, in turn order.
+        self.ready: collections.deque[_StreamQueue] = collections.deque()
+        #: Bytes one stream may have pending before it waits.
         self.data_limit = data_limit
-        self.space = trio.lowlevel.ParkingLot()
         self.wakeup = trio.Event()
         self.closed = False
         #: What is left of a frame that a direct write could not finish; it
-        #: goes out before anything else.
+        #: goes out before anything else. ``partial_owner`` is its stream's
+        #: queue and the bytes pending there until it is written.
         self.partial: list[memoryview] = []
+        self.partial_owner: tuple[_StreamQueue, int] | None = None
         #: The closing GOAWAY: written only after everything queued before it.
         self.final: list[tuple[bytes, memoryview | None]] = []
 
     def __bool__(self) -> bool:
-        return bool(self.partial or self.control or self.data or self.final)
+        return bool(self.partial or self.control or self.ready or self.final)
+
+    def queue(self, sid: int) -> _StreamQueue:
+        queue = self.queues.get(sid)
+        if queue is None:
+            queue = self.queues[sid] = _StreamQueue(sid)
+        return queue
+
+    def written(self, queue: _StreamQueue, nbytes: int) -> None:
+        """``nbytes`` of ``queue``'s stream have been written."""
+        queue.pending -= nbytes
+        if queue.pending < self.data_limit:
+            queue.space.unpark()
+        if queue.pending == 0:
+            for event in queue.flushed:
+                event.set()
+            queue.flushed.clear()
+            if not queue.space and self.queues.get(queue.sid) is queue:
+                del self.queues[queue.sid]
 
 
 def _code_name(code: int) -> str:
@@ -290,8 +342,6 @@ class Connection:
         self.bytes_received = 0
         #: When bytes were last written to the stream.
         self.last_write = trio.current_time()
-        self._written_waiters: list[tuple[int, int, trio.Event]] = []
-        self._waiter_ids = itertools.count()
         self.connected_at = trio.current_time()
         #: Called (once, synchronously) when the connection is lost.
         self.on_lost: Callable[[Connection], None] = lambda c: None
@@ -384,13 +434,14 @@ class Connection:
         except OSError:
             self._unsent_whole = 0
 
-    def _write_now(self, *items: tuple[bytes, memoryview | None]) -> bool:
+    def _write_now(self, sid: int, *items: tuple[bytes, memoryview | None]) -> bool:
         """Write frames straight to the socket when nothing is queued or being written.
 
         A non-blocking ``writev`` with no await in between, so it cannot be
         cancelled halfway. Whatever the socket does not take right away is
-        left in ``partial`` for the writer task. Returns False (nothing
-        written) when the frames have to wait their turn in the queue.
+        left in ``partial`` for the writer task, pending on stream ``sid``
+        (0 for control frames). Returns False (nothing written) when the
+        frames have to wait their turn in the queue.
         """
         outbox = self._outbox
         if self._fd < 0 or self._writing or outbox:
@@ -412,7 +463,6 @@ class Connection:
         self.bytes_sent += written
         if written:
             self.last_write = trio.current_time()
-            self._wake_written()
         total = sum(_size(item) for item in items)
         if written < total:
             rest: list[memoryview] = []
@@ -424,6 +474,10 @@ class Connection:
                 rest.append(view[written:])
                 written = 0
             outbox.partial = rest
+            if sid:
+                queue = outbox.queue(sid)
+                queue.pending += total
+                outbox.partial_owner = (queue, total)
             outbox.wakeup.set()
         return True
 
@@ -433,7 +487,7 @@ class Connection:
             return
         item = self.protocol.send_parts(frame)
         self.bytes_queued += _size(item)
-        if self._write_now(item):
+        if self._write_now(0, item):
             return
         self._outbox.control.append(item)
         if len(self._outbox.control) > _MAX_CONTROL_QUEUE:
@@ -441,9 +495,9 @@ class Connection:
             return
         self._outbox.wakeup.set()
 
-    async def send_data(self, frame: Frame, *more: Frame) -> None:
-        """Queue a data frame (and ``more`` right behind it), waiting while the
-        data queue is full.
+    async def send_data(self, frame: StreamFrame, *more: StreamFrame) -> None:
+        """Queue a data frame of one stream (and ``more`` of the same stream
+        right behind it), waiting while that stream's queue is full.
 
         Frames passed together are written with one system call when the
         socket takes them at once (an object's small head frame and its first
@@ -453,28 +507,55 @@ class Connection:
             ConnectionLostError: the connection is closed.
         """
         outbox = self._outbox
-        while outbox.data_bytes >= outbox.data_limit and not outbox.closed:
-            # Waiters are woken one at a time, each passing the turn on while
-            # there is room, so a thousand waiting streams cost one wake-up each.
+        sid = frame.sid
+        while True:
+            if outbox.closed:
+                raise ConnectionLostError(
+                    f"connection to {self.peer} is closed: {self.close_reason}"
+                )
+            queue = outbox.queues.get(sid)
+            if queue is None or queue.pending < outbox.data_limit:
+                break
             try:
-                await outbox.space.park()
+                await queue.space.park()
             except BaseException:
-                if outbox.data_bytes < outbox.data_limit:
-                    outbox.space.unpark()
+                # Pass the turn on to the stream's next waiter, if there is room.
+                if queue.pending < outbox.data_limit:
+                    queue.space.unpark()
                 raise
-        if outbox.closed:
-            raise ConnectionLostError(f"connection to {self.peer} is closed: {self.close_reason}")
         items = [self.protocol.send_parts(frame)]
         items += [self.protocol.send_parts(f) for f in more]
+        size = 0
         for item in items:
-            self.bytes_queued += _size(item)
-        if not self._write_now(*items):
-            for item in items:
-                outbox.data.append(item)
-                outbox.data_bytes += _size(item)
-            outbox.wakeup.set()
-        if outbox.data_bytes < outbox.data_limit:
-            outbox.space.unpark()
+            size += _size(item)
+        self.bytes_queued += size
+        if self._write_now(sid, *items):
+            return
+        queue = outbox.queue(sid)
+        queue.items.extend(items)
+        queue.pending += size
+        if not queue.scheduled:
+            queue.scheduled = True
+            outbox.ready.append(queue)
+        outbox.wakeup.set()
+        if queue.pending < outbox.data_limit:
+            queue.space.unpark()
+
+    def pending(self, sid: int) -> int:
+        """Bytes of stream ``sid`` handed to the connection and not yet written."""
+        queue = self._outbox.queues.get(sid)
+        return 0 if queue is None else queue.pending
+
+    def flushed_event(self, sid: int) -> trio.Event:
+        """An event set once nothing of stream ``sid`` waits to be written
+        (or the connection is lost)."""
+        event = trio.Event()
+        queue = self._outbox.queues.get(sid)
+        if queue is None or queue.pending == 0 or self.closed.is_set():
+            event.set()
+        else:
+            queue.flushed.append(event)
+        return event
 
     async def _writer(self) -> None:
         outbox = self._outbox
@@ -494,12 +575,17 @@ class Connection:
                 self._writing = False
 
     async def _write_batch(self, outbox: _Outbox, stream: trio.abc.Stream) -> None:
-        """Write what is queued: a direct write's leftover, then coalesced frames."""
+        """Write what is queued: a direct write's leftover, then coalesced frames,
+        taking one data frame per stream in turn."""
         self._fit_unsent()
-        while outbox.partial:
-            piece = outbox.partial.pop(0)
-            await stream.send_all(piece)
-            self._wrote(len(piece))
+        if outbox.partial:
+            while outbox.partial:
+                piece = outbox.partial.pop(0)
+                await stream.send_all(piece)
+                self._wrote(len(piece))
+            owner, outbox.partial_owner = outbox.partial_owner, None
+            if owner is not None:
+                outbox.written(*owner)
         batch = bytearray()
         large: memoryview | None = None
         while outbox.control and len(batch) < _COALESCE_LIMIT:
@@ -507,11 +593,16 @@ class Connection:
             batch += head
             if body is not None:
                 batch += body
-        freed = 0
-        while outbox.data and len(batch) < _COALESCE_LIMIT and large is None:
-            head, body = outbox.data.popleft()
-            size = len(head) + (len(body) if body is not None else 0)
-            freed += size
+        taken: list[tuple[_StreamQueue, int]] = []
+        ready = outbox.ready
+        while ready and len(batch) < _COALESCE_LIMIT and large is None:
+            queue = ready.popleft()
+            head, body = queue.items.popleft()
+            if queue.items:
+                ready.append(queue)  # its next frame waits for the others' turn
+            else:
+                queue.scheduled = False
+            taken.append((queue, _size((head, body))))
             batch += head
             if body is not None:
                 if len(body) < _COALESCE_BODY:
@@ -524,10 +615,9 @@ class Connection:
         if large is not None:
             await stream.send_all(large)
             self._wrote(len(large))
-        if freed:
-            outbox.data_bytes -= freed
-            outbox.space.unpark()
-        if outbox.final and not (outbox.partial or outbox.control or outbox.data):
+        for queue, size in taken:
+            outbox.written(queue, size)
+        if outbox.final and not (outbox.partial or outbox.control or outbox.ready):
             head, _ = outbox.final.pop()
             await stream.send_all(head)
             self._wrote(len(head))
@@ -535,21 +625,6 @@ class Connection:
     def _wrote(self, nbytes: int) -> None:
         self.bytes_sent += nbytes
         self.last_write = trio.current_time()
-        self._wake_written()
-
-    def written_event(self, mark: int) -> trio.Event:
-        """An event set once ``bytes_sent`` reaches ``mark`` (or the connection is lost)."""
-        event = trio.Event()
-        if self.bytes_sent >= mark or self.closed.is_set():
-            event.set()
-        else:
-            heapq.heappush(self._written_waiters, (mark, next(self._waiter_ids), event))
-        return event
-
-    def _wake_written(self) -> None:
-        waiters = self._written_waiters
-        while waiters and (waiters[0][0] <= self.bytes_sent or self.closed.is_set()):
-            heapq.heappop(waiters)[2].set()
 
     # ---------------------------------------------------------------- receiving
 
@@ -818,7 +893,11 @@ class Connection:
             except LocalProtocolError:  # we already said GOAWAY
                 goaway = None
         outbox.closed = True
-        outbox.space.unpark_all()
+        for queue in outbox.queues.values():
+            queue.space.unpark_all()
+            for event in queue.flushed:
+                event.set()
+            queue.flushed.clear()
         outbox.wakeup.set()
         self.closed.set()
         self.on_lost(self)
@@ -826,7 +905,6 @@ class Connection:
             handler.on_connection_lost()
         for link in list(self.senders.values()):
             link.on_connection_lost()
-        self._wake_written()
         if goaway is None:
             self._cancel()
         elif self._cancel_scope is not None:

@@ -225,7 +225,6 @@ class TargetLink:
         self._assembler = None
         conn = self.conn
         offset = 0
-        mark = conn.bytes_queued
         written: trio.Event | None = None
         armed = False  # whether the consumer's own deadline has started
         starved = False  # whether we are waiting for the peer's credit (not for the connection)
@@ -239,7 +238,6 @@ class TargetLink:
                         Data(self.sid, seq, encoded.size, channel, topic, ctx, b"")
                     )
                     self.opened = True
-                    mark = conn.bytes_queued
                 views = list(encoded.chunks(conn.max_body, offset))
                 index = 0
                 while index < len(views):
@@ -276,16 +274,15 @@ class TargetLink:
                     self.window -= size
                     self.bytes_sent += size
                     offset += size
-                    mark = conn.bytes_queued
                     if offset < encoded.size:
                         deadline = scope.deadline = trio.current_time() + no_progress
                     else:
                         self.objects_sent += 1
                 if written is None and not armed and not self._ended():
-                    if conn.bytes_sent >= mark:
+                    if not conn.pending(self.sid):
                         armed = True  # written at once: the consumer's time starts now
                     else:
-                        written = conn.written_event(mark)
+                        written = conn.flushed_event(self.sid)
                     deadline = scope.deadline = trio.current_time() + no_progress
                 if written is not None and not armed:
                     await written.wait()
@@ -305,7 +302,7 @@ class TargetLink:
                 continue
             # Waiting for the peer's credit once all we queued is written is
             # no progress, however busy the connection is otherwise.
-            queued = conn.bytes_sent < mark or not starved
+            queued = conn.pending(self.sid) > 0 or not starved
             if not armed and queued and conn.last_write + no_progress > now:
                 deadline = conn.last_write + no_progress
                 continue
