@@ -9,13 +9,25 @@ written. These tests drive a :class:`Connection` directly over a
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
+import fedstream
+from engine_helpers import slow_writes
+from fedstream import (
+    ConsumerFactory,
+    FLContext,
+    ObjectConsumer,
+    ObjectProducer,
+    ReturnCode,
+    Shareable,
+)
 from fedstream._engine._connection import Connection
 from fedstream._engine._options import SiteOptions
 from fedstream._wire import Chunk, Data, Frame, FrameProtocol, Hello, Ping
@@ -202,3 +214,126 @@ async def test_an_idle_stream_keeps_no_queue(sid: int) -> None:
         written_frames(conn, peer)
         assert sid not in conn._outbox.queues
         assert conn.flushed_event(sid).is_set()
+
+
+# ------------------------------------------------- what a shared stream keeps in flight
+
+KIB = 1024
+
+
+class _Consumer(ObjectConsumer):
+    async def consume(
+        self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[bool, Shareable | None]:
+        return True, None
+
+
+class _Factory(ConsumerFactory):
+    async def get_consumer(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> ObjectConsumer:
+        return _Consumer()
+
+
+class _Producer(ObjectProducer):
+    """``count`` objects of ``size`` bytes, or as many as it takes until ``until`` is set."""
+
+    def __init__(self, size: int, count: int, until: trio.Event | None = None) -> None:
+        self.data = b"\x5a" * size
+        self.count = count
+        self.until = until
+        self.sent = 0
+
+    async def produce(
+        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[Shareable | None, float]:
+        if (self.until is not None and self.until.is_set()) or (
+            self.until is None and self.sent == self.count
+        ):
+            return None, 10.0
+        self.sent += 1
+        return Shareable(data=self.data), 10.0
+
+    async def process_replies(
+        self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> Any:
+        assert all(r.get_return_code() == ReturnCode.OK for r in replies.values())
+        return None
+
+
+_memory_ids = itertools.count()
+
+
+async def unacknowledged_peaks(*, beside_small_stream: bool) -> tuple[int, int, int]:
+    """Send one 4 MiB object over a slow memory connection (64 KiB chunks, 1 MiB
+    window), alone or beside a stream of 1 KiB objects. Returns the most object
+    bytes the large stream had sent without credit back while the connection
+    was shared and while it was not, and the connection's shared_in_flight."""
+    options: dict[str, Any] = {
+        "chunk_size": 64 * KIB,
+        "window": MIB,
+        "sync_callbacks": "inline",
+    }
+    peaks = {True: 0, False: 0}
+    url = f"memory://outbox-cap-{next(_memory_ids)}"
+    with trio.fail_after(120):
+        async with fedstream.open_site("rx", listen=url, **options) as rx:
+            rx.register_stream_processing("c", "*", _Factory())
+            async with fedstream.open_site("tx", connect=[url], **options) as tx:
+                conn = tx._connections["rx"]
+                slow_writes(conn, 0.001)
+                original = conn.send_data
+                big_sids: set[int] = set()
+
+                async def watched(frame: Any, *more: Any) -> None:
+                    if isinstance(frame, Data) and frame.size >= MIB:
+                        big_sids.add(frame.sid)
+                    if frame.sid in big_sids and isinstance(frame, (Data, Chunk)):
+                        link = conn.senders[frame.sid]
+                        tails = sum(len(f.body) for f in (frame, *more))
+                        shared = conn.shared()
+                        after = link.bytes_sent - link.credited + tails
+                        peaks[shared] = max(peaks[shared], after)
+                    await original(frame, *more)
+
+                conn.send_data = watched  # type: ignore[method-assign]
+                big_done = trio.Event()
+                outcomes: list[Any] = []
+
+                async def big() -> None:
+                    outcomes.append(
+                        await tx.stream_objects("c", "big", {}, ["rx"], _Producer(4 * MIB, 1), None)
+                    )
+                    big_done.set()
+
+                async def small() -> None:
+                    outcomes.append(
+                        await tx.stream_objects(
+                            "c", "small", {}, ["rx"], _Producer(KIB, 0, until=big_done), None
+                        )
+                    )
+
+                async with trio.open_nursery() as nursery:
+                    if beside_small_stream:
+                        nursery.start_soon(small)
+                        await trio.testing.wait_all_tasks_blocked()
+                    nursery.start_soon(big)
+                assert outcomes == [(ReturnCode.OK, None)] * (1 + beside_small_stream)
+                cap = conn.shared_in_flight
+    return peaks[True], peaks[False], cap
+
+
+async def test_a_shared_stream_keeps_no_more_than_a_credit_step_and_a_chunk_in_flight(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared_peak, _, cap = await unacknowledged_peaks(beside_small_stream=True)
+    assert cap == 64 * KIB + 64 * KIB  # the peer's credit step and our chunk
+    assert 0 < shared_peak <= cap
+
+
+async def test_a_stream_alone_uses_its_whole_window(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The control for the test above: on a slow connection the large stream
+    does fill more than shared_in_flight when nothing else shares it."""
+    shared_peak, alone_peak, cap = await unacknowledged_peaks(beside_small_stream=False)
+    assert shared_peak == 0
+    assert alone_peak > 4 * cap

@@ -614,21 +614,31 @@ class RecordingFactory(ConsumerFactory):
 
 
 async def run_plans(
-    plans: list[StreamPlan], window: int
+    plans: list[StreamPlan],
+    window: int,
+    *,
+    sizes: dict[str, tuple[int, int]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, list[Any]]]:
-    """Run every planned stream concurrently over one memory connection."""
-    options: dict[str, Any] = {
-        "chunk_size": SMALL_CHUNK,
-        "window": window,
-        "sync_callbacks": "inline",  # no worker threads under the mock clock
-    }
+    """Run every planned stream concurrently over one memory connection.
+
+    ``sizes`` may give a site (``"rx"``, ``"tx"``) its own ``(chunk_size, window)``.
+    """
+
+    def options(site: str) -> dict[str, Any]:
+        chunk, site_window = (sizes or {}).get(site, (SMALL_CHUNK, window))
+        return {
+            "chunk_size": chunk,
+            "window": site_window,
+            "sync_callbacks": "inline",  # no worker threads under the mock clock
+        }
+
     factories = {"rx": RecordingFactory(), "tx": RecordingFactory()}
     sent: dict[str, list[Any]] = {}
     results: dict[str, Any] = {}
     with trio.fail_after(600):
-        async with fedstream.open_site("rx", listen="memory://0", **options) as rx:
+        async with fedstream.open_site("rx", listen="memory://0", **options("rx")) as rx:
             assert rx.address is not None
-            async with fedstream.open_site("tx", connect=[rx.address], **options) as tx:
+            async with fedstream.open_site("tx", connect=[rx.address], **options("tx")) as tx:
                 for site in (rx, tx):
                     site.register_stream_processing(CHANNEL, "*", factories[site.name])
                 await rx.wait_for_peers(["tx"])
@@ -664,6 +674,31 @@ def test_objects_around_chunk_boundaries_on_concurrent_streams(
         run_plans,
         plans,
         window_chunks * SMALL_CHUNK,
+        clock=trio.testing.MockClock(autojump_threshold=0),
+    )
+    for plan in plans:
+        assert results[plan.topic] == (OK, None), plan.topic
+        assert received[plan.topic] == sent[plan.topic], plan.topic
+
+
+@st.composite
+def site_sizes(draw: st.DrawFn) -> tuple[int, int]:
+    """A site's (chunk_size, window): chunks from the 1 KiB minimum up, windows of 1 to 5 chunks."""
+    chunk = draw(st.sampled_from([1024, SMALL_CHUNK, 3 * SMALL_CHUNK + 512]))
+    return chunk, chunk * draw(st.sampled_from([1, 2, 5]))
+
+
+@given(plans=stream_plans(), tx=site_sizes(), rx=site_sizes())
+@at_most(25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_sites_with_different_chunks_and_windows_never_stall_shared_streams(
+    plans: list[StreamPlan], tx: tuple[int, int], rx: tuple[int, int]
+) -> None:
+    """Streams that share a connection keep at most a credit step and a chunk
+    unacknowledged; whatever each side's chunk size, window and credit step,
+    every object still gets through (the mock clock would jump any stall to a
+    TIMEOUT)."""
+    results, sent, received = trio.run(
+        functools.partial(run_plans, plans, 0, sizes={"tx": tx, "rx": rx}),
         clock=trio.testing.MockClock(autojump_threshold=0),
     )
     for plan in plans:

@@ -214,6 +214,9 @@ class _ParkingConn:
     def pending(self, sid: int) -> int:
         return 0  # what went out went at once; the rest never got in
 
+    def shared(self) -> bool:
+        return False
+
     def flushed_event(self, sid: int) -> trio.Event:
         event = trio.Event()
         event.set()

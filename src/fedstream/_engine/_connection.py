@@ -8,11 +8,15 @@ Three tasks run per connection, in the connection's own nursery:
   it from reading (which is what would let two sites deadlock on full socket
   buffers);
 * the **writer** owns ``send_all``. Sessions hand it frames through an
-  :class:`_Outbox` with two queues: *control* frames (credit, pong, done,
-  rejections: small, produced by the reader, never waited for) and *data*
-  frames (object and reply chunks, bounded in bytes: a session waits for room,
-  which is the connection-level backpressure). The writer coalesces small
-  frames into one ``send_all`` and writes large bodies without copying them;
+  :class:`_Outbox`: one queue of *control* frames (credit, pong, done,
+  rejections: small, produced by the reader, never waited for, written
+  first) and one queue of *data* frames per stream (object and reply chunks,
+  each bounded in bytes: a session waits for room in its own queue, which is
+  the connection-level backpressure). The writer takes one data frame per
+  stream in turn, so a small stream's object waits behind at most one frame
+  of a large transfer; it coalesces small frames into one ``send_all`` and
+  writes large bodies without copying them. (What the large transfer has in
+  the kernel's buffers is bounded too, by :attr:`Connection.shared_in_flight`.)
 * the **heartbeat** sends PING when idle and declares the peer lost when
   nothing at all was received for ``peer_timeout`` seconds.
 
@@ -128,8 +132,9 @@ class _StreamQueue:
         #: Bytes of this stream handed to the connection and not yet written
         #: (queued, taken by the writer, or left over from a direct write).
         self.pending = 0
-        #: Tasks of this stream waiting for its queue to have room.
-        self.space = trio.lowlevel.ParkingLot()
+        #: Tasks of this stream waiting for its queue to have room (made
+        #: when the first one waits: most queues never fill).
+        self.space: trio.lowlevel.ParkingLot | None = None
         #: Events to set once ``pending`` is back to zero.
         self.flushed: list[trio.Event] = []
         #: Whether the queue is in the writer's rotation.
@@ -176,7 +181,7 @@ class _Outbox:
     def written(self, queue: _StreamQueue, nbytes: int) -> None:
         """``nbytes`` of ``queue``'s stream have been written."""
         queue.pending -= nbytes
-        if queue.pending < self.data_limit:
+        if queue.space and queue.pending < self.data_limit:
             queue.space.unpark()
         if queue.pending == 0:
             for event in queue.flushed:
@@ -374,6 +379,30 @@ class Connection:
             limit = min(limit, window // 2)
         return max(1, limit)
 
+    @property
+    def peer_credit_step(self) -> int:
+        """How many object bytes the peer takes in before it grants credit back."""
+        half = self.peer_limits.get("window", 0) // 2
+        step = self.peer_limits.get("credit_step", 0) or half
+        return max(1, min(step, half) if half else step)
+
+    @property
+    def shared_in_flight(self) -> int:
+        """The most object bytes one stream keeps unacknowledged while it shares
+        the connection with other streams.
+
+        Every byte a stream has in flight lies between a small stream's next
+        frame and the peer, so a large transfer that shares the connection
+        keeps no more than one chunk beyond the peer's credit step: the peer
+        grants credit every step, so the stream still always gets its next
+        chunk out (see :meth:`TargetLink._room <._sender.TargetLink._room>`).
+        """
+        return self.peer_credit_step + self.max_body
+
+    def shared(self) -> bool:
+        """Whether more than one stream (either way) uses the connection."""
+        return len(self.senders) + len(self.receivers) > 1
+
     def stats(self) -> ConnectionStats:
         """A snapshot of this connection and its streams."""
         streams = [r.stats() for r in self.receivers.values()]
@@ -516,6 +545,8 @@ class Connection:
             queue = outbox.queues.get(sid)
             if queue is None or queue.pending < outbox.data_limit:
                 break
+            if queue.space is None:
+                queue.space = trio.lowlevel.ParkingLot()
             try:
                 await queue.space.park()
             except BaseException:
@@ -538,7 +569,7 @@ class Connection:
             queue.scheduled = True
             outbox.ready.append(queue)
         outbox.wakeup.set()
-        if queue.pending < outbox.data_limit:
+        if queue.space and queue.pending < outbox.data_limit:
             queue.space.unpark()
 
     def pending(self, sid: int) -> int:
@@ -894,7 +925,8 @@ class Connection:
                 goaway = None
         outbox.closed = True
         for queue in outbox.queues.values():
-            queue.space.unpark_all()
+            if queue.space:
+                queue.space.unpark_all()
             for event in queue.flushed:
                 event.set()
             queue.flushed.clear()

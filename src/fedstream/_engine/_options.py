@@ -81,11 +81,18 @@ class SiteOptions:
             raise ValueError("peer_timeout must be longer than heartbeat_interval")
         object.__setattr__(self, "sync_callbacks", SyncMode(self.sync_callbacks))
 
+    @property
+    def credit_step(self) -> int:
+        """Object bytes a receiving stream takes in before it grants them back
+        as credit: a chunk, or half the window if that is less."""
+        return max(1, min(self.window // 2, self.chunk_size))
+
     def limits(self) -> dict[str, int]:
         """The limits announced in our HELLO."""
         return {
             "max_frame_size": self.max_frame_size,
             "max_object_size": self.max_object_size,
             "window": self.window,
+            "credit_step": self.credit_step,
             "heartbeat_ms": int(self.heartbeat_interval * 1000),
         }

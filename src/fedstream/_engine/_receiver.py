@@ -138,7 +138,7 @@ class ReceiverSession:
         #: The last object's buffer, when nothing references it any more.
         self._spare: bytearray | mmap.mmap | None = None
         self._ungranted = 0
-        self._grant_threshold = max(1, conn.options.window // 2)
+        self._grant_threshold = conn.options.credit_step
         #: This session's objects in the connection's receive budget.
         self._holds = ObjectHolds(
             conn.receive_budget, conn.options.max_object_size, functools.partial(self._grant, 0)
@@ -237,8 +237,10 @@ class ReceiverSession:
             self._deliver(assembler.take())
 
     def _grant(self, nbytes: int) -> None:
-        # Credit goes back in batches of half a window: the sender keeps its
-        # chunks to at most half a window, so it can always make progress.
+        # Credit goes back in steps of credit_step (announced in our HELLO,
+        # at most half a window): the sender keeps its chunks to at most half
+        # a window, so it can always make progress, and a sender that shares
+        # the connection can bound what it has in flight (TargetLink._room).
         self._ungranted += nbytes
         if self._ungranted >= self._grant_threshold and not self._holds.withholding:
             self.conn.send_control(Credit(self.sid, self._ungranted))

@@ -100,7 +100,9 @@ class TargetLink:
         self._assembler: ObjectAssembler | None = None
         self._changed = trio.Event()
         self.objects_sent = 0
+        #: Object bytes handed to the connection, and credit granted back.
         self.bytes_sent = 0
+        self.credited = 0
         conn.senders[self.sid] = self
 
     def stats(self) -> StreamStats:
@@ -191,7 +193,26 @@ class TargetLink:
 
     def on_credit(self, frame: Credit) -> None:
         self.window += frame.increment
+        self.credited += frame.increment
         self._notify()
+
+    def _room(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more object bytes may go out now.
+
+        The window always bounds them. On a connection that other streams
+        share, so does :attr:`Connection.shared_in_flight`: what this stream
+        has sent and not had credited back is queued in front of everyone
+        else's next frame. It cannot stall: the peer grants credit every
+        ``credit_step`` bytes it takes in, and while we wait more than that
+        is unacknowledged, so a grant is on its way.
+        """
+        window = self.window
+        if window < nbytes:
+            return False
+        if window == math.inf or not self.conn.shared():
+            return True
+        unacknowledged = self.bytes_sent - self.credited
+        return unacknowledged <= 0 or unacknowledged + nbytes <= self.conn.shared_in_flight
 
     def on_connection_lost(self) -> None:
         self.ended_rc = self.ended_rc or ReturnCode.COMMUNICATION_ERROR
@@ -248,9 +269,9 @@ class TargetLink:
                     pair = (
                         size <= _PAIR_MAX
                         and index + 1 < len(views)
-                        and self.window >= size + len(views[index + 1])
+                        and self._room(size + len(views[index + 1]))
                     )
-                    while self.window < size and not self._ended():
+                    while not self._room(size) and not self._ended():
                         starved = True
                         await self._changed.wait()
                     starved = False
