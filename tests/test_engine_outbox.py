@@ -216,6 +216,59 @@ async def test_an_idle_stream_keeps_no_queue(sid: int) -> None:
         assert conn.flushed_event(sid).is_set()
 
 
+async def test_every_sender_waiting_on_a_stream_goes_once_its_queue_empties() -> None:
+    """Over a real socket, where a frame can go straight to the socket: two
+    tasks of one stream wait for room behind a direct write's leftover. When
+    it is written the queue is empty, the first goes straight to the socket,
+    and the second must not be left waiting (nor the stream's queue kept)."""
+    ours_sock, theirs_sock = trio.socket.socketpair()
+    ours, theirs = open_pair()
+    conn = Connection(
+        trio.SocketStream(ours_sock),
+        ours,
+        Hello(1, "site-b", {"max_frame_size": ours.peer_max_frame_size}, []),
+        local="site-a",
+        dialer=True,
+        options=SiteOptions(),
+        url="unix://outbox",
+    )
+    body = memoryview(b"\x5a" * (4 * MIB))
+    received = bytearray()
+    done: list[bytes] = []
+
+    async def one_more(tail: bytes, offset: int) -> None:
+        await conn.send_data(Chunk(1, 0, offset, tail))
+        done.append(tail)
+
+    async def read_all() -> None:
+        while data := await theirs_sock.recv(MIB):
+            received.extend(data)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(conn.run)
+            # Nobody reads yet: most of this frame is left over for the writer.
+            await conn.send_data(Data(1, 0, len(body) + 2, "c", "t", None, body))
+            assert conn.pending(1) > conn._outbox.data_limit
+            flushed = conn.flushed_event(1)
+            nursery.start_soon(one_more, b"x", len(body))
+            nursery.start_soon(one_more, b"y", len(body) + 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert done == []
+            assert not flushed.is_set()
+            nursery.start_soon(read_all)
+            while len(done) < 2:
+                await trio.sleep(0.01)
+            assert flushed.is_set()
+            assert conn.pending(1) == 0
+            assert 1 not in conn._outbox.queues
+            conn.lose("test over")
+    theirs.receive_data(bytes(received))
+    frames, _ = drain(theirs)
+    assert isinstance(frames[0], Data)
+    assert sorted(bytes(f.body) for f in frames[1:]) == [b"x", b"y"]  # type: ignore[attr-defined]
+
+
 # ------------------------------------------------- what a shared stream keeps in flight
 
 KIB = 1024

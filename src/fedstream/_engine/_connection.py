@@ -181,14 +181,18 @@ class _Outbox:
     def written(self, queue: _StreamQueue, nbytes: int) -> None:
         """``nbytes`` of ``queue``'s stream have been written."""
         queue.pending -= nbytes
-        if queue.space and queue.pending < self.data_limit:
-            queue.space.unpark()
         if queue.pending == 0:
+            # Every waiter may go: the first may write straight to the socket
+            # and so pass no turn on. The queue goes; they make a new one.
+            if queue.space:
+                queue.space.unpark_all()
             for event in queue.flushed:
                 event.set()
             queue.flushed.clear()
-            if not queue.space and self.queues.get(queue.sid) is queue:
+            if self.queues.get(queue.sid) is queue:
                 del self.queues[queue.sid]
+        elif queue.space and queue.pending < self.data_limit:
+            queue.space.unpark()
 
 
 def _code_name(code: int) -> str:
