@@ -591,3 +591,48 @@ async def test_budget_over_tcp_with_consumers_in_threads() -> None:
     assert waits > 0
     assert stats.receive_buffered_peak <= budget + largest
     assert (stats.receive_buffered, stats.objects_waiting) == (0, 0)
+
+
+async def test_a_shared_stream_waiting_for_the_budget_keeps_its_bytes_on_the_sender(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """While other streams share the connection, a stream whose object waits for
+    the budget stops at the shared in-flight bound, not at its window: what it
+    has not sent waits on the sender, and it all goes once the object is
+    admitted."""
+    window = 256 * KIB
+    budget = 300 * KIB
+    slow = 250 * KIB
+    within = 200 * KIB  # more than a credit step and a chunk, less than the window
+    rec = Recorder()
+    factory = GatedFactory(rec)
+    results: dict[str, tuple[str, Any]] = {}
+    with trio.fail_after(120):
+        async with memory_sites(window=window, max_receive_buffer_per_peer=budget) as (rx, tx):
+            rx.register_stream_processing(CHANNEL, TOPIC, factory)
+            conn = rx_connection(rx)
+            tx_conn = tx._connections["rx"]
+            assert within > tx_conn.shared_in_flight
+            producers = {
+                tag: AsyncRecordingProducer(tag, [size], timeout=60.0)
+                for tag, size in (("slow", slow), ("within", within))
+            }
+
+            async def run(tag: str) -> None:
+                results[tag] = await tx.stream_objects(
+                    CHANNEL, TOPIC, {"stream": tag}, ["rx"], producers[tag], None
+                )
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run, "slow")
+                await wait_for(lambda: conn.receive_budget.held > slow)
+                nursery.start_soon(run, "within")
+                await wait_for(lambda: conn.receive_budget.waiting == 1)
+                await trio.sleep(5)  # time for the sender to send all it may
+                link = tx_conn.senders[max(tx_conn.senders)]  # the later stream
+                unacknowledged = link.bytes_sent - link.credited
+                assert 0 < unacknowledged <= tx_conn.shared_in_flight
+                assert link.bytes_sent < within
+                factory.gate.set()
+    assert results == {"slow": (OK, None), "within": (OK, None)}
+    check_delivered(rec, {"slow": [slow], "within": [within]})

@@ -202,9 +202,12 @@ class TargetLink:
         The window always bounds them. On a connection that other streams
         share, so does :attr:`Connection.shared_in_flight`: what this stream
         has sent and not had credited back is queued in front of everyone
-        else's next frame. It cannot stall: the peer grants credit every
-        ``credit_step`` bytes it takes in, and while we wait more than that
-        is unacknowledged, so a grant is on its way.
+        else's next frame. It cannot stall by itself: the peer grants credit
+        every ``credit_step`` bytes it takes in, and while we wait more than
+        that is unacknowledged, so a grant is on its way, unless the peer
+        withholds credit on purpose (an object of this stream waits for its
+        receive budget). Then we wait with fewer bytes sent than the window
+        would allow, until the object is admitted.
         """
         window = self.window
         if window < nbytes:
