@@ -138,6 +138,10 @@ def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
         assert 0 < p50["median"] <= p99["median"]
     assert _is_number(loaded["metrics"]["p50_slowdown"]["median"])
     assert loaded["metrics"]["p50_slowdown"]["median"] > 0
+    for name in ("p50_chunks", "p99_chunks"):
+        assert _is_number(loaded["metrics"][name]["median"])
+        assert loaded["metrics"][name]["median"] > 0
+    assert loaded["metrics"]["p99_chunks"]["median"] >= loaded["metrics"]["p50_chunks"]["median"]
     assert loaded["metrics"]["loaded_count"]["min"] >= 1
     assert big["target"]["kind"] == "at_least"
     assert big["target"]["metrics"] == ["during_big"]

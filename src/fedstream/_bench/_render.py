@@ -169,7 +169,8 @@ def _result_text(case: CaseResult) -> tuple[str, str]:
         if "loaded_p50" in m:
             p50, p99 = m["loaded_p50"], m["loaded_p99"]
             return (
-                f"p50 {_num(p50.median, 'us')}, p99 {_num(p99.median, 'us')}, "
+                f"p50 {_num(p50.median, 'us')} ({m['p50_chunks'].median:.1f} chunk times), "
+                f"p99 {_num(p99.median, 'us')} ({m['p99_chunks'].median:.1f}), "
                 f"{_num(m['p50_slowdown'].median)}x idle p50",
                 _spread(p50),
             )

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
+from .._engine._options import DEFAULT_CHUNK_SIZE
 from ._common import GIB, KIB, MB, MIB, BenchError, format_size
 from ._procs import run_exchange
 from ._results import CaseResult, Ceiling, Report, Series, Target
@@ -300,11 +301,17 @@ def _hol(plan: Plan) -> Values:
         raise BenchError(
             f"{sent['idle_count']} idle and {sent['loaded_count']} loaded latencies recorded"
         )
+    # A chunk time: how long the large transfer took per chunk, at its own rate.
+    chunk_time = (
+        plan.site.get("chunk_size", DEFAULT_CHUNK_SIZE) * sent["big_elapsed"] / plan.hol_big
+    )
     return {
         "idle_p50": sent["idle_p50"] * 1e6,
         "idle_p99": sent["idle_p99"] * 1e6,
         "loaded_p50": sent["loaded_p50"] * 1e6,
         "loaded_p99": sent["loaded_p99"] * 1e6,
+        "p50_chunks": sent["loaded_p50"] / chunk_time,
+        "p99_chunks": sent["loaded_p99"] / chunk_time,
         "p50_slowdown": sent["loaded_p50"] / sent["idle_p50"],
         "loaded_count": float(sent["loaded_count"]),
         "during_big": float(sent["during_big"]),
@@ -512,7 +519,9 @@ def _case_specs(plan: Plan, scenarios: Sequence[str]) -> list[_CaseSpec]:
             f"one connection; {plan.hol_idle_objects:,} x {small_name} alone (idle), then "
             f"{small_name} objects beside one {big_name} object on a second stream{scaled}; "
             "loaded = in flight during its transfer; latency = produce returning -> "
-            "process_replies; x idle p50 = median over repetitions of loaded p50 / idle p50"
+            "process_replies; x idle p50 = median over repetitions of loaded p50 / idle p50; "
+            "chunk times = latency / (chunk_size / the large transfer's own rate), median over "
+            "repetitions"
         ]
         specs.append(
             _CaseSpec(
@@ -533,6 +542,8 @@ def _case_specs(plan: Plan, scenarios: Sequence[str]) -> list[_CaseSpec]:
                         {
                             "loaded_p50": "us",
                             "loaded_p99": "us",
+                            "p50_chunks": "chunks",
+                            "p99_chunks": "chunks",
                             "p50_slowdown": "x",
                             "loaded_count": "obj",
                         },
