@@ -33,7 +33,11 @@ class Recorder(ConsumerFactory):
         self.items: list[int] = []
         self.rcs: list[str] = []
 
-    def get_consumer(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> ObjectConsumer:
+    async def get_consumer(  # type: ignore[override]
+        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> ObjectConsumer:
+        # Async: a plain callback would run in a worker thread, and the mock
+        # clock of the tests below jumps ahead while the thread works.
         return _Consumer(self)
 
 
