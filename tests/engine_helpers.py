@@ -492,6 +492,24 @@ class SyncRecordingProducer(_ProducerBase, ObjectProducer):
 # --------------------------------------------------------------- trio helpers
 
 
+class AcceptingConsumer(ObjectConsumer):
+    """Takes every object and replies OK, recording nothing."""
+
+    async def consume(
+        self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[bool, Shareable | None]:
+        return True, None
+
+
+class AcceptingFactory(ConsumerFactory):
+    """Hands out an :class:`AcceptingConsumer` for every stream."""
+
+    async def get_consumer(  # type: ignore[override]
+        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> ObjectConsumer:
+        return AcceptingConsumer()
+
+
 async def start_site(nursery: trio.Nursery, name: str, **kwargs: Any) -> fedstream.Site:
     """Run a site in its own task of ``nursery`` (so shutting it down cancels only it)."""
 

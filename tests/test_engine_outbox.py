@@ -19,11 +19,9 @@ import trio
 import trio.testing
 
 import fedstream
-from engine_helpers import slow_writes
+from engine_helpers import AcceptingFactory, slow_writes
 from fedstream import (
-    ConsumerFactory,
     FLContext,
-    ObjectConsumer,
     ObjectProducer,
     ReturnCode,
     Shareable,
@@ -95,6 +93,16 @@ def written_frames(conn: Connection, peer: FrameProtocol) -> list[Frame]:
     return [f for f in frames if not isinstance(f, Ping)]
 
 
+async def collect(conn: Connection, peer: FrameProtocol, count: int) -> list[Frame]:
+    """Let the writer run until ``count`` frames (PINGs aside) are written; return them."""
+    got: list[Frame] = []
+    with trio.fail_after(5):
+        while len(got) < count:
+            await trio.sleep(0)
+            got += written_frames(conn, peer)
+    return got
+
+
 async def test_a_small_stream_waits_behind_one_frame_of_a_large_one() -> None:
     async with connection() as (conn, peer, release):
         big = 1  # our stream ids are odd
@@ -122,11 +130,7 @@ async def test_a_small_stream_waits_behind_one_frame_of_a_large_one() -> None:
             flushed = conn.flushed_event(small)
             assert not flushed.is_set()
             release()
-            got: list[Frame] = []
-            with trio.fail_after(5):
-                while len(got) < 9:
-                    await trio.sleep(0)
-                    got += written_frames(conn, peer)
+            got = await collect(conn, peer, 9)
         order = [(f.sid, getattr(f, "offset", 0)) for f in got]
         position = order.index((small, 0))
         # Only frames the writer had already taken may go first: one turn.
@@ -146,11 +150,7 @@ async def test_streams_take_turns_frame_by_frame() -> None:
             await conn.send_data(Chunk(sid, 0, len(body), body))
             await conn.send_data(Chunk(sid, 0, 2 * len(body), body))
         release()
-        got: list[Frame] = []
-        with trio.fail_after(5):
-            while len(got) < 9:
-                await trio.sleep(0)
-                got += written_frames(conn, peer)
+        got = await collect(conn, peer, 9)
     assert [f.sid for f in got] == [1, 3, 5] * 3
     for sid in sids:
         frames = [f for f in got if f.sid == sid]
@@ -164,11 +164,7 @@ async def test_control_frames_go_before_queued_data() -> None:
         await conn.send_data(Data(1, 0, len(body), "c", "t", None, body))
         conn.send_control(DoneFrame(2, "OK", None))
         release()
-        got: list[Frame] = []
-        with trio.fail_after(5):
-            while len(got) < 2:
-                await trio.sleep(0)
-                got += written_frames(conn, peer)
+        got = await collect(conn, peer, 2)
     assert [type(f) for f in got] == [DoneFrame, Data]
 
 
@@ -275,18 +271,6 @@ async def test_every_sender_waiting_on_a_stream_goes_once_its_queue_empties() ->
 KIB = 1024
 
 
-class _Consumer(ObjectConsumer):
-    async def consume(
-        self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
-    ) -> tuple[bool, Shareable | None]:
-        return True, None
-
-
-class _Factory(ConsumerFactory):
-    async def get_consumer(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> ObjectConsumer:
-        return _Consumer()
-
-
 class _Producer(ObjectProducer):
     """``count`` objects of ``size`` bytes, or as many as it takes until ``until`` is set."""
 
@@ -330,7 +314,7 @@ async def unacknowledged_peaks(*, beside_small_stream: bool) -> tuple[int, int, 
     url = f"memory://outbox-cap-{next(_memory_ids)}"
     with trio.fail_after(120):
         async with fedstream.open_site("rx", listen=url, **options) as rx:
-            rx.register_stream_processing("c", "*", _Factory())
+            rx.register_stream_processing("c", "*", AcceptingFactory())
             async with fedstream.open_site("tx", connect=[url], **options) as tx:
                 conn = tx._connections["rx"]
                 slow_writes(conn, 0.001)

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 import fedstream
+from engine_helpers import AcceptingFactory
 from fedstream import (
     ConsumerFactory,
     FLContext,
@@ -38,18 +39,6 @@ CHANNEL = "writes"
 MIB = 1024 * 1024
 #: trio's TCP_NOTSENT_LOWAT for its sockets.
 TRIO_UNSENT = 16 * 1024
-
-
-class Consumer(ObjectConsumer):
-    async def consume(
-        self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
-    ) -> tuple[bool, Shareable | None]:
-        return True, None
-
-
-class Factory(ConsumerFactory):
-    async def get_consumer(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> ObjectConsumer:
-        return Consumer()
 
 
 def unsent_limit(site: Site, peer: str) -> int:
@@ -92,7 +81,7 @@ class Producer(ObjectProducer):
 async def test_one_stream_writes_whole_chunks_two_streams_keep_trios_limit() -> None:
     with trio.fail_after(30):
         async with fedstream.open_site("recv", listen=LOOP, sync_callbacks="inline") as recv:
-            recv.register_stream_processing(CHANNEL, "*", Factory())
+            recv.register_stream_processing(CHANNEL, "*", AcceptingFactory())
             async with fedstream.open_site(
                 "send", connect=[recv.address], sync_callbacks="inline"
             ) as send:
