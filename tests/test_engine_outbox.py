@@ -311,6 +311,7 @@ async def unacknowledged_peaks(*, beside_small_stream: bool) -> tuple[int, int, 
         "sync_callbacks": "inline",
     }
     peaks = {True: 0, False: 0}
+    queued = [0]  # the most the large stream had waiting in the outbox
     url = f"memory://outbox-cap-{next(_memory_ids)}"
     with trio.fail_after(120):
         async with fedstream.open_site("rx", listen=url, **options) as rx:
@@ -331,6 +332,11 @@ async def unacknowledged_peaks(*, beside_small_stream: bool) -> tuple[int, int, 
                         after = link.bytes_sent - link.credited + tails
                         peaks[shared] = max(peaks[shared], after)
                     await original(frame, *more)
+                    for stream in tx.stats()[0].streams:
+                        if stream.sid in big_sids:
+                            assert stream.unacknowledged is not None
+                            assert stream.unacknowledged <= stream.bytes
+                            queued[0] = max(queued[0], stream.queued)
 
                 conn.send_data = watched  # type: ignore[method-assign]
                 big_done = trio.Event()
@@ -356,6 +362,8 @@ async def unacknowledged_peaks(*, beside_small_stream: bool) -> tuple[int, int, 
                     nursery.start_soon(big)
                 assert outcomes == [(ReturnCode.OK, None)] * (1 + beside_small_stream)
                 cap = conn.shared_in_flight
+    # The connection is slow: the large stream's frames did wait in its queue.
+    assert queued[0] > 0
     return peaks[True], peaks[False], cap
 
 

@@ -115,6 +115,10 @@ async def test_stats_show_live_sessions_and_counters(autojump_clock: trio.abc.Cl
             assert 0 <= out.credit <= tx.options.window
             assert inn.credit is not None
             assert inn.credit >= 0
+            # All written; less than a credit step received, so none granted back yet.
+            assert (out.queued, inn.queued) == (0, 0)
+            assert out.unacknowledged == out.bytes == inn.credit
+            assert inn.unacknowledged is None
             assert tx_conn.bytes_sent >= out.bytes
             assert rx_conn.bytes_received >= inn.bytes
             # The receive budget: object 1 is with the consumer, so nothing is held now.

@@ -165,6 +165,7 @@ class ReceiverSession:
             bytes=self.bytes_received,
             credit=self._ungranted,
             started=self.started,
+            queued=self.conn.pending(self.sid),
         )
 
     # ---------------------------------------------------- called by the reader

@@ -116,6 +116,8 @@ class TargetLink:
             bytes=self.bytes_sent,
             credit=None if math.isinf(self.window) else int(self.window),
             started=self.started,
+            queued=self.conn.pending(self.sid),
+            unacknowledged=None if math.isinf(self.window) else self.bytes_sent - self.credited,
         )
 
     def _notify(self) -> None:

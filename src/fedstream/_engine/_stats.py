@@ -23,6 +23,12 @@ class StreamStats:
             more (``None`` if it does not use flow control); receiving: bytes
             received and not yet granted back.
         started: ``trio.current_time()`` when the session started.
+        queued: bytes of this stream's frames (objects when sending, replies
+            when receiving) handed to the connection and not yet written.
+        unacknowledged: sending: object bytes sent that the peer has not
+            granted back as credit yet, that is in flight or held by the
+            peer (``None`` if it does not use flow control); receiving:
+            ``None``.
     """
 
     peer: str
@@ -34,6 +40,8 @@ class StreamStats:
     bytes: int
     credit: int | None
     started: float
+    queued: int = 0
+    unacknowledged: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
