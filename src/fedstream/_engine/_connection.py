@@ -90,9 +90,6 @@ _DRAIN_TIMEOUT = 1.0
 #: At most one warning per this many seconds about streams refused over
 #: ``max_streams_per_peer`` (the peer decides how many it opens).
 _REFUSAL_LOG_INTERVAL = 60.0
-#: Unsent bytes the kernel holds at most while frames wait in the outbox
-#: (trio's own ``TCP_NOTSENT_LOWAT`` for its sockets).
-_UNSENT_QUEUED = 16 * 1024
 #: Room for a frame head on top of ``max_body`` when a whole frame goes out in one write.
 _UNSENT_SLACK = 64 * 1024
 
@@ -326,13 +323,7 @@ class Connection:
         self._outbox = _Outbox(max(2 * options.chunk_size, 1 << 20))
         # The socket's descriptor for direct writes (-1 for non-socket streams).
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
-        #: The socket's current TCP_NOTSENT_LOWAT, and the one for a direct write
-        #: (both 0 without such a socket option, e.g. on memory streams).
-        self._unsent_limit = 0
-        self._unsent_whole = 0
-        if isinstance(stream, trio.SocketStream) and hasattr(socket, "TCP_NOTSENT_LOWAT"):
-            self._unsent_limit = _UNSENT_QUEUED
-            self._unsent_whole = self.max_body + _UNSENT_SLACK
+        self._take_whole_frames()
         #: True while the writer task is inside a write.
         self._writing = False
         self._pings = itertools.count()
@@ -440,32 +431,27 @@ class Connection:
 
     # ------------------------------------------------------------------ sending
 
-    def _fit_unsent(self) -> None:
-        """Set how many unsent bytes the kernel takes before a write stops short.
+    def _take_whole_frames(self) -> None:
+        """Let the kernel take a whole frame in one write.
 
-        trio sets 16 KiB (``TCP_NOTSENT_LOWAT``). A 1 MiB chunk then went out
-        in pieces as the peer drained its window, the writer task and the
-        peer's reader waking for each piece. On a connection that carries
-        one stream, nothing can queue behind a frame, so the kernel may take
-        a whole one. With more streams it keeps to 16 KiB, so that what
-        queues behind a large object waits behind the outbox only.
+        trio limits the unsent bytes of its sockets to 16 KiB
+        (``TCP_NOTSENT_LOWAT``), so a 1 MiB chunk went out in pieces as the
+        peer drained its window, the writer task and the peer's reader waking
+        for each piece. A whole frame in the kernel cannot be overtaken by
+        another stream's frame, but what a stream that shares the connection
+        has in flight, wherever it waits, is bounded anyway
+        (:attr:`shared_in_flight`), so the kernel may take a whole frame
+        whatever the number of streams.
         """
-        if not self._unsent_whole:
+        if not (
+            isinstance(self.stream, trio.SocketStream) and hasattr(socket, "TCP_NOTSENT_LOWAT")
+        ):
             return
-        if len(self.senders) + len(self.receivers) <= 1:
-            wanted = self._unsent_whole
-        else:
-            wanted = _UNSENT_QUEUED
-        if wanted == self._unsent_limit:
-            return
-        assert isinstance(self.stream, trio.SocketStream)
-        self._unsent_limit = wanted
+        whole = min(self.max_body + _UNSENT_SLACK, 0x7FFF_FFFF)
         try:
-            self.stream.setsockopt(
-                socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, min(wanted, 0x7FFF_FFFF)
-            )
-        except OSError:
-            self._unsent_whole = 0
+            self.stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, whole)
+        except OSError:  # keep trio's limit
+            logger.debug("could not set TCP_NOTSENT_LOWAT on the connection to %s", self.peer)
 
     def _write_now(self, sid: int, *items: tuple[bytes, memoryview | None]) -> bool:
         """Write frames straight to the socket when nothing is queued or being written.
@@ -484,8 +470,6 @@ class Connection:
             parts.append(head)
             if body is not None:
                 parts.append(body)
-        if len(parts) > 1:
-            self._fit_unsent()
         try:
             written = os.writev(self._fd, parts)
         except BlockingIOError:
@@ -612,7 +596,6 @@ class Connection:
     async def _write_batch(self, outbox: _Outbox, stream: trio.abc.Stream) -> None:
         """Write what is queued: a direct write's leftover, then coalesced frames,
         taking one data frame per stream in turn."""
-        self._fit_unsent()
         if outbox.partial:
             while outbox.partial:
                 piece = outbox.partial.pop(0)
