@@ -266,6 +266,36 @@ async def test_every_sender_waiting_on_a_stream_goes_once_its_queue_empties() ->
     assert sorted(bytes(f.body) for f in frames[1:]) == [b"x", b"y"]  # type: ignore[attr-defined]
 
 
+async def test_a_direct_writes_leftover_counts_as_queued_not_the_whole_frame() -> None:
+    """A stream's pending bytes (``StreamStats.queued``) are what is left of a
+    direct write the socket took in part, as for the connection's
+    ``bytes_queued``, not the whole frame."""
+    ours_sock, theirs_sock = trio.socket.socketpair()
+    ours, _theirs = open_pair()
+    conn = Connection(
+        trio.SocketStream(ours_sock),
+        ours,
+        Hello(1, "site-b", {"max_frame_size": ours.peer_max_frame_size}, []),
+        local="site-a",
+        dialer=True,
+        options=SiteOptions(),
+        url="unix://outbox",
+    )
+    body = memoryview(b"\x5a" * (4 * MIB))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(conn.run)
+            await trio.testing.wait_all_tasks_blocked()
+            before = conn.bytes_sent
+            # Nobody reads: the socket takes part of the frame, the rest is left over.
+            await conn.send_data(Data(1, 0, len(body), "c", "t", None, body))
+            taken = conn.bytes_sent - before
+            assert 0 < taken < len(body)
+            assert conn.pending(1) == conn.bytes_queued - conn.bytes_sent
+            conn.lose("test over")
+    theirs_sock.close()
+
+
 # ------------------------------------------------- what a shared stream keeps in flight
 
 KIB = 1024
@@ -312,6 +342,7 @@ async def unacknowledged_peaks(*, beside_small_stream: bool) -> tuple[int, int, 
     }
     peaks = {True: 0, False: 0}
     queued = [0]  # the most the large stream had waiting in the outbox
+    reported = {True: 0, False: 0}  # the most its stats showed unacknowledged
     url = f"memory://outbox-cap-{next(_memory_ids)}"
     with trio.fail_after(120):
         async with fedstream.open_site("rx", listen=url, **options) as rx:
@@ -337,6 +368,8 @@ async def unacknowledged_peaks(*, beside_small_stream: bool) -> tuple[int, int, 
                             assert stream.unacknowledged is not None
                             assert stream.unacknowledged <= stream.bytes
                             queued[0] = max(queued[0], stream.queued)
+                            shared = conn.shared()
+                            reported[shared] = max(reported[shared], stream.unacknowledged)
 
                 conn.send_data = watched  # type: ignore[method-assign]
                 big_done = trio.Event()
@@ -364,6 +397,10 @@ async def unacknowledged_peaks(*, beside_small_stream: bool) -> tuple[int, int, 
                 cap = conn.shared_in_flight
     # The connection is slow: the large stream's frames did wait in its queue.
     assert queued[0] > 0
+    # What the stats report unacknowledged is what the bound keeps.
+    assert reported[True] <= peaks[True]
+    assert reported[False] <= peaks[False]
+    assert reported[beside_small_stream] > 0
     return peaks[True], peaks[False], cap
 
 

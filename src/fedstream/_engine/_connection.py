@@ -480,8 +480,8 @@ class Connection:
         self.bytes_sent += written
         if written:
             self.last_write = trio.current_time()
-        total = sum(_size(item) for item in items)
-        if written < total:
+        left = sum(_size(item) for item in items) - written
+        if left > 0:
             rest: list[memoryview] = []
             for part in parts:
                 view = memoryview(part)
@@ -493,8 +493,8 @@ class Connection:
             outbox.partial = rest
             if sid:
                 queue = outbox.queue(sid)
-                queue.pending += total
-                outbox.partial_owner = (queue, total)
+                queue.pending += left
+                outbox.partial_owner = (queue, left)
             outbox.wakeup.set()
         return True
 
