@@ -438,10 +438,13 @@ class Connection:
         (``TCP_NOTSENT_LOWAT``), so a 1 MiB chunk went out in pieces as the
         peer drained its window, the writer task and the peer's reader waking
         for each piece. A whole frame in the kernel cannot be overtaken by
-        another stream's frame, but what a stream that shares the connection
-        has in flight, wherever it waits, is bounded anyway
+        another stream's frame, but what a flow-controlled stream that shares
+        the connection has in flight, wherever it waits, is bounded anyway
         (:attr:`shared_in_flight`), so the kernel may take a whole frame
-        whatever the number of streams.
+        whatever the number of streams. Replies, and objects to a peer that
+        announced window 0, are not bounded that way: for them this limit is
+        what keeps the kernel to about one frame unsent (trio's kept it to
+        16 KiB).
         """
         if not (
             isinstance(self.stream, trio.SocketStream) and hasattr(socket, "TCP_NOTSENT_LOWAT")

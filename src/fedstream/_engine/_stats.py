@@ -25,10 +25,10 @@ class StreamStats:
         started: ``trio.current_time()`` when the session started.
         queued: bytes of this stream's frames (objects when sending, replies
             when receiving) handed to the connection and not yet written.
-        unacknowledged: sending: object bytes sent that the peer has not
-            granted back as credit yet, that is in flight or held by the
-            peer (``None`` if it does not use flow control); receiving:
-            ``None``.
+        unacknowledged: sending: object bytes handed to the connection that
+            the peer has not granted back as credit yet, whether still
+            ``queued``, in flight or held by the peer (``None`` if it does
+            not use flow control); receiving: ``None``.
     """
 
     peer: str
