@@ -212,11 +212,9 @@ async def test_an_idle_stream_keeps_no_queue(sid: int) -> None:
         assert conn.flushed_event(sid).is_set()
 
 
-async def test_every_sender_waiting_on_a_stream_goes_once_its_queue_empties() -> None:
-    """Over a real socket, where a frame can go straight to the socket: two
-    tasks of one stream wait for room behind a direct write's leftover. When
-    it is written the queue is empty, the first goes straight to the socket,
-    and the second must not be left waiting (nor the stream's queue kept)."""
+def socket_connection() -> tuple[Connection, FrameProtocol, trio.socket.SocketType]:
+    """A Connection over one end of a socket pair (where frames can go straight
+    to the socket), the peer's protocol, and the other end (nobody reads it yet)."""
     ours_sock, theirs_sock = trio.socket.socketpair()
     ours, theirs = open_pair()
     conn = Connection(
@@ -228,6 +226,15 @@ async def test_every_sender_waiting_on_a_stream_goes_once_its_queue_empties() ->
         options=SiteOptions(),
         url="unix://outbox",
     )
+    return conn, theirs, theirs_sock
+
+
+async def test_every_sender_waiting_on_a_stream_goes_once_its_queue_empties() -> None:
+    """Over a real socket, where a frame can go straight to the socket: two
+    tasks of one stream wait for room behind a direct write's leftover. When
+    it is written the queue is empty, the first goes straight to the socket,
+    and the second must not be left waiting (nor the stream's queue kept)."""
+    conn, theirs, theirs_sock = socket_connection()
     body = memoryview(b"\x5a" * (4 * MIB))
     received = bytearray()
     done: list[bytes] = []
@@ -270,17 +277,7 @@ async def test_a_direct_writes_leftover_counts_as_queued_not_the_whole_frame() -
     """A stream's pending bytes (``StreamStats.queued``) are what is left of a
     direct write the socket took in part, as for the connection's
     ``bytes_queued``, not the whole frame."""
-    ours_sock, theirs_sock = trio.socket.socketpair()
-    ours, _theirs = open_pair()
-    conn = Connection(
-        trio.SocketStream(ours_sock),
-        ours,
-        Hello(1, "site-b", {"max_frame_size": ours.peer_max_frame_size}, []),
-        local="site-a",
-        dialer=True,
-        options=SiteOptions(),
-        url="unix://outbox",
-    )
+    conn, _theirs, theirs_sock = socket_connection()
     body = memoryview(b"\x5a" * (4 * MIB))
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
