@@ -646,3 +646,71 @@ class SenderReceiver(RuleBasedStateMachine):
 
 SenderReceiver.TestCase.settings = at_most(50, stateful_step_count=20)
 TestSenderReceiver = SenderReceiver.TestCase
+
+
+# ------------------------------------------------------------ receiving in place
+
+
+class _Targets:
+    """A ``body_target`` that declines the frames listed and records the rest."""
+
+    def __init__(self, decline: set[int]) -> None:
+        self.decline = decline
+        self.asked: list[int] = []
+        self.given: dict[int, bytearray] = {}
+
+    def __call__(self, frame: Frame, nbytes: int) -> memoryview | None:
+        seq = frame.seq  # type: ignore[attr-defined]
+        self.asked.append(seq)
+        if seq in self.decline:
+            return None
+        self.given[seq] = bytearray(nbytes)
+        return memoryview(self.given[seq])
+
+
+def _feed_in_two(p: FrameProtocol, wire: bytes, cut: int) -> list[Frame]:
+    """Feed one frame in two pieces, draining after each."""
+    p.receive_data(wire[:cut])
+    first, marker = drain(p)
+    assert marker is NEED_DATA
+    p.receive_data(wire[cut:])
+    rest, marker = drain(p)
+    assert marker is NEED_DATA
+    return first + rest
+
+
+@pytest.mark.parametrize("use_get_buffer", [False, True])
+def test_a_declined_body_target_applies_to_that_frame_only(use_get_buffer: bool) -> None:
+    """After one large frame is staged (its body could not be received in
+    place), the next large frames are received in place again."""
+    p = opened()
+    targets = _Targets(decline={0})
+    p.body_target = targets
+    sender = FrameProtocol()
+    sender.peer_max_frame_size = DEFAULT_MAX_FRAME_SIZE
+    sender.our_state = ProtocolState.OPEN
+    bodies = [bytes([seq + 1]) * (200_000 + seq) for seq in range(3)]
+    frames: list[Frame] = []
+    for seq, body in enumerate(bodies):
+        wire = sender.send(Chunk(7, seq, 0, body))
+        if use_get_buffer:
+            # A transport receiving straight into the protocol's buffers.
+            for start in range(0, len(wire), 70_000):
+                piece = wire[start : start + 70_000]
+                with p.get_buffer(len(piece)) as buf:
+                    n = min(len(buf), len(piece))
+                    buf[:n] = piece[:n]
+                p.buffer_updated(n)
+                if n < len(piece):
+                    p.receive_data(piece[n:])
+                got, marker = drain(p)
+                frames += got
+                assert marker is NEED_DATA
+        else:
+            frames += _feed_in_two(p, wire, 1000)
+    assert [bytes(f.body) for f in frames] == bodies  # type: ignore[attr-defined]
+    assert targets.asked == [0, 1, 2]
+    for seq in (1, 2):
+        body = frames[seq].body  # type: ignore[attr-defined]
+        assert body.obj is targets.given[seq], f"frame {seq} was staged, not received in place"
+    assert p.buffered == 0

@@ -481,7 +481,9 @@ class FrameProtocol:
         self._sink: memoryview | None = None
         self._sink_filled = 0
         self._sink_head: tuple[type[Frame], dict[str, Any]] | None = None
-        self._no_sink_at = -1
+        # Whether the frame at _pos declined a body target (it is then staged
+        # whole); cleared when that frame is returned.
+        self._sink_declined = False
         self._eof = False
         self._error: RemoteProtocolError | None = None
         #: Called with a frame (its body still empty) and its body length when a
@@ -622,6 +624,7 @@ class FrameProtocol:
         with memoryview(self._buf) as view:
             data = bytes(view[start:end])
         self._consume_stage(end)
+        self._sink_declined = False
         frame = decode_head(data)
         self._after_receive(frame)
         return frame
@@ -638,7 +641,7 @@ class FrameProtocol:
         if (
             self.body_target is None
             or self.their_state is not ProtocolState.OPEN
-            or self._no_sink_at == self._pos
+            or self._sink_declined
         ):
             return False
         start = self._pos + _LEN.size
@@ -651,14 +654,14 @@ class FrameProtocol:
             cls, kwargs, head_len = _parse_head(peek, length)
         except cbor2.CBORDecodeEOF:
             if len(peek) >= _HEAD_PEEK_MAX:
-                self._no_sink_at = self._pos  # a huge head: take the slow path
+                self._sink_declined = True  # a huge head: take the slow path
             return False
         body_len = length - head_len
         target = None
         if cls.HAS_BODY and body_len >= _SINK_MIN:
             target = self.body_target(cls(**kwargs), body_len)
         if target is None:
-            self._no_sink_at = self._pos
+            self._sink_declined = True
             return False
         target = target.cast("B") if target.format != "B" else target
         if len(target) != body_len or target.readonly:
