@@ -18,7 +18,6 @@ import collections
 import functools
 import logging
 import mmap
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -44,7 +43,7 @@ from .._wire import (
     ObjectAssembler,
     RawObject,
     Reply,
-    decode_object,
+    decode_object_views,
     encode_object,
 )
 from ._budget import ObjectHolds
@@ -359,14 +358,14 @@ class ReceiverSession:
             self.objects_received += 1
             self.bytes_received += len(raw)
             try:
-                shareable = decode_object(raw)
+                shareable, holds_views = decode_object_views(raw)
             except RemoteProtocolError as exc:
                 await self._reply_error(seq, ReturnCode.BAD_REQUEST_DATA, str(exc))
                 self.rc = ReturnCode.BAD_REQUEST_DATA
                 return
-            # Keep the buffer for the next object unless the decoded values
-            # still use it (NumPy arrays are views of it; bytes are copies).
-            if isinstance(raw, (bytearray, mmap.mmap)) and _unshared(raw):
+            # The session owns the buffer; keep it for the next object unless
+            # the decoded values view it (NumPy arrays; bytes are copies).
+            if isinstance(raw, (bytearray, mmap.mmap)) and not holds_views:
                 self._spare = raw
             del raw
             self._busy = True
@@ -509,13 +508,6 @@ class ReceiverSession:
                     await self.conn.send_data(Done(self.sid, rc, None))
             except ConnectionLostError:
                 pass
-
-
-def _unshared(buffer: bytearray | mmap.mmap) -> bool:
-    """True when nothing but the caller's own variable refers to ``buffer``."""
-    getrefcount = getattr(sys, "getrefcount", None)
-    # 3: the caller's variable, this function's argument and getrefcount's own.
-    return getrefcount is not None and getrefcount(buffer) <= 3
 
 
 def _overridden(bound: Callable[..., Any], default: Callable[..., Any]) -> bool:

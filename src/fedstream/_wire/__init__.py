@@ -31,6 +31,7 @@ from ._payload import (
     RawObject,
     ScatteredObject,
     decode_object,
+    decode_object_views,
     encode_object,
 )
 from ._protocol import (
@@ -78,6 +79,7 @@ __all__ = [
     "ScatteredObject",
     "decode_head",
     "decode_object",
+    "decode_object_views",
     "encode_frame",
     "encode_object",
 ]

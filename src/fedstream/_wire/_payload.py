@@ -67,6 +67,7 @@ __all__ = [
     "RawObject",
     "ScatteredObject",
     "decode_object",
+    "decode_object_views",
     "encode_object",
 ]
 
@@ -381,6 +382,21 @@ def decode_object(data: RawObject) -> Shareable:
     Raises:
         RemoteProtocolError: ``data`` is not a valid encoded object.
     """
+    return decode_object_views(data)[0]
+
+
+def decode_object_views(data: RawObject) -> tuple[Shareable, bool]:
+    """:func:`decode_object`, also saying whether the result views ``data``.
+
+    The flag is True when some value (a NumPy array over out-of-band
+    elements) is a view of ``data``'s memory or of one of its parts: the
+    caller must then leave that memory alone for as long as the values live.
+    When it is False, every value owns its memory (or is a ``bytes`` part the
+    caller no longer writes to), and the caller may reuse ``data``'s buffer.
+
+    Raises:
+        RemoteProtocolError: ``data`` is not a valid encoded object.
+    """
     buffers: Sequence[BytesLike | mmap.mmap]
     if isinstance(data, ScatteredObject):
         fp, head_len, lengths = _split_head(memoryview(data.head))
@@ -400,6 +416,7 @@ def decode_object(data: RawObject) -> Shareable:
         buffers = views
 
     used: set[int] = set()
+    viewed: list[int] = []
     arrays = _ArrayDecoding()
     token = _array_decoding.set(arrays)
 
@@ -409,6 +426,7 @@ def decode_object(data: RawObject) -> Shareable:
         used.add(index)
         buf = buffers[index]
         if arrays.open_tags:
+            viewed.append(index)
             return _BufferView(memoryview(buf))
         # A ``bytes`` part was received in place and is used only here.
         return buf if type(buf) is bytes else bytes(buf)
@@ -427,7 +445,7 @@ def decode_object(data: RawObject) -> Shareable:
         raise RemoteProtocolError("object head length does not match its CBOR items")
     if not isinstance(value, dict):
         raise RemoteProtocolError("object value must be a CBOR map")
-    return Shareable(value)
+    return Shareable(value), bool(viewed)
 
 
 def _shareable_hook(value: Any, immutable: bool) -> Any:
