@@ -8,6 +8,7 @@ import gc
 import io
 import itertools
 import struct
+import sys
 import tracemalloc
 from typing import Any
 
@@ -579,3 +580,99 @@ def test_distinct_part_sizes_do_not_accumulate_memory() -> None:
     finally:
         tracemalloc.stop()
     assert current < 256 * 1024, f"{current} bytes kept after 3000 distinct sizes"
+
+
+# ------------------------------------------------------------ in-place bytes check
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython only")
+def test_inplace_bytes_self_check_passes_on_this_interpreter() -> None:
+    assert _payload._inplace_bytes_factory() is not None
+
+
+class _NewBytesSpy:
+    """Records calls to ``PyBytes_FromStringAndSize`` made through ctypes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = ctypes.PYFUNCTYPE
+
+        def prototype(*types: Any) -> Any:
+            make = real(*types)
+
+            def bind(*args: Any) -> Any:
+                function = make(*args)
+
+                def call(*call_args: Any) -> Any:
+                    self.calls += 1
+                    return function(*call_args)
+
+                return call
+
+            return bind
+
+        monkeypatch.setattr(ctypes, "PYFUNCTYPE", prototype)
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython only")
+@pytest.mark.parametrize("lie", ["size", "contents", "length field"])
+def test_inplace_bytes_fall_back_when_the_read_only_check_fails(
+    lie: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layout other than expected is found by reading a known ``bytes``
+    object, before any object is made to be written into."""
+    spy = _NewBytesSpy(monkeypatch)
+    if lie == "size":
+        real_getsizeof = sys.getsizeof
+        monkeypatch.setattr(sys, "getsizeof", lambda obj, *a: real_getsizeof(obj, *a) + 8)
+    elif lie == "contents":
+        real_string_at = ctypes.string_at
+        monkeypatch.setattr(
+            ctypes, "string_at", lambda addr, size=-1: b"?" + real_string_at(addr + 1, size - 1)
+        )
+    else:
+        real_ssize_t = ctypes.c_ssize_t
+
+        class WrongSize:
+            @staticmethod
+            def from_address(address: int) -> Any:
+                return real_ssize_t(real_ssize_t.from_address(address).value + 1)
+
+        monkeypatch.setattr(ctypes, "c_ssize_t", WrongSize)
+    assert _payload._inplace_bytes_factory() is None
+    assert spy.calls == 0
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython only")
+def test_inplace_bytes_check_reads_the_fresh_object_before_writing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The uninitialised object is checked read-only too; on a mismatch
+    nothing is written into it."""
+    real = _payload._bytes_layout_matches
+    fresh: list[bytes] = []
+
+    def check(ctypes_module: Any, obj: bytes, offset: int, *, contents: bool = True) -> bool:
+        if not contents:
+            fresh.append(obj)
+            return False
+        return real(ctypes_module, obj, offset, contents=contents)
+
+    monkeypatch.setattr(_payload, "_bytes_layout_matches", check)
+    assert _payload._inplace_bytes_factory() is None
+    (obj,) = fresh
+    assert obj != b"fedstream in-place bytes", "the probe was written before the check"
+
+
+def test_large_bytes_are_copied_where_in_place_bytes_are_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_payload, "_inplace_bytes", None)
+    blob = bytes(range(256)) * 512
+    encoding = encode_object(Shareable({"blob": blob})).to_bytes()
+    raw = assemble(encoding, [7, 40_000], in_place=True)
+    assert isinstance(raw, ScatteredObject)
+    assert [type(b) for b in raw.buffers] == [bytearray]
+    got = decode_object(raw)
+    assert type(got["blob"]) is bytes
+    assert got["blob"] == blob
