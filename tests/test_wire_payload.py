@@ -327,7 +327,9 @@ def test_depth_bound_counts_the_top_map() -> None:
 
     ok = Shareable({"a": nested(MAX_OBJECT_DEPTH - 1)})
     assert decode_object(encode_object(ok).to_bytes()) == ok
-    too_deep = encode_object(Shareable({"a": nested(MAX_OBJECT_DEPTH)})).to_bytes()
+    with pytest.raises(LocalProtocolError, match=r"shareable\['a'\](\[0\])+ \(.*depth"):
+        encode_object(Shareable({"a": nested(MAX_OBJECT_DEPTH)}))
+    too_deep = build([], cbor2.dumps({"a": nested(MAX_OBJECT_DEPTH)}))
     with pytest.raises(RemoteProtocolError, match="depth"):
         decode_object(too_deep)
 

@@ -40,6 +40,7 @@ import io
 import math
 import mmap
 import re
+import secrets
 import struct
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -182,26 +183,66 @@ def _flat(buf: BytesLike) -> memoryview:
 def encode_object(obj: Mapping[str, Any]) -> EncodedObject:
     """Encode a ``Shareable`` (or any ``str``-keyed mapping) for the wire.
 
+    The encoding is checked with the receiver's own decoder (out-of-band
+    byte strings are not copied for it), so what is returned is exactly what
+    :func:`decode_object` accepts: an object a receiver would refuse is
+    refused here, before anything is sent.
+
     Raises:
-        LocalProtocolError: ``obj`` holds a value CBOR cannot encode.
+        LocalProtocolError: ``obj`` holds a value that cannot be encoded or
+            that a receiver would refuse. The message names the value's key
+            path (``shareable['a'][3]``) and its type.
+    """
+    error: Exception | None = None
+    try:
+        value, buffers = _encode_value(obj)
+    except Exception as exc:
+        error = exc
+    if error is not None:
+        # Outside the handler, so the search's own errors do not chain to it.
+        raise _unsendable(obj, error) from error
+    head = cbor2.dumps([len(b) for b in buffers]) + value
+    first = memoryview(_LEN.pack(len(head)) + head)
+    parts = (first, *buffers)
+    return EncodedObject(parts, sum(len(p) for p in parts))
+
+
+#: Tags that the object encoding gives a meaning: a ``CBORTag`` of the
+#: caller's with one of these would come back as something else.
+_RESERVED_TAGS: Final = frozenset(
+    {TAG_BUFFER, TAG_SHAREABLE, TAG_NDARRAY, TAG_ROW_MAJOR, TAG_COLUMN_MAJOR, *range(64, 88)}
+)
+
+
+def _encode_value(obj: Mapping[str, Any]) -> tuple[bytes, list[memoryview]]:
+    """The CBOR value of ``obj`` and its out-of-band buffers, checked by decoding.
+
+    Raises:
+        Exception: whatever the encoder raised for a value it cannot encode.
+        RemoteProtocolError: what :func:`decode_object` would say of the encoding.
     """
     buffers: list[memoryview] = []
 
     def encode_bytes(encoder: cbor2.CBOREncoder, value: BytesLike) -> None:
         view = _flat(value)
         if len(view) >= OUT_OF_BAND_MIN:
-            encoder.encode(cbor2.CBORTag(TAG_BUFFER, len(buffers)))
+            encoder.encode_semantic(TAG_BUFFER, len(buffers))
             buffers.append(view)
         else:
             encoder.encode_bytes(bytes(view))
 
     def encode_shareable(encoder: cbor2.CBOREncoder, value: Shareable) -> None:
         _check_keys(value)
-        encoder.encode(cbor2.CBORTag(TAG_SHAREABLE, dict(value)))
+        encoder.encode_semantic(TAG_SHAREABLE, dict(value))
 
     def encode_map(encoder: cbor2.CBOREncoder, value: dict[Any, Any]) -> None:
         _check_keys(value)
         encoder.encode_map(value)
+
+    def encode_tag(encoder: cbor2.CBOREncoder, value: cbor2.CBORTag) -> None:
+        if value.tag in _RESERVED_TAGS:
+            raise TypeError(f"tag {value.tag} is reserved by fedstream's object encoding")
+        encoder.encode_semantic(value.tag, value.value)
 
     encoders: dict[type, Any] = {
         bytes: encode_bytes,
@@ -209,6 +250,7 @@ def encode_object(obj: Mapping[str, Any]) -> EncodedObject:
         memoryview: encode_bytes,
         Shareable: encode_shareable,
         dict: encode_map,
+        cbor2.CBORTag: encode_tag,
     }
     default: Callable[[cbor2.CBOREncoder, Any], None] | None = None
     # No array can be in the object unless the caller has imported NumPy.
@@ -217,14 +259,95 @@ def encode_object(obj: Mapping[str, Any]) -> EncodedObject:
         encoders[np.ndarray] = functools.partial(_encode_ndarray, np)
         encoders[np.bytes_] = encode_bytes
         default = functools.partial(_encode_numpy_other, np)
+    value = cbor2.dumps(dict(obj), encoders=encoders, default=default)
+    _decode_value(io.BytesIO(value), len(value), buffers, check_only=True)
+    return value, buffers
+
+
+def _unsendable(obj: Mapping[str, Any], exc: Exception) -> LocalProtocolError:
+    """The error for an object that :func:`_encode_value` refused, naming the culprit."""
+    if isinstance(exc, LocalProtocolError) and str(exc).startswith("cannot send "):
+        return exc
+    path, culprit, cause = _locate(obj, exc)
+    what = "a receiver would refuse it" if isinstance(exc, RemoteProtocolError) else "cannot encode"
+    return LocalProtocolError(f"cannot send {path} ({type(culprit).__name__}): {what}: {cause}")
+
+
+def _refusal(obj: Mapping[str, Any]) -> Exception | None:
     try:
-        value = cbor2.dumps(dict(obj), encoders=encoders, default=default)
-        head = cbor2.dumps([len(b) for b in buffers]) + value
+        _encode_value(obj)
     except Exception as exc:
-        raise LocalProtocolError(f"cannot encode object: {exc}") from exc
-    first = memoryview(_LEN.pack(len(head)) + head)
-    parts = (first, *buffers)
-    return EncodedObject(parts, sum(len(p) for p in parts))
+        return exc
+    return None
+
+
+def _items(value: Any) -> list[tuple[Any, Any]] | None:
+    """The entries of a container the encoder walks into, or None for a leaf."""
+    if isinstance(value, dict):
+        return list(value.items())
+    if isinstance(value, (list, tuple)):
+        return list(enumerate(value))
+    return None
+
+
+def _like(container: Any, items: list[tuple[Any, Any]]) -> Any:
+    """A container of ``container``'s kind (as the encoder sees it) holding ``items``."""
+    if isinstance(container, Shareable):
+        copy = Shareable.__new__(Shareable)  # no headers added: the entries are as given
+        dict.update(copy, items)
+        return copy
+    if isinstance(container, dict):
+        return dict(items)
+    return [v for _, v in items]
+
+
+def _locate(obj: Mapping[str, Any], exc: Exception) -> tuple[str, Any, str]:
+    """The key path, value and reason of what makes ``obj`` unsendable.
+
+    Narrows down by encoding copies of the object that keep one branch
+    (halves of a container's entries, then one entry), each at its original
+    depth so the depth bound applies as it did. Only runs for a refused
+    object. Falls back to the innermost container that is refused as a whole.
+    """
+    chain: list[tuple[Any, Any]] = []  # (container, key) from the top down
+    path = "shareable"
+    culprit: Any = obj
+    cause: Exception = exc
+
+    def rebuilt(container: Any, items: list[tuple[Any, Any]]) -> Any:
+        node = _like(container, items)
+        for parent, key in reversed(chain):
+            node = _like(parent, [(key, node)])
+        return node
+
+    for _ in range(MAX_OBJECT_DEPTH):
+        items = _items(culprit)
+        if not items:
+            break
+        while len(items) > 1:
+            half = len(items) // 2
+            for part in (items[:half], items[half:]):
+                refused = _refusal(rebuilt(culprit, part))
+                if refused is not None:
+                    items, cause = part, refused
+                    break
+            else:
+                break  # only the entries together are refused
+        if len(items) != 1:
+            break
+        ((key, child),) = items
+        refused = _refusal(rebuilt(culprit, [(key, child)]))
+        if refused is None:
+            break
+        cause = refused
+        if isinstance(culprit, dict):
+            key_refused = _refusal(rebuilt(culprit, [(key, None)]))
+            if key_refused is not None:
+                return f"{path} key {key!r:.60}", key, str(key_refused)
+        chain.append((culprit, key))
+        path += f"[{key!r:.60}]"
+        culprit = child
+    return path, culprit, str(cause)
 
 
 def _encode_ndarray(np: ModuleType, encoder: cbor2.CBOREncoder, array: Any) -> None:
@@ -248,9 +371,13 @@ def _encode_ndarray(np: ModuleType, encoder: cbor2.CBOREncoder, array: Any) -> N
     data = memoryview(flat.view(np.uint8))
     shape = [int(n) for n in array.shape]
     if tag is None:
-        encoder.encode(cbor2.CBORTag(TAG_NDARRAY, [dtype.str, shape, data]))
+        encoder.encode_semantic(TAG_NDARRAY, [dtype.str, shape, data])
     else:
-        encoder.encode(cbor2.CBORTag(layout, [shape, cbor2.CBORTag(tag, data)]))
+        # ``layout([shape, tag(data)])``, written item by item.
+        encoder.encode_length(6, layout)
+        encoder.encode_length(4, 2)
+        encoder.encode(shape)
+        encoder.encode_semantic(tag, data)
 
 
 def _encode_numpy_other(np: ModuleType, encoder: cbor2.CBOREncoder, value: Any) -> None:
@@ -320,11 +447,11 @@ def _decoder(fp: io.BytesIO, semantic_decoders: Mapping[int, Any]) -> cbor2.CBOR
 
 
 def _reject(value: object, immutable: bool) -> Any:
-    raise ValueError("tag not allowed in fedstream objects")
+    raise RemoteProtocolError("tag not allowed in fedstream objects")
 
 
 def _reject_number(value: object, immutable: bool) -> Any:
-    raise ValueError(
+    raise RemoteProtocolError(
         "integers beyond 64 bits, decimal fractions, bigfloats and rationals "
         "are not accepted in fedstream objects"
     )
@@ -342,7 +469,7 @@ _REJECTED_TAGS: Final = {
 def _check_keys(mapping: Mapping[Any, Any]) -> None:
     # Receivers refuse other key types (see decode_object); fail here instead.
     for key in mapping:
-        if type(key) is not str and type(key) is not bytes:
+        if not isinstance(key, (str, bytes)):
             raise LocalProtocolError(
                 f"map keys must be str or bytes, not {type(key).__name__} ({key!r:.40})"
             )
@@ -414,7 +541,28 @@ def decode_object_views(data: RawObject) -> tuple[Shareable, bool]:
             views.append(view[offset : offset + n])
             offset += n
         buffers = views
+    return _decode_value(fp, head_len, buffers)
 
+
+#: Stands in for out-of-band byte strings when an encoding is only checked:
+#: with the buffer index appended, distinct from any other byte string in
+#: practice (it would take a 2**-128 coincidence), so maps and sets see
+#: distinct keys as the receiver will.
+_PLACEHOLDER: Final = secrets.token_bytes(16)
+
+
+def _decode_value(
+    fp: io.BytesIO,
+    head_len: int,
+    buffers: Sequence[BytesLike | mmap.mmap],
+    *,
+    check_only: bool = False,
+) -> tuple[Shareable, bool]:
+    """Decode the value at ``fp`` (its CBOR ends at ``head_len``) over ``buffers``.
+
+    With ``check_only``, byte-string buffers are not copied (a placeholder
+    stands in); the rules applied are the same.
+    """
     used: set[int] = set()
     viewed: list[int] = []
     arrays = _ArrayDecoding()
@@ -428,6 +576,8 @@ def decode_object_views(data: RawObject) -> tuple[Shareable, bool]:
         if arrays.open_tags:
             viewed.append(index)
             return _BufferView(memoryview(buf))
+        if check_only:
+            return _PLACEHOLDER + index.to_bytes(8, "big")
         # A ``bytes`` part was received in place and is used only here.
         return buf if type(buf) is bytes else bytes(buf)
 
