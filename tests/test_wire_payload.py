@@ -7,6 +7,7 @@ import ctypes
 import gc
 import io
 import itertools
+import os
 import struct
 import sys
 import tracemalloc
@@ -678,3 +679,86 @@ def test_large_bytes_are_copied_where_in_place_bytes_are_unavailable(
     got = decode_object(raw)
     assert type(got["blob"]) is bytes
     assert got["blob"] == blob
+
+
+# ------------------------------------------------------------ allocation follows arrival
+
+
+def _head_announcing(count: int, length: int, *, arrays: bool) -> tuple[bytes, int]:
+    """The start of an object announcing ``count`` out-of-band parts of
+    ``length`` bytes (uint8 arrays or byte strings); returns it and the size."""
+    refs = [cbor2.CBORTag(TAG_BUFFER, i) for i in range(count)]
+    if arrays:
+        value = {
+            f"a{i}": cbor2.CBORTag(40, [[length], cbor2.CBORTag(64, r)]) for i, r in enumerate(refs)
+        }
+    else:
+        value = {f"b{i}": r for i, r in enumerate(refs)}
+    head = cbor2.dumps([length] * count) + cbor2.dumps(value)
+    start = U32.pack(len(head)) + head
+    return start, len(start) + count * length
+
+
+def _traced_growth(action: Any) -> int:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        action()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return after - before
+
+
+@pytest.mark.parametrize("arrays", [True, False], ids=["array parts", "bytes parts"])
+def test_a_head_alone_allocates_no_parts(arrays: bool) -> None:
+    """A head announcing 200 parts of almost 1 MiB commits at most one part
+    before any of their bytes arrive (not 200 MiB)."""
+    start, size = _head_announcing(200, 1024 * 1024 - 8, arrays=arrays)
+    assembler = ObjectAssembler(size, max_size=size)
+    growth = _traced_growth(lambda: assembler.feed(0, start))
+    assert assembler.received == len(start)
+    assert growth < 2 * 1024 * 1024, f"{growth} bytes allocated for a {len(start)}-byte head"
+
+
+def _statm_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_a_head_alone_does_not_grow_rss() -> None:
+    start, size = _head_announcing(200, 1024 * 1024 - 8, arrays=True)
+    assembler = ObjectAssembler(size, max_size=size)
+    gc.collect()
+    before = _statm_rss()
+    assembler.feed(0, start)
+    growth = _statm_rss() - before
+    assert growth < 16 * 1024 * 1024, f"RSS grew by {growth} bytes for a {len(start)}-byte head"
+
+
+@pytest.mark.parametrize("arrays", [True, False], ids=["array parts", "bytes parts"])
+def test_parts_are_allocated_as_their_bytes_arrive(arrays: bool) -> None:
+    count, length = 40, 200_000
+    start, size = _head_announcing(count, length, arrays=arrays)
+    piece = bytes(range(256)) * 256  # 64 KiB
+    assembler = ObjectAssembler(size, max_size=size)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        assembler.feed(0, start)
+        offset = len(start)
+        while offset < size:
+            n = min(len(piece), size - offset)
+            assembler.feed(offset, piece[:n])
+            offset += n
+            held = tracemalloc.get_traced_memory()[0] - base
+            assert held <= offset - len(start) + length + 64 * 1024, (
+                f"{held} bytes held after {offset - len(start)} payload bytes"
+            )
+    finally:
+        tracemalloc.stop()
+    got = decode_object(assembler.take())
+    assert len(got) == count + 1

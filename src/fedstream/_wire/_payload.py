@@ -949,6 +949,10 @@ class ObjectAssembler:
     that will be delivered (see :func:`_inplace_bytes_factory`), so it is never
     copied; array elements go into a writable ``bytearray`` or map that the
     array will view. :meth:`take` then returns a :class:`ScatteredObject`.
+    Parts are filled in order, and each is allocated only when its first byte
+    is due: a head announcing many parts commits nothing for them, and at
+    most one part (under :data:`MMAP_MIN` bytes, or an untouched map) is
+    allocated beyond the bytes that have arrived.
 
     Raises:
         ObjectTooLargeError: ``size`` exceeds ``max_size`` (from the constructor).
@@ -963,6 +967,7 @@ class ObjectAssembler:
         "_part_start",
         "_parts",
         "_placed",
+        "_plan",
         "_spare",
         "_stage",
         "_view",
@@ -982,8 +987,10 @@ class ObjectAssembler:
         self._buf: bytearray | mmap.mmap | None = None
         self._view: memoryview | None = None
         self._spare = buffer
-        # Part-by-part mode: the head, the parts and a writable view of each.
+        # Part-by-part mode: the head, each part's length and whether it holds
+        # array elements, then the parts allocated so far and a writable view of each.
         self._head = b""
+        self._plan: list[tuple[int, bool]] = []
         self._parts: list[bytes | bytearray | mmap.mmap] = []
         self._views: list[memoryview] = []
         self._part = 0
@@ -1053,7 +1060,18 @@ class ObjectAssembler:
             # decode_object reports what is wrong with it, as for any object.
             return False
         self._head = bytes(first[:head_end])
-        for length, is_array in zip(lengths, in_array, strict=True):
+        self._plan = list(zip(lengths, in_array, strict=True))
+        self.received = head_end
+        self._part = -1
+        self._part_end = head_end
+        self._next_part()
+        return True
+
+    def _next_part(self) -> None:
+        """Move to the next part that still has room (parts may be empty), allocating it."""
+        while self._part_end == self.received and self._part + 1 < len(self._plan):
+            self._part += 1
+            length, is_array = self._plan[self._part]
             part: bytes | bytearray | mmap.mmap
             if not is_array and length >= INPLACE_BYTES_MIN and _inplace_bytes is not None:
                 part, view = _inplace_bytes(length)
@@ -1062,18 +1080,8 @@ class ObjectAssembler:
                 view = memoryview(part)
             self._parts.append(part)
             self._views.append(view)
-        self.received = head_end
-        self._part = -1
-        self._part_end = head_end
-        self._next_part()
-        return True
-
-    def _next_part(self) -> None:
-        """Move to the next part that still has room (parts may be empty)."""
-        while self._part_end == self.received and self._part + 1 < len(self._parts):
-            self._part += 1
             self._part_start = self._part_end
-            self._part_end += len(self._parts[self._part])
+            self._part_end += length
 
     def target(self, offset: int, nbytes: int) -> memoryview | None:
         """The slice of the buffer where ``nbytes`` at ``offset`` belong, if they fit.
@@ -1085,7 +1093,7 @@ class ObjectAssembler:
             return None
         if self._view is not None:
             return self._view[offset : offset + nbytes]
-        if not self._views or offset + nbytes > self._part_end:
+        if not self._plan or offset + nbytes > self._part_end:
             return None  # the head is not in yet, or the body spans two parts
         start = offset - self._part_start
         self._placed = self._views[self._part][start : start + nbytes]
@@ -1109,14 +1117,14 @@ class ObjectAssembler:
             self._next_part()
             return end == self.size
         rest: memoryview | None = memoryview(body)
-        if not self._views:
+        if not self._plan:
             assert rest is not None
             rest = self._feed_start(rest if rest.format == "B" else rest.cast("B"))
             if rest is None:
                 self.received = end  # still waiting for the head
                 return False
             self.received = end - len(rest)
-            if not self._views:  # one buffer after all
+            if not self._plan:  # one buffer after all
                 self._one_buffer_view()[self.received : end] = rest
                 self.received = end
                 return end == self.size
