@@ -12,7 +12,7 @@ from typing import Any
 
 import cbor2
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -714,3 +714,59 @@ def test_a_declined_body_target_applies_to_that_frame_only(use_get_buffer: bool)
         body = frames[seq].body  # type: ignore[attr-defined]
         assert body.obj is targets.given[seq], f"frame {seq} was staged, not received in place"
     assert p.buffered == 0
+
+
+# ------------------------------------------------------------ fuzzing byte by byte
+
+
+def _accepting_target(frame: Frame, nbytes: int) -> memoryview | None:
+    if nbytes % 3 == 0:
+        event("a body target was declined")
+        return None
+    event("a body target was given")
+    return memoryview(bytearray(nbytes))
+
+
+@st.composite
+def garbage(draw: st.DrawFn, handshaken: bool) -> bytes:
+    """Random bytes, sometimes after a valid HELLO, and sometimes a large
+    frame's valid head followed by garbage (its body goes to a target)."""
+    hello = not handshaken and draw(st.booleans())
+    data = hello_bytes(max_frame_size=DEFAULT_MAX_FRAME_SIZE) if hello else b""
+    if draw(st.booleans()):
+        ftype = draw(st.sampled_from([0x11, 0x12, 0x16]))
+        fields = draw(st.lists(st.integers(0, 2**64 - 1), min_size=3, max_size=3))
+        if ftype == 0x12:
+            fields.append(draw(st.booleans()))
+        data += U32.pack(draw(st.integers(64 * 1024, 1024 * 1024))) + cbor2.dumps([ftype, *fields])
+        return data + draw(st.binary(min_size=64, max_size=300))
+    return data + draw(st.binary(max_size=300))
+
+
+@given(
+    handshaken=st.booleans(), via_buffer=st.booleans(), with_target=st.booleans(), draw=st.data()
+)
+@at_most(300)
+def test_garbage_fed_byte_by_byte_only_raises_remote_errors(
+    handshaken: bool, via_buffer: bool, with_target: bool, draw: st.DataObject
+) -> None:
+    """h11's rule: whatever the peer sends, the protocol raises
+    RemoteProtocolError and nothing else, one byte at a time too."""
+    data = draw.draw(garbage(handshaken), label="data")
+    protocol = opened() if handshaken else FrameProtocol()
+    if with_target:
+        protocol.body_target = _accepting_target
+    for byte in data:
+        if protocol.their_state is ProtocolState.ERROR:
+            return
+        if via_buffer:
+            with protocol.get_buffer(1) as buf:
+                buf[0] = byte
+            protocol.buffer_updated(1)
+        else:
+            protocol.receive_data(bytes([byte]))
+        _pull(protocol)
+    if protocol.their_state is not ProtocolState.ERROR:
+        protocol.receive_data(b"")
+        _pull(protocol)
+        assert protocol.their_state in (ProtocolState.CLOSED, ProtocolState.ERROR)
