@@ -27,7 +27,7 @@ from fedstream._wire import (
     EncodedObject,
     ObjectAssembler,
     ScatteredObject,
-    _payload,
+    _inplace,
     decode_object,
     encode_object,
 )
@@ -441,7 +441,7 @@ def test_parts_reassemble_at_any_cut(obj: Shareable, data: st.DataObject, in_pla
     assert_same_payload(got, expected_payload(obj))
 
 
-@pytest.mark.skipif(_payload._inplace_bytes is None, reason="needs CPython in-place bytes")
+@pytest.mark.skipif(_inplace._inplace_bytes is None, reason="needs CPython in-place bytes")
 def test_large_bytes_are_delivered_without_a_copy() -> None:
     blob = bytes(range(256)) * 4096  # 1 MiB
     encoding = encode_object(Shareable({"blob": blob})).to_bytes()
@@ -489,7 +489,7 @@ def test_target_view_keeps_its_part_alive() -> None:
     assert not target.readonly
     del assembler
     gc.collect()
-    if _payload._inplace_bytes is not None:
+    if _inplace._inplace_bytes is not None:
         # The memory the view writes to still belongs to a live bytes object.
         start = ctypes.addressof(target.obj)
         reachable = gc.get_referents(target.obj)
@@ -564,17 +564,17 @@ def test_plain_ok_reply_shortcut_matches_the_decoder() -> None:
     assert dict(decoded) == dict(shortcut)
 
 
-@pytest.mark.skipif(_payload._inplace_bytes is None, reason="needs CPython in-place bytes")
+@pytest.mark.skipif(_inplace._inplace_bytes is None, reason="needs CPython in-place bytes")
 def test_distinct_part_sizes_do_not_accumulate_memory() -> None:
     """A peer choosing a new buffer size for every object must not grow what we keep."""
-    assert _payload._inplace_bytes is not None
+    assert _inplace._inplace_bytes is not None
     for size in range(4096, 4096 + 64):  # warm the few size classes used below
-        _payload._inplace_bytes(size)
+        _inplace._inplace_bytes(size)
     gc.collect()
     tracemalloc.start()
     try:
         for size in range(4096, 4096 + 3000):
-            obj, view = _payload._inplace_bytes(size)
+            obj, view = _inplace._inplace_bytes(size)
             assert len(view) == size == len(obj)
             view.release()
             del obj, view
@@ -590,7 +590,7 @@ def test_distinct_part_sizes_do_not_accumulate_memory() -> None:
 
 @pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython only")
 def test_inplace_bytes_self_check_passes_on_this_interpreter() -> None:
-    assert _payload._inplace_bytes_factory() is not None
+    assert _inplace._inplace_bytes_factory() is not None
 
 
 class _NewBytesSpy:
@@ -642,7 +642,7 @@ def test_inplace_bytes_fall_back_when_the_read_only_check_fails(
                 return real_ssize_t(real_ssize_t.from_address(address).value + 1)
 
         monkeypatch.setattr(ctypes, "c_ssize_t", WrongSize)
-    assert _payload._inplace_bytes_factory() is None
+    assert _inplace._inplace_bytes_factory() is None
     assert spy.calls == 0
 
 
@@ -652,7 +652,7 @@ def test_inplace_bytes_check_reads_the_fresh_object_before_writing(
 ) -> None:
     """The uninitialised object is checked read-only too; on a mismatch
     nothing is written into it."""
-    real = _payload._bytes_layout_matches
+    real = _inplace._bytes_layout_matches
     fresh: list[bytes] = []
 
     def check(ctypes_module: Any, obj: bytes, offset: int, *, contents: bool = True) -> bool:
@@ -661,8 +661,8 @@ def test_inplace_bytes_check_reads_the_fresh_object_before_writing(
             return False
         return real(ctypes_module, obj, offset, contents=contents)
 
-    monkeypatch.setattr(_payload, "_bytes_layout_matches", check)
-    assert _payload._inplace_bytes_factory() is None
+    monkeypatch.setattr(_inplace, "_bytes_layout_matches", check)
+    assert _inplace._inplace_bytes_factory() is None
     (obj,) = fresh
     assert obj != b"fedstream in-place bytes", "the probe was written before the check"
 
@@ -670,7 +670,7 @@ def test_inplace_bytes_check_reads_the_fresh_object_before_writing(
 def test_large_bytes_are_copied_where_in_place_bytes_are_unavailable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_payload, "_inplace_bytes", None)
+    monkeypatch.setattr(_inplace, "_inplace_bytes", None)
     blob = bytes(range(256)) * 512
     encoding = encode_object(Shareable({"blob": blob})).to_bytes()
     raw = assemble(encoding, [7, 40_000], in_place=True)
