@@ -28,7 +28,7 @@ from .._errors import (
     UnknownTargetError,
 )
 from .._shareable import ReturnCode
-from .._tls import TLSConfig, proven_names
+from .._tls import TLSConfig, describe_tls_error, proven_names
 from .._transport import Transport, TransportConfig, make_transport, split_url
 from .._wire import DEFAULT_MAX_FRAME_SIZE, Data, Done, ErrorCode, FrameProtocol, GoAway, Hello
 from ._callbacks import CallbackRunner, SyncMode, current_session
@@ -252,7 +252,17 @@ class Site:
                     limit=self.options.handshake_timeout,
                 )
             except HandshakeError as exc:
-                if isinstance(stream, trio.SSLStream) or "GOAWAY" in str(exc):
+                broke = exc.__cause__
+                if isinstance(stream, trio.SSLStream):
+                    # TLS 1.3: the listener checks our certificate after our
+                    # side of the TLS handshake is done; its refusal arrives here.
+                    if isinstance(broke, (trio.BrokenResourceError, OSError)):
+                        raise HandshakeError(
+                            f"TLS link to {url} broke during the handshake: "
+                            f"{describe_tls_error(broke)}"
+                        ) from exc
+                    raise
+                if "GOAWAY" in str(exc) or "refused" in str(exc):
                     raise
                 raise HandshakeError(
                     f"{exc} (if {url} listens with TLS, dial it as tls://)"
