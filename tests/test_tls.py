@@ -274,13 +274,36 @@ async def test_secure_is_refused_over_tcp_naming_the_targets_and_producing_nothi
 
 async def test_secure_is_refused_when_the_listener_does_not_authenticate_dialers() -> None:
     cert, key = deployment().files("server")
+    ca = deployment().ca_path
     server_only = TLSConfig(cert, key)  # no CA: does not ask dialers for a certificate
     with trio.fail_after(15):
         async with open_site("server", listen=TLS, tls=server_only) as server:
-            # The dialer has no CA either; it trusts the system's CAs, not ours.
             assert server.address is not None
             async with open_site("site-1", tls=tls("site-1")) as site1:
+                assert tls("site-1").ca == ca
                 await site1.connect(server.address)
                 await server.wait_for_peers(["site-1"])
                 with pytest.raises(FedstreamError, match="'site-1' is not on one"):
                     await send(server, "s", ["site-1"], secure=True)
+                # site-1 checked the server's certificate, but the server
+                # never checked site-1's: not mutual from this side either.
+                with pytest.raises(FedstreamError, match="'server' is not on one"):
+                    await send(site1, "s", ["server"], secure=True)
+
+
+async def test_sites_dialing_each_other_over_mutual_tls_are_refused_not_swapped() -> None:
+    """Replacing a certified duplicate applies to links the peer dialed only."""
+    with trio.fail_after(15):
+        async with (
+            open_site("a", listen=TLS, tls=tls("a")) as a,
+            open_site("b", listen=TLS, tls=tls("b")) as b,
+        ):
+            assert await a.connect(b.address or "") == "b"
+            await b.wait_for_peers(["a"])
+            link = a._connections["b"]
+            with pytest.raises(HandshakeError, match="already connected"):
+                await b.connect(a.address or "")
+            await trio.sleep(0.3)
+            assert a._connections["b"] is link
+            assert a.peers == ["b"]
+            assert b.peers == ["a"]

@@ -243,12 +243,13 @@ class Site:
         except (OSError, trio.TooSlowError) as exc:
             raise ConnectionLostError(f"cannot connect to {url}: {exc!r}") from exc
         protocol = FrameProtocol(max_frame_size=self.options.max_frame_size)
+        proven = proven_names(stream)
         try:
             try:
                 hello = await dial_handshake(
                     stream,
                     protocol,
-                    protocol.hello(self.name, limits=self.options.limits()),
+                    protocol.hello(self.name, limits=self._hello_limits(proven)),
                     limit=self.options.handshake_timeout,
                 )
             except HandshakeError as exc:
@@ -267,7 +268,6 @@ class Site:
                 raise HandshakeError(
                     f"{exc} (if {url} listens with TLS, dial it as tls://)"
                 ) from exc
-            proven = proven_names(stream)
             problem, code = self._name_problem(hello.site, proven)
             if problem:
                 problem = f"{url}: {problem}"
@@ -279,7 +279,7 @@ class Site:
                 await stream.aclose()
             raise
         self._reserved.add(hello.site)
-        return stream, protocol, hello, self._is_mutual(hello.site, proven)
+        return stream, protocol, hello, self._is_mutual(hello, proven)
 
     async def _keep_dialing(
         self,
@@ -288,29 +288,44 @@ class Site:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run the link to ``url``; each time it is lost, dial again until it is back."""
+        """Run the link to ``url``; each time it is lost, dial again until it is back.
+
+        The backoff starts again from ``reconnect_min_delay`` only after a
+        link that lasted ``reconnect_max_delay``: a link that keeps dropping
+        at once (say, two processes with one certificate taking turns) is
+        re-dialed ever more slowly.
+        """
         dialer = _Dialer()
         self._dialers[url] = dialer
+        delay = self.options.reconnect_min_delay
         try:
             with dialer.scope:
                 while True:
                     dialer.connected = True
+                    started = trio.current_time()
                     await self._run_connection(*link, True, url, task_status=task_status)
                     task_status = trio.TASK_STATUS_IGNORED
                     dialer.connected = False
                     if self._closing:
                         return
-                    link = await self._redial(url)
+                    if trio.current_time() - started >= self.options.reconnect_max_delay:
+                        delay = self.options.reconnect_min_delay
+                    link, delay = await self._redial(url, delay)
         finally:
             if self._dialers.get(url) is dialer:
                 del self._dialers[url]
 
-    async def _redial(self, url: str) -> tuple[trio.abc.Stream, FrameProtocol, Hello, bool]:
-        """Dial ``url`` until it answers, waiting a jittered, doubling delay before each try."""
-        delay = self.options.reconnect_min_delay
+    async def _redial(
+        self, url: str, delay: float
+    ) -> tuple[tuple[trio.abc.Stream, FrameProtocol, Hello, bool], float]:
+        """Dial ``url`` until it answers, waiting a jittered, doubling delay before each try.
+
+        Returns the link and the delay to start from if it is lost again.
+        """
         for attempt in itertools.count(1):
             # Jitter keeps many sites that lost the same peer from dialing in step.
             await trio.sleep(random.uniform(delay / 2, delay))
+            delay = min(2 * delay, self.options.reconnect_max_delay)
             try:
                 link = await self._dial(url)
             except SiteClosedError:
@@ -320,15 +335,31 @@ class Site:
                 logger.log(
                     level, "site %s: re-dial %d of %s failed: %s", self.name, attempt, url, exc
                 )
-                delay = min(2 * delay, self.options.reconnect_max_delay)
                 continue
             logger.info("site %s: link to %s is back after %d re-dials", self.name, url, attempt)
-            return link
+            return link, delay
         raise AssertionError("unreachable")
 
-    def _is_mutual(self, name: str, proven: frozenset[str] | None) -> bool:
+    def _hello_limits(self, proven: frozenset[str] | None) -> dict[str, int]:
+        """Our HELLO's limits; ``tls_peer_verified`` tells the peer we checked its
+        certificate against our CA (the other half of "mutual")."""
+        limits = self.options.limits()
         tls = self.options.tls
-        return tls is not None and tls.mutual and proven is not None and name in proven
+        if tls is not None and tls.mutual and proven is not None:
+            limits["tls_peer_verified"] = 1
+        return limits
+
+    def _is_mutual(self, hello: Hello, proven: frozenset[str] | None) -> bool:
+        """Whether a link is mutually authenticated: we checked the peer's certificate
+        against our CA and it proves the peer's name, and the peer says it checked ours."""
+        tls = self.options.tls
+        return (
+            tls is not None
+            and tls.mutual
+            and proven is not None
+            and hello.site in proven
+            and hello.limits.get("tls_peer_verified") == 1
+        )
 
     def _name_problem(
         self, name: str, proven: frozenset[str] | None = None
@@ -369,11 +400,17 @@ class Site:
 
         def decide(hello: Hello) -> Hello | GoAway:
             old = self._connections.get(hello.site)
-            if old in self._mutual and self._is_mutual(hello.site, proven):
-                # The same certified site dials again: it restarted or lost
-                # the link, and the old one is dead or about to be. Whoever
-                # holds the key is that site, so the new link wins at once.
-                assert old is not None
+            if (
+                old is not None
+                and not old.dialer
+                and old in self._mutual
+                and self._is_mutual(hello, proven)
+            ):
+                # The same certified site dials us again: it restarted or
+                # lost the link, and the old one is dead or about to be.
+                # Whoever holds the key is that site, so the new link wins at
+                # once. (Links we dialed are not replaced: two sites dialing
+                # each other would take turns forever.)
                 logger.warning(
                     "site %s: %r connected again with its certificate; dropping its old link",
                     self.name,
@@ -386,7 +423,7 @@ class Site:
                 return GoAway(code, problem)
             self._reserved.add(hello.site)
             reserved.append(hello.site)
-            return protocol.hello(self.name, limits=self.options.limits())
+            return protocol.hello(self.name, limits=self._hello_limits(proven))
 
         try:
             hello = await accept_handshake(
@@ -403,7 +440,7 @@ class Site:
                 await stream.aclose()
             return
         await self._run_connection(
-            stream, protocol, hello, self._is_mutual(hello.site, proven), False, ""
+            stream, protocol, hello, self._is_mutual(hello, proven), False, ""
         )
 
     async def _run_connection(
