@@ -307,3 +307,22 @@ async def test_sites_dialing_each_other_over_mutual_tls_are_refused_not_swapped(
             assert a._connections["b"] is link
             assert a.peers == ["b"]
             assert b.peers == ["a"]
+
+
+async def test_a_listener_that_never_answers_the_tls_handshake_times_out() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def mute(stream: trio.SocketStream) -> None:
+                async with stream:
+                    await trio.sleep_forever()
+
+            await nursery.start(trio.serve_listeners, mute, listeners)
+            async with open_site("site-1", tls=tls("site-1"), handshake_timeout=0.5) as site1:
+                start = trio.current_time()
+                with pytest.raises(fedstream.ConnectionLostError, match="within handshake_timeout"):
+                    await site1.connect(f"tls://127.0.0.1:{port}")
+                assert trio.current_time() - start < 2
+            nursery.cancel_scope.cancel()

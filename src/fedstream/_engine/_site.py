@@ -240,8 +240,13 @@ class Site:
         try:
             with trio.fail_after(self.options.handshake_timeout):
                 stream = await transport.connect(url)
-        except (OSError, trio.TooSlowError) as exc:
+        except OSError as exc:
             raise ConnectionLostError(f"cannot connect to {url}: {exc!r}") from exc
+        except trio.TooSlowError as exc:
+            raise ConnectionLostError(
+                f"cannot connect to {url}: no answer (TLS included, if tls://) within "
+                f"handshake_timeout ({self.options.handshake_timeout} s)"
+            ) from exc
         protocol = FrameProtocol(max_frame_size=self.options.max_frame_size)
         proven = proven_names(stream)
         try:
