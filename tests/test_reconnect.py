@@ -10,9 +10,17 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from engine_helpers import CHANNEL, TOPIC, AsyncRecordingProducer, Recorder, make_factory
-from fedstream import HandshakeError, ReturnCode, Site, open_site
+from fedstream import (
+    ConsumerFactory,
+    HandshakeError,
+    ObjectConsumer,
+    ReturnCode,
+    Site,
+    open_site,
+)
 from tls_certs import deployment
 
 OK = ReturnCode.OK
@@ -138,3 +146,54 @@ async def test_over_plain_tcp_a_second_site_with_a_connected_name_is_still_refus
             with pytest.raises(HandshakeError, match="already connected"):
                 await second.connect(server.address or "")
             assert first.peers == ["server"]
+
+
+async def test_a_redial_due_while_the_site_shuts_down_ends_quietly(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Shutdown waits for a slow finalize; the re-dial timer fires meanwhile."""
+    finalizing = trio.Event()
+
+    class SlowFinalize(ObjectConsumer):
+        async def consume(self, shareable: Any, stream_ctx: Any, fl_ctx: Any) -> Any:
+            return True, None
+
+        async def finalize(self, stream_ctx: Any, fl_ctx: Any) -> None:
+            finalizing.set()
+            with trio.CancelScope(shield=True):
+                await trio.sleep(5)
+
+    class Factory(ConsumerFactory):
+        async def get_consumer(self, stream_ctx: Any, fl_ctx: Any) -> Any:  # type: ignore[override]
+            return SlowFinalize()
+
+    hold = trio.Event()
+    with trio.fail_after(60):
+        async with (
+            open_site("gone", listen="memory://reconnect-gone") as gone,
+            open_site("peer", listen="memory://reconnect-peer") as peer,
+            open_site("a", connect=["memory://reconnect-gone", "memory://reconnect-peer"]) as a,
+        ):
+            a.register_stream_processing(CHANNEL, TOPIC, Factory())
+            await peer.wait_for_peers(["a"])
+            await gone.shutdown_streamer()
+            async with trio.open_nursery() as nursery:
+                producer = AsyncRecordingProducer("s", [10, 10], hook=_hold_second(hold))
+                nursery.start_soon(
+                    peer.stream_objects, CHANNEL, TOPIC, {"stream": "s"}, ["a"], producer, None
+                )
+                # a's session from peer is open; a's link to gone waits to be re-dialed.
+                while not a._connections["peer"].receivers:
+                    await trio.sleep(0.01)
+                await a.shutdown_streamer()  # the re-dial falls due in the 5 s it waits
+                assert finalizing.is_set()
+                hold.set()
+            assert a.closed
+
+
+def _hold_second(hold: trio.Event) -> Any:
+    async def hook(where: str, seq: int) -> None:
+        if where == "produce" and seq == 1:
+            await hold.wait()
+
+    return hook

@@ -92,8 +92,8 @@ class Site:
         self._closed = trio.Event()
         self._addresses: list[str] = []
         self._transports: dict[str, Transport] = {}
-        #: Connections whose peer's name a certificate from our CA proved,
-        #: while this site presented its own (mutual TLS): ``secure=True`` links.
+        #: Mutually authenticated connections (see ``_is_mutual``): the links
+        #: ``secure=True`` accepts.
         self._mutual: set[Connection] = set()
         #: Links this site dialed and keeps re-dialing, by URL.
         self._dialers: dict[str, _Dialer] = {}
@@ -315,7 +315,10 @@ class Site:
                         return
                     if trio.current_time() - started >= self.options.reconnect_max_delay:
                         delay = self.options.reconnect_min_delay
-                    link, delay = await self._redial(url, delay)
+                    try:
+                        link, delay = await self._redial(url, delay)
+                    except SiteClosedError:  # shutting down, before our task is cancelled
+                        return
         finally:
             if self._dialers.get(url) is dialer:
                 del self._dialers[url]
