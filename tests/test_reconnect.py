@@ -19,6 +19,7 @@ from fedstream import (
     ObjectConsumer,
     ReturnCode,
     Site,
+    SiteOptions,
     open_site,
 )
 from tls_certs import deployment
@@ -197,3 +198,16 @@ def _hold_second(hold: trio.Event) -> Any:
             await hold.wait()
 
     return hook
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"reconnect_min_delay": 0}, ValueError),
+        ({"reconnect_min_delay": 2.0, "reconnect_max_delay": 1.0}, ValueError),
+        ({"tls": "site.crt"}, TypeError),
+    ],
+)
+def test_reconnect_and_tls_options_are_checked(options: dict[str, Any], error: type) -> None:
+    with pytest.raises(error):
+        SiteOptions(**options)
