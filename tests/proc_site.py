@@ -2,13 +2,14 @@
 
 Usage::
 
-    python tests/proc_site.py NAME CONNECT_URL OUT_FILE
+    python tests/proc_site.py NAME CONNECT_URL OUT_FILE [CERT KEY CA]
 
 Registers a consumer for every topic on channel ``proc``, then dials
 ``CONNECT_URL`` as ``NAME`` (registering first, so no stream can arrive
 before the consumer exists). Each consumed object and each session's
 finalize rc is appended to ``OUT_FILE`` as one JSON line and flushed at
 once, so the lines written before a SIGKILL survive it. Runs until killed.
+With CERT KEY CA, the site uses them for a ``tls://`` CONNECT_URL.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fedstream import (
     ObjectConsumer,
     Shareable,
     StreamContextKey,
+    TLSConfig,
     open_site,
 )
 
@@ -70,16 +72,17 @@ class JournalFactory(ConsumerFactory):
         return JournalConsumer(self.journal)
 
 
-async def main(name: str, url: str, out_path: str) -> None:
+async def main(name: str, url: str, out_path: str, *tls_files: str) -> None:
+    tls = TLSConfig(*tls_files) if tls_files else None
     with open(out_path, "a", encoding="utf-8") as out:
         journal = Journal(out)
-        async with open_site(name, heartbeat_interval=0.25, peer_timeout=2.0) as site:
+        async with open_site(name, heartbeat_interval=0.25, peer_timeout=2.0, tls=tls) as site:
             site.register_stream_processing(CHANNEL, "*", JournalFactory(journal))
             await site.connect(url)
             await trio.sleep_forever()
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
+    if len(sys.argv) not in (4, 7):
         sys.exit(__doc__)
     trio.run(main, *sys.argv[1:])

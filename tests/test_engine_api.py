@@ -44,6 +44,7 @@ from fedstream import (
     open_site,
     serve_site,
 )
+from tls_certs import deployment
 
 LOOP = "tcp://127.0.0.1:0"
 CH = "app"
@@ -208,11 +209,21 @@ async def pair(
     tx_opts: dict[str, Any] | None = None,
     *,
     listen: str = LOOP,
+    net: str = "",
 ) -> AsyncIterator[tuple[Site, Site]]:
-    """A receiving site ``rx`` and a sending site ``tx`` that dialed it."""
+    """A receiving site ``rx`` and a sending site ``tx`` that dialed it.
+
+    ``net`` (``"memory"``, ``"tcp"`` or ``"tls"``) picks the transport
+    instead of ``listen``; ``"tls"`` gives both sites certificates.
+    """
+    rx_opts, tx_opts = dict(rx_opts or {}), dict(tx_opts or {})
+    if net:
+        listen = memory_url() if net == "memory" else f"{net}://127.0.0.1:0"
+    if net == "tls":
+        rx_opts["tls"], tx_opts["tls"] = deployment().config("rx"), deployment().config("tx")
     async with (
-        open_site("rx", listen=listen, **(rx_opts or {})) as rx,
-        open_site("tx", connect=[rx.address], **(tx_opts or {})) as tx,
+        open_site("rx", listen=listen, **rx_opts) as rx,
+        open_site("tx", connect=[rx.address], **tx_opts) as tx,
     ):
         with trio.fail_after(5):
             await rx.wait_for_peers(["tx"])
@@ -250,7 +261,8 @@ async def test_open_site_reports_bound_address_and_peers() -> None:
             await wait_until(lambda: a.peers == [])
 
 
-async def test_stream_end_to_end_over_tcp_with_chunking() -> None:
+@pytest.mark.parametrize("net", ["memory", "tcp", "tls"])
+async def test_stream_end_to_end_with_chunking(net: str) -> None:
     """Objects larger than a chunk and a window arrive whole, in order, with the context."""
     rec = Recorder()
     producer = Producer(6, size=100_000)
@@ -260,6 +272,7 @@ async def test_stream_end_to_end_over_tcp_with_chunking() -> None:
         async with pair(
             rx_opts={"window": 32 * 1024, "chunk_size": 16 * 1024},
             tx_opts={"chunk_size": 16 * 1024, "window": 32 * 1024},
+            net=net,
         ) as (rx, tx):
             rx.register_stream_processing(CH, TOPIC, rec)
             rc, result = await tx.stream_objects(CH, TOPIC, stream_ctx, ["rx"], producer, fl_ctx)

@@ -1,6 +1,7 @@
 """Crash tests with real OS processes: a receiver killed with SIGKILL mid-stream.
 
-The sender runs in this process on 127.0.0.1 port 0; each receiver is
+The sender runs in this process on 127.0.0.1 port 0 (plain TCP, then mutual
+TLS); each receiver is
 ``tests/proc_site.py`` in its own interpreter, journaling what it consumes to
 a JSON-lines file. Killing a receiver closes its sockets in the kernel, so
 the sender must notice from the connection's EOF (well before its
@@ -21,13 +22,13 @@ import pytest
 import trio
 
 from fedstream import FLContext, ObjectProducer, ReturnCode, Shareable, open_site
+from tls_certs import deployment
 
 pytestmark = pytest.mark.slow
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 RUNNER = TESTS / "proc_site.py"
-LOOP = "tcp://127.0.0.1:0"
 PEER_TIMEOUT = 2.0
 
 
@@ -71,8 +72,10 @@ class KillingProducer(ObjectProducer):
         return [r[target].get_return_code() for _, r in self.replies]
 
 
-async def test_receiver_killed_mid_stream(tmp_path: Path) -> None:
+@pytest.mark.parametrize("net", ["tcp", "tls"])
+async def test_receiver_killed_mid_stream(net: str, tmp_path: Path) -> None:
     names = ["r0", "r1", "r2"]
+    tls = deployment().config("sender") if net == "tls" else None
     count, size, kill_at = 60, 64 * 1024, 20
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     procs: list[trio.Process] = []
@@ -80,11 +83,16 @@ async def test_receiver_killed_mid_stream(tmp_path: Path) -> None:
     try:
         with trio.fail_after(25):
             async with open_site(
-                "sender", listen=LOOP, heartbeat_interval=0.25, peer_timeout=PEER_TIMEOUT
+                "sender",
+                listen=f"{net}://127.0.0.1:0",
+                heartbeat_interval=0.25,
+                peer_timeout=PEER_TIMEOUT,
+                tls=tls,
             ) as sender:
                 assert sender.address is not None
-                assert sender.address.startswith("tcp://127.0.0.1:")
+                assert sender.address.startswith(f"{net}://127.0.0.1:")
                 for name in names:
+                    certs = [*deployment().files(name), deployment().ca_path] if tls else []
                     log = (tmp_path / f"{name}.log").open("wb")
                     logs.append(log)
                     procs.append(
@@ -95,6 +103,7 @@ async def test_receiver_killed_mid_stream(tmp_path: Path) -> None:
                                 name,
                                 sender.address,
                                 str(tmp_path / f"{name}.jsonl"),
+                                *map(str, certs),
                             ],
                             cwd=ROOT,
                             env=env,

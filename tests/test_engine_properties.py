@@ -6,7 +6,7 @@ everything the engine did to the user callbacks (see ``engine_helpers``).
 The checks run afterwards, outside trio, so a failure is a plain assertion
 that Hypothesis can shrink.
 
-Two transports:
+Three transports:
 
 * ``memory://`` under ``MockClock(autojump_threshold=0)``: callbacks are
   ``async def``, or plain ones with ``sync_callbacks="inline"``, never worker
@@ -14,8 +14,9 @@ Two transports:
   while it runs and fire timeouts that real time never would). Mock time
   makes timing exact: a healthy stream takes no time at all, and a timed-out
   step takes exactly its timeout.
-* real loopback TCP with plain ``def`` callbacks in worker threads (the
-  default ``sync_callbacks="thread"``), fewer examples, generous timeouts.
+* real loopback TCP, and mutual TLS over it, with plain ``def`` callbacks in
+  worker threads (the default ``sync_callbacks="thread"``), fewer examples,
+  generous timeouts. The same scenarios run over each (``net``).
 
 Every scenario runs under ``trio.fail_after`` (mock or real seconds) and
 stops on its own: the sites are shut down explicitly at the end. Faults are
@@ -71,6 +72,7 @@ from fedstream import FLContext, ReturnCode
 from fedstream._engine._options import DEFAULT_CHUNK_SIZE
 from fedstream._wire import OUT_OF_BAND_MIN, Ping
 from strategies import at_most
+from tls_certs import deployment
 
 OK = ReturnCode.OK
 ABORTED = ReturnCode.TASK_ABORTED
@@ -119,7 +121,7 @@ class World:
 async def open_world(
     nursery: trio.Nursery,
     *,
-    tcp: bool,
+    net: str,
     n_receivers: int,
     receiver_dials: list[bool] | None = None,
     is_async: bool,
@@ -128,17 +130,21 @@ async def open_world(
     **options: Any,
 ) -> World:
     """Start ``S`` and ``R0``..; connect every receiver with ``S``; register everywhere."""
-    url = "tcp://127.0.0.1:0" if tcp else "memory://0"
+    url = f"{net}://127.0.0.1:0" if net != "memory" else "memory://0"
+
+    def tls(name: str) -> dict[str, Any]:
+        return {"tls": deployment().config(name)} if net == "tls" else {}
+
     recorder = Recorder()
-    sender = await start_site(nursery, "S", listen=url, **options)
+    sender = await start_site(nursery, "S", listen=url, **tls("S"), **options)
     receivers = []
     dials = receiver_dials or [True] * n_receivers
     for i in range(n_receivers):
         name = f"R{i}"
         if dials[i]:
-            site = await start_site(nursery, name, connect=[sender.address], **options)
+            site = await start_site(nursery, name, connect=[sender.address], **tls(name), **options)
         else:
-            site = await start_site(nursery, name, listen=url, **options)
+            site = await start_site(nursery, name, listen=url, **tls(name), **options)
             await sender.connect(site.address)
         receivers.append(site)
     world = World(sender, receivers, recorder)
@@ -304,7 +310,8 @@ class OrderingResult:
     tasks_after: int
 
 
-async def ordering_scenario(plan: OrderingPlan, tcp: bool, guard: float) -> OrderingResult:
+async def ordering_scenario(plan: OrderingPlan, net: str, guard: float) -> OrderingResult:
+    tcp = net != "memory"
     # Mock runs use async callbacks, or sync ones run inline (never threads);
     # TCP runs use plain callbacks in worker threads.
     is_async = not tcp and not plan.inline
@@ -316,7 +323,7 @@ async def ordering_scenario(plan: OrderingPlan, tcp: bool, guard: float) -> Orde
         async with trio.open_nursery() as nursery:
             world = await open_world(
                 nursery,
-                tcp=tcp,
+                net=net,
                 n_receivers=plan.n_receivers,
                 receiver_dials=plan.receiver_dials,
                 is_async=is_async,
@@ -385,14 +392,15 @@ def check_ordering(plan: OrderingPlan, result: OrderingResult, *, mock: bool) ->
 @settings_for(100)
 @given(plan=ordering_plans(max_receivers=4, max_streams=4, max_objects=30, max_size=200 * KIB))
 def test_ordering_memory(plan: OrderingPlan) -> None:
-    result = run_mock(ordering_scenario, plan, False, 600)
+    result = run_mock(ordering_scenario, plan, "memory", 600)
     check_ordering(plan, result, mock=True)
 
 
+@pytest.mark.parametrize("net", ["tcp", "tls"])
 @settings_for(15)
 @given(plan=ordering_plans(max_receivers=3, max_streams=3, max_objects=12, max_size=200 * KIB))
-def test_ordering_tcp_threads(plan: OrderingPlan) -> None:
-    result = trio.run(ordering_scenario, plan, True, 30)
+def test_ordering_tcp_threads(net: str, plan: OrderingPlan) -> None:
+    result = trio.run(ordering_scenario, plan, net, 30)
     check_ordering(plan, result, mock=False)
 
 
@@ -462,7 +470,8 @@ class TimeoutResult:
     tasks_after: int
 
 
-async def timeout_scenario(plan: TimeoutPlan, tcp: bool) -> TimeoutResult:
+async def timeout_scenario(plan: TimeoutPlan, net: str) -> TimeoutResult:
+    tcp = net != "memory"
     by_site = {f"R{i}": spec for i, spec in enumerate(plan.slow)}
 
     async def slow_async(site: str, stream: str, seq: int, ctx: Any, fl_ctx: FLContext) -> None:
@@ -486,7 +495,7 @@ async def timeout_scenario(plan: TimeoutPlan, tcp: bool) -> TimeoutResult:
         async with trio.open_nursery() as nursery:
             world = await open_world(
                 nursery,
-                tcp=tcp,
+                net=net,
                 n_receivers=plan.n_receivers,
                 is_async=not tcp,
                 consume_hook=slow_sync if tcp else slow_async,
@@ -543,13 +552,14 @@ def check_timeouts(plan: TimeoutPlan, result: TimeoutResult, *, mock: bool) -> N
 @settings_for(100)
 @given(plan=timeout_plans(kinds=["fast", "under", "over", "forever"], timeouts=[1.0, 5.0, 30.0]))
 def test_timeouts_memory(plan: TimeoutPlan) -> None:
-    check_timeouts(plan, run_mock(timeout_scenario, plan, False), mock=True)
+    check_timeouts(plan, run_mock(timeout_scenario, plan, "memory"), mock=True)
 
 
+@pytest.mark.parametrize("net", ["tcp", "tls"])
 @settings_for(5)
 @given(plan=timeout_plans(kinds=["fast", "over", "forever"], timeouts=[1.0]))
-def test_timeouts_tcp_threads(plan: TimeoutPlan) -> None:
-    check_timeouts(plan, trio.run(timeout_scenario, plan, True), mock=False)
+def test_timeouts_tcp_threads(net: str, plan: TimeoutPlan) -> None:
+    check_timeouts(plan, trio.run(timeout_scenario, plan, net), mock=False)
 
 
 # ------------------------------------------------------- 3. finalize guarantee
@@ -662,7 +672,8 @@ class FaultResult:
     tasks_after: int
 
 
-async def fault_scenario(plan: FaultPlan, tcp: bool) -> FaultResult:
+async def fault_scenario(plan: FaultPlan, net: str) -> FaultResult:
+    tcp = net != "memory"
     is_async = not tcp
     kind, k = plan.kind, plan.step
     injected: list[BaseException] = []
@@ -824,7 +835,7 @@ async def fault_scenario(plan: FaultPlan, tcp: bool) -> FaultResult:
             world_box.append(
                 await open_world(
                     nursery,
-                    tcp=tcp,
+                    net=net,
                     n_receivers=plan.n_receivers,
                     is_async=is_async,
                     consume_hook=consume_hook_async if is_async else consume_hook_sync,
@@ -986,18 +997,19 @@ def check_faults(plan: FaultPlan, result: FaultResult, *, mock: bool, exact: boo
 def test_finalize_guarantee_memory(kind: str, data: st.DataObject) -> None:
     plan = data.draw(fault_plans(kind), label="plan")
     event(f"bystanders: {len(plan.bystanders)}")
-    check_faults(plan, run_mock(fault_scenario, plan, False), mock=True, exact=True)
+    check_faults(plan, run_mock(fault_scenario, plan, "memory"), mock=True, exact=True)
 
 
 TCP_FAULTS = sorted(set(FAULTS) - {"sender_abort_produce", "sender_shutdown_produce", "stall"})
 
 
+@pytest.mark.parametrize("net", ["tcp", "tls"])
 @pytest.mark.parametrize("kind", TCP_FAULTS)
 @settings_for(4)
 @given(data=st.data())
-def test_finalize_guarantee_tcp_threads(kind: str, data: st.DataObject) -> None:
+def test_finalize_guarantee_tcp_threads(net: str, kind: str, data: st.DataObject) -> None:
     plan = data.draw(fault_plans(kind), label="plan")
-    check_faults(plan, trio.run(fault_scenario, plan, True), mock=False, exact=False)
+    check_faults(plan, trio.run(fault_scenario, plan, net), mock=False, exact=False)
 
 
 # ------------------------------------------ 4. no-progress over a slow network
@@ -1033,7 +1045,7 @@ async def slow_network_scenario(plan: SlowNetworkPlan) -> tuple[Any, StreamOutco
     with trio.fail_after(100_000):
         async with trio.open_nursery() as nursery:
             world = await open_world(
-                nursery, tcp=False, n_receivers=1, is_async=True, chunk_size=plan.chunk_size
+                nursery, net="memory", n_receivers=1, is_async=True, chunk_size=plan.chunk_size
             )
             slow_writes(world.sender._connections["R0"], plan.delay)
             outcome = await run_stream(world, world.sender, "n", ["R0"], producer)
@@ -1076,7 +1088,7 @@ async def test_abort_overtaking_first_object_opens_no_orphan_session(
     recorder_box: list[Recorder] = []
     with trio.fail_after(200):
         async with trio.open_nursery() as nursery:
-            world = await open_world(nursery, tcp=False, n_receivers=1, is_async=True)
+            world = await open_world(nursery, net="memory", n_receivers=1, is_async=True)
             recorder_box.append(world.recorder)
             conn = world.sender._connections["R0"]
             gate = hold_writes(conn)
@@ -1144,7 +1156,7 @@ async def test_shutdown_streamer_from_inside_a_callback(
             # No heartbeats during the test, so nothing else can go wrong meanwhile.
             world = await open_world(
                 nursery,
-                tcp=False,
+                net="memory",
                 n_receivers=1,
                 is_async=True,
                 consume_hook=consume_hook,
@@ -1183,7 +1195,7 @@ async def test_frames_arriving_while_goaway_is_flushed_do_not_crash_the_site(
         async with trio.open_nursery() as nursery:
             world = await open_world(
                 nursery,
-                tcp=False,
+                net="memory",
                 n_receivers=1,
                 receiver_dials=[not closing_side_dialed],
                 is_async=True,
@@ -1235,7 +1247,7 @@ async def test_reply_from_a_consume_that_outlived_its_session() -> None:
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             world = await open_world(
-                nursery, tcp=False, n_receivers=1, is_async=False, consume_hook=consume_hook
+                nursery, net="memory", n_receivers=1, is_async=False, consume_hook=consume_hook
             )
             receiver = world.receivers[0]
             outcomes: list[StreamOutcome] = []
@@ -1284,7 +1296,7 @@ async def test_abort_during_a_final_produce_does_not_depend_on_the_callback_mode
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
                 world = await open_world(
-                    nursery, tcp=False, n_receivers=1, is_async=False, sync_callbacks=mode
+                    nursery, net="memory", n_receivers=1, is_async=False, sync_callbacks=mode
                 )
                 outcome = await run_stream(
                     world, world.sender, "q", ["R0"], AbortThenStop("q", [10, 10])

@@ -28,6 +28,7 @@ EXPECTED = {
     "SyncMode",
     "open_site",
     "serve_site",
+    "TLSConfig",
     # errors
     "ConnectionLostError",
     "FedstreamError",

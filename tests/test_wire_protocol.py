@@ -557,6 +557,7 @@ def test_frame_type_numbers_are_stable() -> None:
         "HANDSHAKE_TIMEOUT": 6,
         "HEARTBEAT_TIMEOUT": 7,
         "SHUTDOWN": 8,
+        "IDENTITY_MISMATCH": 9,
     }
 
 

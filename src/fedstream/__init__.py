@@ -35,6 +35,7 @@ from ._errors import (
     UnknownTargetError,
 )
 from ._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
+from ._tls import TLSConfig
 from ._version import __version__
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "StreamStats",
     "StreamableEngine",
     "SyncMode",
+    "TLSConfig",
     "UnknownTargetError",
     "__version__",
     "make_reply",

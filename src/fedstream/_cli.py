@@ -1,4 +1,4 @@
-"""The ``fedstream`` command line: ``demo``, ``serve``, ``send`` and ``bench``."""
+"""The ``fedstream`` command line: ``demo``, ``serve``, ``send``, ``bench`` and ``provision``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from ._api import ConsumerFactory, ObjectConsumer, ObjectProducer, StreamContext
 from ._context import FLContext
 from ._engine import Site, open_site
 from ._errors import FedstreamError
+from ._provision import add_tls_arguments, tls_from_args
 from ._shareable import ReturnCode, Shareable, make_reply
 from ._version import __version__
 
@@ -243,7 +244,9 @@ async def _serve(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    async with open_site(args.name, listen=args.listen, connect=args.connect) as site:
+    async with open_site(
+        args.name, listen=args.listen, connect=args.connect, tls=tls_from_args(args)
+    ) as site:
         site.register_stream_processing("*", "*", _FileFactory(out))
         print(
             f"site {site.name!r} listening on {', '.join(site.addresses) or '(nothing)'}",
@@ -292,7 +295,7 @@ class _FileProducer(ObjectProducer):
 
 async def _send(args: argparse.Namespace) -> int:
     status = 0
-    async with open_site(args.name, connect=[args.connect]) as site:
+    async with open_site(args.name, connect=[args.connect], tls=tls_from_args(args)) as site:
         with trio.fail_after(args.wait):
             await site.wait_for_peers(args.to)
         for path in map(Path, args.files):
@@ -343,6 +346,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", action="append", default=[], help="URL to listen on")
     serve.add_argument("--connect", action="append", default=[], help="URL to dial")
     serve.add_argument("--out", help="directory for received files")
+    add_tls_arguments(serve)
 
     send = sub.add_parser("send", help="stream files to connected sites")
     send.add_argument("name", help="this site's name")
@@ -362,7 +366,10 @@ def _parser() -> argparse.ArgumentParser:
         "--wait", type=float, default=30.0, help="seconds to wait for the targets to connect"
     )
 
+    add_tls_arguments(send)
+
     sub.add_parser("bench", help="run the benchmark harness (see fedstream bench --help)")
+    sub.add_parser("provision", help="make a CA and site certificates (fedstream provision -h)")
     return parser
 
 
@@ -374,6 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["provision"]:
+        from ._provision import main as provision_main
+
+        return provision_main(argv[1:])
     args = _parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -382,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trio.run(runners[args.command], args)
     except KeyboardInterrupt:
         return 130
-    except (FedstreamError, OSError, TimeoutError) as exc:
+    except (FedstreamError, OSError, TimeoutError, ValueError) as exc:
         print(f"fedstream {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Final
 
+from .._tls import TLSConfig
 from .._wire import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
 from ._callbacks import SyncMode
 
@@ -18,6 +19,8 @@ __all__ = [
     "DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER",
     "DEFAULT_MAX_STREAMS_PER_PEER",
     "DEFAULT_PEER_TIMEOUT",
+    "DEFAULT_RECONNECT_MAX_DELAY",
+    "DEFAULT_RECONNECT_MIN_DELAY",
     "DEFAULT_WINDOW",
     "SiteOptions",
 ]
@@ -42,6 +45,11 @@ DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER: Final = 1024**3
 #: Bound on each end-of-stream step (finalize, stream_done_cb, return_consumer,
 #: and the sender's wait for receivers to confirm they finalized).
 DEFAULT_FINALIZE_TIMEOUT: Final = 30.0
+#: Delay before the first re-dial of a lost link this site dialed; it doubles
+#: (with jitter) after every failed attempt, up to the maximum.
+DEFAULT_RECONNECT_MIN_DELAY: Final = 0.1
+#: Longest delay between two re-dials of a lost link.
+DEFAULT_RECONNECT_MAX_DELAY: Final = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +68,10 @@ class SiteOptions:
     max_threads: float = math.inf
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
     max_receive_buffer_per_peer: int = DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER
+    tls: TLSConfig | None = None
+    reconnect: bool = True
+    reconnect_min_delay: float = DEFAULT_RECONNECT_MIN_DELAY
+    reconnect_max_delay: float = DEFAULT_RECONNECT_MAX_DELAY
 
     def __post_init__(self) -> None:
         if not MIN_MAX_FRAME_SIZE <= self.max_frame_size <= 0xFFFF_FFFF:
@@ -77,6 +89,10 @@ class SiteOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        if self.tls is not None and not isinstance(self.tls, TLSConfig):
+            raise TypeError(f"tls must be a fedstream.TLSConfig or None, not {self.tls!r}")
+        if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay:
+            raise ValueError("reconnect delays must satisfy 0 < reconnect_min_delay <= max")
         if self.peer_timeout <= self.heartbeat_interval:
             raise ValueError("peer_timeout must be longer than heartbeat_interval")
         object.__setattr__(self, "sync_callbacks", SyncMode(self.sync_callbacks))

@@ -8,8 +8,10 @@ caller's cancel scopes apply to it as well.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import random
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -26,7 +28,8 @@ from .._errors import (
     UnknownTargetError,
 )
 from .._shareable import ReturnCode
-from .._transport import get_transport
+from .._tls import TLSConfig, describe_tls_error, proven_names
+from .._transport import Transport, TransportConfig, make_transport, split_url
 from .._wire import DEFAULT_MAX_FRAME_SIZE, Data, Done, ErrorCode, FrameProtocol, GoAway, Hello
 from ._callbacks import CallbackRunner, SyncMode, current_session
 from ._connection import Connection, ReceiveHandler, accept_handshake, dial_handshake
@@ -39,6 +42,8 @@ from ._options import (
     DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
     DEFAULT_MAX_STREAMS_PER_PEER,
     DEFAULT_PEER_TIMEOUT,
+    DEFAULT_RECONNECT_MAX_DELAY,
+    DEFAULT_RECONNECT_MIN_DELAY,
     DEFAULT_WINDOW,
     SiteOptions,
 )
@@ -86,6 +91,12 @@ class Site:
         self._closing = False
         self._closed = trio.Event()
         self._addresses: list[str] = []
+        self._transports: dict[str, Transport] = {}
+        #: Mutually authenticated connections (see ``_is_mutual``): the links
+        #: ``secure=True`` accepts.
+        self._mutual: set[Connection] = set()
+        #: Links this site dialed and keeps re-dialing, by URL.
+        self._dialers: dict[str, _Dialer] = {}
 
     # ------------------------------------------------------------- state
 
@@ -171,10 +182,21 @@ class Site:
 
     # -------------------------------------------------------- connections
 
+    def _transport(self, url: str) -> Transport:
+        """This site's transport for ``url``'s scheme, made on first use."""
+        scheme = split_url(url)[0]
+        transport = self._transports.get(scheme)
+        if transport is None:
+            config = TransportConfig(
+                tls=self.options.tls, handshake_timeout=self.options.handshake_timeout
+            )
+            transport = self._transports[scheme] = make_transport(scheme, config)
+        return transport
+
     async def listen(self, url: str) -> str:
         """Accept connections on ``url``; return the URL actually bound."""
         self._check_open()
-        transport = get_transport(url)
+        transport = self._transport(url)
         bound: str = await self._nursery.start(transport.serve, url, self._handle_incoming)
         self._addresses.append(bound)
         logger.info("site %s listening on %s", self.name, bound)
@@ -183,47 +205,195 @@ class Site:
     async def connect(self, url: str) -> str:
         """Dial the site at ``url`` and return its name.
 
+        With ``reconnect`` (the default), the site dials ``url`` again, with
+        jittered exponential backoff between ``reconnect_min_delay`` and
+        ``reconnect_max_delay``, whenever that link is lost, until the site
+        shuts down. Calling ``connect`` for a URL that is waiting to be
+        re-dialed dials it at once instead.
+
         Raises:
             ConnectionLostError: the address cannot be reached.
             HandshakeError: the peer refused (for example because a site with
-                this name is already connected to it) or spoke nonsense.
+                this name is already connected to it), its certificate does
+                not prove the name it claims, or it spoke nonsense.
         """
         self._check_open()
-        transport = get_transport(url)
+        waiting = self._dialers.get(url)
+        if waiting is not None and not waiting.connected:
+            waiting.scope.cancel()
+            del self._dialers[url]
+        link = await self._dial(url)
+        if self.options.reconnect:
+            await self._nursery.start(self._keep_dialing, url, link)
+        else:
+            await self._nursery.start(self._run_connection, *link, True, url)
+        return link[2].site
+
+    async def _dial(self, url: str) -> tuple[trio.abc.Stream, FrameProtocol, Hello, bool]:
+        """Open a link to ``url`` and exchange HELLOs; the peer's name ends up reserved.
+
+        Returns the stream, its protocol, the peer's HELLO and whether the
+        link is mutually authenticated.
+        """
+        self._check_open()
+        transport = self._transport(url)
         try:
             with trio.fail_after(self.options.handshake_timeout):
                 stream = await transport.connect(url)
-        except (OSError, trio.TooSlowError) as exc:
+        except OSError as exc:
             raise ConnectionLostError(f"cannot connect to {url}: {exc!r}") from exc
+        except trio.TooSlowError as exc:
+            raise ConnectionLostError(
+                f"cannot connect to {url}: no answer (TLS included, if tls://) within "
+                f"handshake_timeout ({self.options.handshake_timeout} s)"
+            ) from exc
         protocol = FrameProtocol(max_frame_size=self.options.max_frame_size)
+        proven = proven_names(stream)
         try:
-            hello = await dial_handshake(
-                stream,
-                protocol,
-                protocol.hello(self.name, limits=self.options.limits()),
-                limit=self.options.handshake_timeout,
-            )
-            problem = self._name_problem(hello.site)
+            try:
+                hello = await dial_handshake(
+                    stream,
+                    protocol,
+                    protocol.hello(self.name, limits=self._hello_limits(proven)),
+                    limit=self.options.handshake_timeout,
+                )
+            except HandshakeError as exc:
+                broke = exc.__cause__
+                if isinstance(stream, trio.SSLStream):
+                    # TLS 1.3: the listener checks our certificate after our
+                    # side of the TLS handshake is done; its refusal arrives here.
+                    if isinstance(broke, (trio.BrokenResourceError, OSError)):
+                        raise HandshakeError(
+                            f"TLS link to {url} broke during the handshake: "
+                            f"{describe_tls_error(broke)}"
+                        ) from exc
+                    raise
+                if "GOAWAY" in str(exc) or "refused" in str(exc):
+                    raise
+                raise HandshakeError(
+                    f"{exc} (if {url} listens with TLS, dial it as tls://)"
+                ) from exc
+            problem, code = self._name_problem(hello.site, proven)
             if problem:
+                problem = f"{url}: {problem}"
                 with trio.move_on_after(1):
-                    await stream.send_all(protocol.send(GoAway(ErrorCode.DUPLICATE_SITE, problem)))
+                    await stream.send_all(protocol.send(GoAway(code, problem)))
                 raise HandshakeError(problem)
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
             raise
         self._reserved.add(hello.site)
-        await self._nursery.start(self._run_connection, stream, protocol, hello, True, url)
-        return hello.site
+        return stream, protocol, hello, self._is_mutual(hello, proven)
 
-    def _name_problem(self, name: str) -> str:
+    async def _keep_dialing(
+        self,
+        url: str,
+        link: tuple[trio.abc.Stream, FrameProtocol, Hello, bool],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run the link to ``url``; each time it is lost, dial again until it is back.
+
+        The backoff starts again from ``reconnect_min_delay`` only after a
+        link that lasted ``reconnect_max_delay``: a link that keeps dropping
+        at once (say, two processes with one certificate taking turns) is
+        re-dialed ever more slowly.
+        """
+        dialer = _Dialer()
+        self._dialers[url] = dialer
+        delay = self.options.reconnect_min_delay
+        try:
+            with dialer.scope:
+                while True:
+                    dialer.connected = True
+                    started = trio.current_time()
+                    await self._run_connection(*link, True, url, task_status=task_status)
+                    task_status = trio.TASK_STATUS_IGNORED
+                    dialer.connected = False
+                    if self._closing:
+                        return
+                    if trio.current_time() - started >= self.options.reconnect_max_delay:
+                        delay = self.options.reconnect_min_delay
+                    try:
+                        link, delay = await self._redial(url, delay)
+                    except SiteClosedError:  # shutting down, before our task is cancelled
+                        return
+        finally:
+            if self._dialers.get(url) is dialer:
+                del self._dialers[url]
+
+    async def _redial(
+        self, url: str, delay: float
+    ) -> tuple[tuple[trio.abc.Stream, FrameProtocol, Hello, bool], float]:
+        """Dial ``url`` until it answers, waiting a jittered, doubling delay before each try.
+
+        Returns the link and the delay to start from if it is lost again.
+        """
+        for attempt in itertools.count(1):
+            # Jitter keeps many sites that lost the same peer from dialing in step.
+            await trio.sleep(random.uniform(delay / 2, delay))
+            delay = min(2 * delay, self.options.reconnect_max_delay)
+            try:
+                link = await self._dial(url)
+            except SiteClosedError:
+                raise
+            except (ConnectionLostError, HandshakeError) as exc:
+                level = logging.WARNING if attempt == 1 or attempt % 10 == 0 else logging.DEBUG
+                logger.log(
+                    level, "site %s: re-dial %d of %s failed: %s", self.name, attempt, url, exc
+                )
+                continue
+            logger.info("site %s: link to %s is back after %d re-dials", self.name, url, attempt)
+            return link, delay
+        raise AssertionError("unreachable")
+
+    def _hello_limits(self, proven: frozenset[str] | None) -> dict[str, int]:
+        """Our HELLO's limits; ``tls_peer_verified`` tells the peer we checked its
+        certificate against our CA (the other half of "mutual")."""
+        limits = self.options.limits()
+        tls = self.options.tls
+        if tls is not None and tls.mutual and proven is not None:
+            limits["tls_peer_verified"] = 1
+        return limits
+
+    def _is_mutual(self, hello: Hello, proven: frozenset[str] | None) -> bool:
+        """Whether a link is mutually authenticated: we checked the peer's certificate
+        against our CA and it proves the peer's name, and the peer says it checked ours."""
+        tls = self.options.tls
+        return (
+            tls is not None
+            and tls.mutual
+            and proven is not None
+            and hello.site in proven
+            and hello.limits.get("tls_peer_verified") == 1
+        )
+
+    def _name_problem(
+        self, name: str, proven: frozenset[str] | None = None
+    ) -> tuple[str, ErrorCode]:
+        """Why a peer claiming ``name`` is refused (``""`` if it is not), and the GOAWAY code.
+
+        ``proven`` holds the names the peer's certificate proves, or is
+        ``None`` when no certificate proved anything (plain TCP,
+        or a listener that does not ask dialers for certificates).
+        """
+        if proven is not None and name not in proven:
+            shown = ", ".join(map(repr, sorted(proven))) or "no name"
+            return (
+                f"the peer claims site name {name!r} but its certificate proves {shown}",
+                ErrorCode.IDENTITY_MISMATCH,
+            )
         if name == self.name:
-            return f"peer uses our own site name {name!r}"
+            return f"peer uses our own site name {name!r}", ErrorCode.DUPLICATE_SITE
         if name in self._connections or name in self._reserved:
-            return f"a site named {name!r} is already connected to {self.name!r}"
+            return (
+                f"a site named {name!r} is already connected to {self.name!r}",
+                ErrorCode.DUPLICATE_SITE,
+            )
         if self._closing:
-            return f"site {self.name!r} is shutting down"
-        return ""
+            return f"site {self.name!r} is shutting down", ErrorCode.SHUTDOWN
+        return "", ErrorCode.NO_ERROR
 
     async def _handle_incoming(self, stream: trio.abc.Stream) -> None:
         try:
@@ -234,35 +404,59 @@ class Site:
     async def _accept(self, stream: trio.abc.Stream) -> None:
         protocol = FrameProtocol(max_frame_size=self.options.max_frame_size)
         reserved: list[str] = []
+        proven = proven_names(stream)
 
         def decide(hello: Hello) -> Hello | GoAway:
-            problem = self._name_problem(hello.site)
+            old = self._connections.get(hello.site)
+            if (
+                old is not None
+                and not old.dialer
+                and old in self._mutual
+                and self._is_mutual(hello, proven)
+            ):
+                # The same certified site dials us again: it restarted or
+                # lost the link, and the old one is dead or about to be.
+                # Whoever holds the key is that site, so the new link wins at
+                # once. (Links we dialed are not replaced: two sites dialing
+                # each other would take turns forever.)
+                logger.warning(
+                    "site %s: %r connected again with its certificate; dropping its old link",
+                    self.name,
+                    hello.site,
+                )
+                old.lose(f"replaced by a new link from {hello.site!r}")
+            problem, code = self._name_problem(hello.site, proven)
             if problem:
                 logger.warning("refusing connection: %s", problem)
-                code = ErrorCode.SHUTDOWN if self._closing else ErrorCode.DUPLICATE_SITE
                 return GoAway(code, problem)
             self._reserved.add(hello.site)
             reserved.append(hello.site)
-            return protocol.hello(self.name, limits=self.options.limits())
+            return protocol.hello(self.name, limits=self._hello_limits(proven))
 
         try:
             hello = await accept_handshake(
                 stream, protocol, decide, limit=self.options.handshake_timeout
             )
         except HandshakeError as exc:
-            logger.warning("incoming handshake failed on %s: %s", self.name, exc)
+            hint = ""
+            if not isinstance(stream, trio.SSLStream) and "invalid handshake" in str(exc):
+                hint = " (not a fedstream peer, or a TLS client dialing a plain listener?)"
+            logger.warning("incoming handshake failed on %s: %s%s", self.name, exc, hint)
             for name in reserved:
                 self._reserved.discard(name)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
             return
-        await self._run_connection(stream, protocol, hello, False, "")
+        await self._run_connection(
+            stream, protocol, hello, self._is_mutual(hello, proven), False, ""
+        )
 
     async def _run_connection(
         self,
         stream: trio.abc.Stream,
         protocol: FrameProtocol,
         hello: Hello,
+        mutual: bool,
         dialer: bool,
         url: str,
         *,
@@ -275,11 +469,19 @@ class Site:
         conn.on_lost = self._forget
         self._reserved.discard(conn.peer)
         self._connections[conn.peer] = conn
+        if mutual:
+            self._mutual.add(conn)
         self._notify()
-        logger.info("site %s connected to %s", self.name, conn.peer)
+        logger.info(
+            "site %s connected to %s%s",
+            self.name,
+            conn.peer,
+            " (mutual TLS)" if mutual else "",
+        )
         try:
             await conn.run(task_status=task_status)
         finally:
+            self._mutual.discard(conn)
             if self._connections.get(conn.peer) is conn:
                 del self._connections[conn.peer]
             self._notify()
@@ -360,7 +562,8 @@ class Site:
                 not connected (with ``optional=True`` missing targets get a
                 ``COMMUNICATION_ERROR`` reply instead, unless all are missing).
             SiteClosedError: the site is shut down.
-            FedstreamError: ``secure=True`` over a transport without TLS.
+            FedstreamError: ``secure=True`` and some target is not on a
+                mutually authenticated TLS link (nothing was produced or sent).
             ValueError: the producer returned something invalid.
             Exception: whatever ``produce`` or ``process_replies`` raised.
         """
@@ -378,10 +581,7 @@ class Site:
                 f"not connected to {', '.join(map(repr, missing))} (connected: {self.peers})"
             )
         if secure:
-            raise FedstreamError(
-                "secure=True needs an encrypted, authenticated transport; "
-                "this site's connections are plain"
-            )
+            self._check_secure([t for t in names if t not in missing])
         stream_ctx = {} if stream_ctx is None else stream_ctx
         fl_ctx = FLContext(identity_name=self.name) if fl_ctx is None else fl_ctx
         stream_ctx[StreamContextKey.CHANNEL] = channel
@@ -409,6 +609,16 @@ class Site:
                 link.conn.senders.pop(link.sid, None)
             self._senders.discard(session)
             self._notify()
+
+    def _check_secure(self, targets: list[str]) -> None:
+        """``secure=True``: every target must be on a mutually authenticated TLS link."""
+        exposed = [t for t in targets if self._connections[t] not in self._mutual]
+        if exposed:
+            raise FedstreamError(
+                f"secure=True needs a mutually authenticated TLS link to every target; "
+                f"{', '.join(map(repr, exposed))} "
+                f"{'is' if len(exposed) == 1 else 'are'} not on one (see docs/semantics.md)"
+            )
 
     # ----------------------------------------------------------- shutdown
 
@@ -465,6 +675,14 @@ class Site:
     aclose = shutdown_streamer
 
 
+class _Dialer:
+    """A link this site keeps dialing: its task's cancel scope, and whether it is up."""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.connected = False
+
+
 class SiteKeywords(TypedDict, total=False):
     """The engine options of :func:`open_site`, for typing :func:`serve_site`'s ``**options``."""
 
@@ -480,6 +698,10 @@ class SiteKeywords(TypedDict, total=False):
     max_threads: float
     max_streams_per_peer: int
     max_receive_buffer_per_peer: int
+    tls: TLSConfig | None
+    reconnect: bool
+    reconnect_min_delay: float
+    reconnect_max_delay: float
 
 
 @asynccontextmanager
@@ -500,6 +722,10 @@ async def open_site(
     max_threads: float = math.inf,
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
     max_receive_buffer_per_peer: int = DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
+    tls: TLSConfig | None = None,
+    reconnect: bool = True,
+    reconnect_min_delay: float = DEFAULT_RECONNECT_MIN_DELAY,
+    reconnect_max_delay: float = DEFAULT_RECONNECT_MAX_DELAY,
 ) -> AsyncIterator[Site]:
     """Run a site for the duration of the ``async with`` block.
 
@@ -533,6 +759,15 @@ async def open_site(
             allowed (one ``window`` at most), so the bytes actually held
             stay within this (or one larger object) plus one ``window`` per
             waiting stream.
+        tls: this site's certificate, key and CA, for ``tls://`` URLs (see
+            :class:`TLSConfig`). A peer on a TLS link must claim the name its
+            certificate proves.
+        reconnect: re-dial each link this site dialed whenever it is lost,
+            until the site shuts down.
+        reconnect_min_delay: seconds before the first re-dial; the delay
+            doubles after each failed one (each delay jittered down by up
+            to half).
+        reconnect_max_delay: the longest delay between two re-dials.
 
     Resource handling:
         On exit (normal, error or cancellation) the site shuts down as by
@@ -552,6 +787,10 @@ async def open_site(
         max_threads=max_threads,
         max_streams_per_peer=max_streams_per_peer,
         max_receive_buffer_per_peer=max_receive_buffer_per_peer,
+        tls=tls,
+        reconnect=reconnect,
+        reconnect_min_delay=reconnect_min_delay,
+        reconnect_max_delay=reconnect_max_delay,
     )
     _check_name(name)
     error: Exception | None = None

@@ -1,17 +1,45 @@
-"""The transport interface and the scheme registry."""
+"""The transport interface and the scheme registry.
+
+The registry holds *factories*, not transports: each site makes its own
+transport objects from its own :class:`TransportConfig`, so one process can
+run sites with different certificates side by side.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import trio
 
-__all__ = ["ConnectionHandler", "Transport", "get_transport", "register_transport", "split_url"]
+if TYPE_CHECKING:
+    from .._tls import TLSConfig
+
+__all__ = [
+    "ConnectionHandler",
+    "Transport",
+    "TransportConfig",
+    "TransportFactory",
+    "make_transport",
+    "register_transport",
+    "split_url",
+]
 
 #: Called with each accepted stream; owns it and must close it.
 ConnectionHandler = Callable[[trio.abc.Stream], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """What a site tells the transports it makes."""
+
+    #: Certificates for ``tls://``; ``None`` when the site has none.
+    tls: TLSConfig | None = None
+    #: Bound on a transport-level handshake (TLS), per connection.
+    handshake_timeout: float = 10.0
 
 
 class Transport(ABC):
@@ -26,6 +54,8 @@ class Transport(ABC):
 
         Raises:
             OSError: the peer cannot be reached.
+            HandshakeError: the peer was reached but the transport's own
+                handshake (TLS) failed.
         """
 
     @abstractmethod
@@ -39,16 +69,21 @@ class Transport(ABC):
         """Accept streams on ``url`` and run ``handler`` for each, until cancelled.
 
         Calls ``task_status.started(bound_url)`` once it is accepting, with the
-        URL actually bound (port 0 replaced by the real port).
+        URL actually bound (port 0 replaced by the real port). A stream whose
+        transport handshake fails is closed without reaching ``handler``;
+        one peer's handshake never holds up another's.
         """
 
 
-_REGISTRY: dict[str, Transport] = {}
+#: Makes a site's transport for one scheme.
+TransportFactory = Callable[[TransportConfig], Transport]
+
+_REGISTRY: dict[str, TransportFactory] = {}
 
 
-def register_transport(transport: Transport) -> None:
-    """Make ``transport`` serve URLs of its scheme (replacing any previous one)."""
-    _REGISTRY[transport.scheme] = transport
+def register_transport(scheme: str, factory: TransportFactory) -> None:
+    """Make ``factory`` build the transport for URLs of ``scheme`` (replacing any previous one)."""
+    _REGISTRY[scheme] = factory
 
 
 def split_url(url: str) -> tuple[str, str, int | None]:
@@ -63,15 +98,16 @@ def split_url(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, parts.hostname or parts.netloc, port
 
 
-def get_transport(url: str) -> Transport:
-    """The transport registered for ``url``'s scheme.
+def make_transport(scheme: str, config: TransportConfig) -> Transport:
+    """A new transport for ``scheme``, configured by ``config``.
 
     Raises:
-        ValueError: no transport serves that scheme.
+        ValueError: no transport serves that scheme, or ``config`` does not
+            suit it (``tls://`` without certificates).
     """
-    scheme = split_url(url)[0]
     try:
-        return _REGISTRY[scheme]
+        factory = _REGISTRY[scheme]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
         raise ValueError(f"no transport for scheme {scheme!r} (known: {known})") from None
+    return factory(config)

@@ -1,8 +1,9 @@
 """In-process transport for tests: ``memory://name``.
 
 Streams are ``trio.testing`` memory stream pairs, so whole sites run without
-sockets and under ``MockClock``. Names live in one process-wide table and are
-released when the listener stops.
+sockets and under ``MockClock``. Names live in one process-wide table (every
+site's memory transport is the same object) and are released when the
+listener stops.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import itertools
 import trio
 import trio.testing
 
-from ._base import ConnectionHandler, Transport, register_transport, split_url
+from ._base import ConnectionHandler, Transport, TransportConfig, register_transport, split_url
 
 __all__ = ["MemoryTransport"]
 
@@ -63,4 +64,11 @@ class MemoryTransport(Transport):
             send.close()
 
 
-register_transport(MemoryTransport())
+_MEMORY = MemoryTransport()
+
+
+def _memory(config: TransportConfig) -> Transport:
+    return _MEMORY
+
+
+register_transport("memory", _memory)

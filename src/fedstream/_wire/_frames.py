@@ -80,6 +80,7 @@ class ErrorCode(enum.IntEnum):
     HANDSHAKE_TIMEOUT = 6
     HEARTBEAT_TIMEOUT = 7
     SHUTDOWN = 8
+    IDENTITY_MISMATCH = 9
 
 
 @dataclass(frozen=True, slots=True)
