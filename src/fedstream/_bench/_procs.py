@@ -190,6 +190,7 @@ def run_exchange(
     *,
     timeout: float,
     pin: bool = False,
+    relay: Callable[[list[str]], dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run receivers, then a sender that connects to them; return all their results.
 
@@ -198,6 +199,11 @@ def run_exchange(
     reported, the receivers' stdin is closed and their results collected.
     With ``pin``, the sender and the receivers run on different CPUs (see
     :func:`cpu_layout`).
+
+    With ``relay``, a ``relay`` worker (config ``relay(addresses)``) starts
+    between them, and ``sender_config`` gets the relay's addresses instead
+    (one per receiver, in the same order); the relay shares the receivers'
+    CPUs when pinned.
 
     Raises:
         BenchError: any worker failed. Every process is killed either way.
@@ -216,6 +222,16 @@ def run_exchange(
             stack.callback(worker.kill)
             receivers.append(worker)
         addresses = [str(worker.expect("ready")["address"]) for worker in receivers]
+        relay_worker: WorkerProcess | None = None
+        if relay is not None:
+            relay_worker = WorkerProcess(
+                "relay",
+                {**relay(addresses), "upstreams": addresses, "cpus": receiver_cpus},
+                timeout=timeout,
+                label="relay",
+            )
+            stack.callback(relay_worker.kill)
+            addresses = [str(a) for a in relay_worker.expect("ready")["addresses"]]
         sender = WorkerProcess(
             sender_role,
             {**sender_config(addresses), "cpus": sender_cpus},
@@ -227,4 +243,7 @@ def run_exchange(
         for worker in receivers:
             worker.close_stdin()
         received = [worker.expect("result") for worker in receivers]
+        if relay_worker is not None:
+            relay_worker.close_stdin()
+            relay_worker.expect("result")
         return sent, received

@@ -21,11 +21,17 @@ Roles:
     into a byte count, a one-byte acknowledgement once everything arrived.
     The sender times from its first ``send_all`` to the acknowledgement; with
     several addresses it sends to all of them concurrently (fan-out ceiling).
+    With ``config["tls"]`` (``cert``, ``key``, ``ca`` paths) both sides wrap
+    the connection in a mutually authenticated ``trio.SSLStream`` and finish
+    the TLS handshake before the clock starts (the TLS ceiling).
 ``ping-server`` / ``ping-client``
     The round-trip ceiling: a 64-byte message echoed back, one at a time.
 ``fs-recv`` / ``fs-send``
-    fedstream sites with async (trio-native) producers and consumers and
-    ``sync_callbacks="inline"``. The sender streams a few warm-up objects
+    fedstream sites. ``config["path"]`` is ``"default"`` (plain methods on
+    producer, consumer and factory, default site options: plain callbacks run
+    in worker threads) or ``"async"`` (``async def`` callbacks and
+    ``sync_callbacks="inline"``); ``config["tls"]`` makes them listen and
+    dial on ``tls://`` with those certificates. The sender streams a few warm-up objects
     first (``warmup_size`` bytes at most, 64 KiB by default), then times from
     the first ``produce`` of the measured streams until every
     ``stream_objects`` call has returned.
@@ -35,6 +41,13 @@ Roles:
     on the same connection sends one ``big_size`` object, and stops once that
     object's reply is in. Each small object's latency is the time from
     ``produce`` returning to ``process_replies`` being called.
+``relay``
+    A user-space stand-in for a long-distance link, between a sender and a
+    receiver: for each address in ``config["upstreams"]`` it listens, and
+    forwards every accepted connection to that address and back, each
+    direction capped at ``config["rate"]`` bytes/s and delayed by
+    ``config["delay"]`` seconds, with at most ``config["queue_items"]``
+    pieces of up to 64 KiB queued per direction.
 """
 
 from __future__ import annotations
@@ -43,10 +56,11 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
 import trio
@@ -59,12 +73,14 @@ from .. import (
     ReservedHeaderKey,
     ReturnCode,
     Shareable,
+    Site,
     StreamContextKey,
+    TLSConfig,
     open_site,
 )
 from ._common import KIB, MB, MIB, BenchError, current_rss, peak_rss, percentile
 
-__all__ = ["ROLES", "main"]
+__all__ = ["ASYNC_PATH", "DEFAULT_PATH", "PATHS", "ROLES", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +96,12 @@ RAW_CHUNK: Final = MIB
 RAW_RECEIVE_SIZE: Final = 256 * KIB
 #: Warm-up objects are at most this large.
 WARMUP_OBJECT_MAX: Final = 64 * KIB
+#: Most bytes the relay reads (and queues as one piece) at a time.
+RELAY_READ: Final = 64 * KIB
+#: The callback paths of the fedstream workers (see "fedstream" below).
+DEFAULT_PATH: Final = "default"
+ASYNC_PATH: Final = "async"
+PATHS: Final = (DEFAULT_PATH, ASYNC_PATH)
 
 Config = dict[str, Any]
 Result = dict[str, Any]
@@ -127,6 +149,28 @@ def _rss_fields(prefix: str, baseline: int) -> Result:
 # ------------------------------------------------------------------ raw trio
 
 
+def _tls_config(config: Config) -> TLSConfig | None:
+    tls = config.get("tls")
+    if not tls:
+        return None
+    return TLSConfig(tls["cert"], tls["key"], tls["ca"])
+
+
+async def _secure(
+    stream: trio.SocketStream, tls: TLSConfig | None, *, server_host: str | None
+) -> trio.abc.Stream:
+    """``stream`` itself without ``tls``; else wrapped and handshaken, as a
+    ``tls://`` site would (``server_host`` is None on the listening side)."""
+    if tls is None:
+        return stream
+    if server_host is None:
+        wrapped = trio.SSLStream(stream, tls.server_context(), server_side=True)
+    else:
+        wrapped = trio.SSLStream(stream, tls.client_context(), server_hostname=server_host)
+    await wrapped.do_handshake()
+    return wrapped
+
+
 async def raw_recv(config: Config) -> Result:
     total = int(config["total"])
     receive_size = int(config.get("receive_size", RAW_RECEIVE_SIZE))
@@ -135,7 +179,7 @@ async def raw_recv(config: Config) -> Result:
     port = listener.socket.getsockname()[1]
     _emit({"event": "ready", "address": f"tcp://127.0.0.1:{port}"})
     async with listener:
-        stream = await listener.accept()
+        stream = await _secure(await listener.accept(), _tls_config(config), server_host=None)
     baseline = current_rss()
     received = 0
     async with stream:
@@ -153,10 +197,14 @@ async def raw_send(config: Config) -> Result:
     total = int(config["total"])
     chunk = b"\xa5" * RAW_CHUNK
     view = memoryview(chunk)
-    streams = [await trio.open_tcp_stream(*_split(a)) for a in config["addresses"]]
+    tls = _tls_config(config)
+    streams: list[trio.abc.Stream] = []
+    for address in config["addresses"]:
+        host, port = _split(address)
+        streams.append(await _secure(await trio.open_tcp_stream(host, port), tls, server_host=host))
     baseline = current_rss()
 
-    async def send_one(stream: trio.SocketStream) -> None:
+    async def send_one(stream: trio.abc.Stream) -> None:
         left = total
         while left:
             n = min(left, RAW_CHUNK)
@@ -225,22 +273,57 @@ async def ping_client(config: Config) -> Result:
 
 
 # ----------------------------------------------------------------- fedstream
+#
+# Two callback paths (``config["path"]``):
+#
+# * ``default``: plain (non-async) methods on producer, consumer and factory,
+#   a plain ``stream_done_cb``, and the site's default options (so plain
+#   callbacks run in worker threads). This is what a port of FLARE code does.
+# * ``async``: ``async def`` callbacks and ``sync_callbacks="inline"``.
+#
+# The callbacks' bodies are the same on both paths (``_Objects``,
+# ``_SmallObjects``, ``_RecvStats``); only the adapters differ.
+
+
+def _site_options(config: Config) -> dict[str, Any]:
+    path = config.get("path", DEFAULT_PATH)
+    if path not in PATHS:
+        raise BenchError(f"unknown callback path {path!r}; choose from {', '.join(PATHS)}")
+    options: dict[str, Any] = {"sync_callbacks": "inline"} if path == ASYNC_PATH else {}
+    options.update(config.get("site", {}))
+    tls = _tls_config(config)
+    if tls is not None:
+        options["tls"] = tls
+    return options
+
+
+def _is_async(config: Config) -> bool:
+    return bool(config.get("path", DEFAULT_PATH) == ASYNC_PATH)
 
 
 class _RecvStats:
+    """What a receiving worker saw; updated from worker threads on the default path."""
+
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self.objects = 0
         self.bytes = 0
         self.streams_ok = 0
         self.streams_failed: dict[str, int] = {}
         self.baseline = current_rss()
 
-    async def stream_done(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> None:
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.objects += 1
+            self.bytes += nbytes
+
+    def stream_done(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> None:
         rc = str(stream_ctx.get(StreamContextKey.RC))
-        if rc == ReturnCode.OK:
-            self.streams_ok += 1
-        else:
-            self.streams_failed[rc] = self.streams_failed.get(rc, 0) + 1
+        with self._lock:
+            if rc == ReturnCode.OK:
+                self.streams_ok += 1
+            else:
+                self.streams_failed[rc] = self.streams_failed.get(rc, 0) + 1
 
     def to_json(self) -> Result:
         return {
@@ -259,7 +342,19 @@ def _nbytes(data: Any) -> int:
         return 0
 
 
-class _Consumer(ObjectConsumer):
+class _PlainConsumer(ObjectConsumer):
+    def __init__(self, stats: _RecvStats | None) -> None:
+        self._stats = stats
+
+    def consume(
+        self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[bool, Shareable | None]:
+        if self._stats is not None:
+            self._stats.add(_nbytes(shareable.get("data")))
+        return True, None
+
+
+class _AsyncConsumer(ObjectConsumer):
     def __init__(self, stats: _RecvStats | None) -> None:
         self._stats = stats
 
@@ -267,20 +362,97 @@ class _Consumer(ObjectConsumer):
         self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
     ) -> tuple[bool, Shareable | None]:
         if self._stats is not None:
-            self._stats.objects += 1
-            self._stats.bytes += _nbytes(shareable.get("data"))
+            self._stats.add(_nbytes(shareable.get("data")))
         return True, None
 
 
-class _Factory(ConsumerFactory):
+class _PlainFactory(ConsumerFactory):
+    def __init__(self, stats: _RecvStats | None) -> None:
+        self._stats = stats
+
+    def get_consumer(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> ObjectConsumer:
+        return _PlainConsumer(self._stats)
+
+
+class _AsyncFactory(ConsumerFactory):
     def __init__(self, stats: _RecvStats | None) -> None:
         self._stats = stats
 
     async def get_consumer(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> ObjectConsumer:
-        return _Consumer(self._stats)
+        return _AsyncConsumer(self._stats)
 
 
-class _Producer(ObjectProducer):
+def _register(
+    site: Site,
+    config: Config,
+    topic: str,
+    stats: _RecvStats | None,
+    done: Callable[[dict[str, Any], FLContext], None],
+) -> None:
+    """Register ``topic`` with the factory and ``stream_done_cb`` of the worker's path."""
+    if _is_async(config):
+
+        async def done_async(stream_ctx: dict[str, Any], fl_ctx: FLContext) -> None:
+            done(stream_ctx, fl_ctx)
+
+        site.register_stream_processing(
+            CHANNEL, topic, _AsyncFactory(stats), stream_done_cb=done_async
+        )
+    else:
+        site.register_stream_processing(CHANNEL, topic, _PlainFactory(stats), stream_done_cb=done)
+
+
+class _Steps(Protocol):
+    """The body of a producer, shared by the plain and the async adapter."""
+
+    def produce(self) -> tuple[Shareable | None, float]: ...
+
+    def process_replies(self, replies: dict[str, Shareable]) -> Any: ...
+
+
+class _PlainProducer(ObjectProducer):
+    def __init__(self, steps: _Steps) -> None:
+        self._steps = steps
+
+    def produce(
+        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[Shareable | None, float]:
+        return self._steps.produce()
+
+    def process_replies(
+        self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> Any:
+        return self._steps.process_replies(replies)
+
+
+class _AsyncProducer(ObjectProducer):
+    def __init__(self, steps: _Steps) -> None:
+        self._steps = steps
+
+    async def produce(
+        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[Shareable | None, float]:
+        return self._steps.produce()
+
+    async def process_replies(
+        self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> Any:
+        return self._steps.process_replies(replies)
+
+
+def _producer(config: Config, steps: _Steps) -> ObjectProducer:
+    return _AsyncProducer(steps) if _is_async(config) else _PlainProducer(steps)
+
+
+def _reply_error(replies: dict[str, Shareable]) -> str | None:
+    for name, reply in replies.items():
+        rc = reply.get_return_code()
+        if rc != ReturnCode.OK:
+            return f"{name} replied {rc}: {reply.get_header(ReservedHeaderKey.ERROR)}"
+    return None
+
+
+class _Objects:
     """Sends ``count`` objects that all share one preallocated payload."""
 
     def __init__(
@@ -300,9 +472,7 @@ class _Producer(ObjectProducer):
         self.acknowledged = 0
         self.error: str | None = None
 
-    async def produce(
-        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
-    ) -> tuple[Shareable | None, float]:
+    def produce(self) -> tuple[Shareable | None, float]:
         if self.first is None:
             self.first = time.perf_counter()
         if self.sent >= self._count:
@@ -312,25 +482,19 @@ class _Producer(ObjectProducer):
         self.produced_at = time.perf_counter()
         return shareable, self._timeout
 
-    async def process_replies(
-        self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext
-    ) -> Any:
+    def process_replies(self, replies: dict[str, Shareable]) -> Any:
         self.replied_at = time.perf_counter()
         if self._latencies is not None:
             self._latencies.append(self.replied_at - self.produced_at)
-        for name, reply in replies.items():
-            rc = reply.get_return_code()
-            if rc != ReturnCode.OK:
-                self.error = f"{name} replied {rc}: {reply.get_header(ReservedHeaderKey.ERROR)}"
-                return False
+        self.error = _reply_error(replies)
+        if self.error is not None:
+            return False
         self.acknowledged += 1
         return None
 
 
-def _site_options(config: Config) -> dict[str, Any]:
-    options: dict[str, Any] = {"sync_callbacks": "inline"}
-    options.update(config.get("site", {}))
-    return options
+def _listen_url(config: Config) -> str:
+    return "tls://127.0.0.1:0" if config.get("tls") else "tcp://127.0.0.1:0"
 
 
 async def fs_recv(config: Config) -> Result:
@@ -338,24 +502,34 @@ async def fs_recv(config: Config) -> Result:
     stats = _RecvStats()
     bulk = _RecvStats()
 
-    async def warmup_done(stream_ctx: dict[str, Any], fl_ctx: FLContext) -> None:
+    def warmup_done(stream_ctx: dict[str, Any], fl_ctx: FLContext) -> None:
         stats.baseline = current_rss()
 
     async with open_site(
-        str(config["name"]), listen="tcp://127.0.0.1:0", **_site_options(config)
+        str(config["name"]), listen=_listen_url(config), **_site_options(config)
     ) as site:
-        site.register_stream_processing(
-            CHANNEL, WARMUP_TOPIC, _Factory(None), stream_done_cb=warmup_done
-        )
-        site.register_stream_processing(
-            CHANNEL, MEASURE_TOPIC, _Factory(stats), stream_done_cb=stats.stream_done
-        )
-        site.register_stream_processing(
-            CHANNEL, BULK_TOPIC, _Factory(bulk), stream_done_cb=bulk.stream_done
-        )
+        _register(site, config, WARMUP_TOPIC, None, warmup_done)
+        _register(site, config, MEASURE_TOPIC, stats, stats.stream_done)
+        _register(site, config, BULK_TOPIC, bulk, bulk.stream_done)
         _emit({"event": "ready", "address": site.address})
         await _stdin_eof()
     return {**stats.to_json(), "bulk": bulk.to_json(), **_rss_fields("", stats.baseline)}
+
+
+async def _warm_up(
+    site: Site,
+    config: Config,
+    targets: list[str],
+    payload: bytes,
+    count: int,
+    object_timeout: float,
+) -> None:
+    warm = _Objects(payload, count, object_timeout, None)
+    rc, _ = await site.stream_objects(
+        CHANNEL, WARMUP_TOPIC, {}, targets, _producer(config, warm), None
+    )
+    if rc != ReturnCode.OK or warm.error:
+        raise BenchError(f"warm-up stream failed: {rc} {warm.error or ''}")
 
 
 async def fs_send(config: Config) -> Result:
@@ -372,18 +546,18 @@ async def fs_send(config: Config) -> Result:
 
     async with open_site("sender", **_site_options(config)) as site:
         targets = [await site.connect(address) for address in config["addresses"]]
-        warm = _Producer(warm_payload, int(config.get("warmup_objects", 4)), timeout, None)
-        rc, _ = await site.stream_objects(CHANNEL, WARMUP_TOPIC, {}, targets, warm, None)
-        if rc != ReturnCode.OK or warm.error:
-            raise BenchError(f"warm-up stream failed: {rc} {warm.error or ''}")
+        warmups = int(config.get("warmup_objects", 4))
+        await _warm_up(site, config, targets, warm_payload, warmups, timeout)
         baseline = current_rss()
 
-        producers = [_Producer(payload, per_stream, timeout, latencies) for _ in range(streams)]
+        producers = [_Objects(payload, per_stream, timeout, latencies) for _ in range(streams)]
         outcomes: list[tuple[str, Any]] = []
 
-        async def run_one(producer: _Producer) -> None:
+        async def run_one(producer: _Objects) -> None:
             outcomes.append(
-                await site.stream_objects(CHANNEL, MEASURE_TOPIC, {}, targets, producer, None)
+                await site.stream_objects(
+                    CHANNEL, MEASURE_TOPIC, {}, targets, _producer(config, producer), None
+                )
             )
 
         async with trio.open_nursery() as nursery:
@@ -417,46 +591,39 @@ async def fs_send(config: Config) -> Result:
     return result
 
 
-class _SmallProducer(ObjectProducer):
+class _SmallObjects:
     """Small objects back to back until :meth:`stop`; records every object's
     (``produce`` returned, ``process_replies`` called) times."""
 
-    def __init__(self, payload: bytes, timeout: float, idle_objects: int) -> None:
+    def __init__(
+        self, payload: bytes, timeout: float, idle_objects: int, on_idle: Callable[[], None]
+    ) -> None:
         self._payload = payload
         self._timeout = timeout
         self._idle_objects = idle_objects
+        self._on_idle = on_idle
         self._stopped = False
         self._produced_at = 0.0
         self.times: list[tuple[float, float]] = []
-        #: Set once the first ``idle_objects`` objects were acknowledged.
-        self.idle_done = trio.Event()
         self.error: str | None = None
 
     def stop(self) -> None:
         """End the stream before the next object."""
         self._stopped = True
 
-    async def produce(
-        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
-    ) -> tuple[Shareable | None, float]:
+    def produce(self) -> tuple[Shareable | None, float]:
         if self._stopped:
             return None, self._timeout
         shareable = Shareable(data=self._payload)
         self._produced_at = time.perf_counter()
         return shareable, self._timeout
 
-    async def process_replies(
-        self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext
-    ) -> Any:
+    def process_replies(self, replies: dict[str, Shareable]) -> Any:
         self.times.append((self._produced_at, time.perf_counter()))
-        for name, reply in replies.items():
-            rc = reply.get_return_code()
-            if rc != ReturnCode.OK:
-                self.error = f"{name} replied {rc}: {reply.get_header(ReservedHeaderKey.ERROR)}"
-                return False
-        if len(self.times) >= self._idle_objects:
-            self.idle_done.set()
-        return None
+        if len(self.times) == self._idle_objects:
+            self._on_idle()
+        self.error = _reply_error(replies)
+        return False if self.error is not None else None
 
 
 def _latency_fields(prefix: str, latencies: Sequence[float]) -> Result:
@@ -479,34 +646,37 @@ async def fs_hol(config: Config) -> Result:
     idle_objects = int(config["idle_objects"])
     big_size = int(config["big_size"])
     timeout = float(config.get("object_timeout") or config["timeout"])
-    small = _SmallProducer(b"\xa5" * small_size, timeout, idle_objects)
-    big = _Producer(b"\x5a" * big_size, 1, timeout, None)
+    idle_done = trio.Event()
+    # The callbacks may run in a worker thread, which must not touch the event.
+    token = trio.lowlevel.current_trio_token()
+    small = _SmallObjects(
+        b"\xa5" * small_size, timeout, idle_objects, lambda: token.run_sync_soon(idle_done.set)
+    )
+    big = _Objects(b"\x5a" * big_size, 1, timeout, None)
     outcomes: dict[str, tuple[str, Any]] = {}
 
     async with open_site("sender", **_site_options(config)) as site:
         (address,) = config["addresses"]
         targets = [await site.connect(address)]
-        warm = _Producer(b"\xa5" * min(small_size, WARMUP_OBJECT_MAX), 4, timeout, None)
-        rc, _ = await site.stream_objects(CHANNEL, WARMUP_TOPIC, {}, targets, warm, None)
-        if rc != ReturnCode.OK or warm.error:
-            raise BenchError(f"warm-up stream failed: {rc} {warm.error or ''}")
+        warm_payload = b"\xa5" * min(small_size, WARMUP_OBJECT_MAX)
+        await _warm_up(site, config, targets, warm_payload, 4, timeout)
         baseline = current_rss()
 
         async def run_small() -> None:
             try:
                 outcomes["small"] = await site.stream_objects(
-                    CHANNEL, MEASURE_TOPIC, {}, targets, small, None
+                    CHANNEL, MEASURE_TOPIC, {}, targets, _producer(config, small), None
                 )
             finally:
-                small.idle_done.set()  # a stream that ended early must not leave us waiting
+                idle_done.set()  # a stream that ended early must not leave us waiting
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_small)
-            await small.idle_done.wait()
+            await idle_done.wait()
             try:
                 if "small" not in outcomes:
                     outcomes["big"] = await site.stream_objects(
-                        CHANNEL, BULK_TOPIC, {}, targets, big, None
+                        CHANNEL, BULK_TOPIC, {}, targets, _producer(config, big), None
                     )
             finally:
                 small.stop()
@@ -540,6 +710,105 @@ async def fs_hol(config: Config) -> Result:
     }
 
 
+# --------------------------------------------------------------------- relay
+
+
+class _Direction:
+    """One direction of a relayed connection: a link with a bandwidth cap and a
+    fixed propagation delay, and a bounded queue of what is on the wire.
+
+    The reader stamps each piece with the time it leaves the far end of the
+    link: it starts being sent once the link is free (``link_free``), takes
+    ``len / rate`` seconds on it, and arrives ``delay`` later. The writer
+    delivers it at that time. When the queue is full the reader stops
+    reading, so TCP pushes back on the sender.
+    """
+
+    def __init__(self, delay: float, rate: float, queue_items: int) -> None:
+        self.delay = delay
+        self.rate = rate
+        self.send_channel, self.receive_channel = trio.open_memory_channel[
+            tuple[float, bytes | bytearray | None]
+        ](queue_items)
+        self.link_free = 0.0
+        self.bytes = 0
+
+    async def read(self, source: trio.abc.ReceiveStream) -> None:
+        async with self.send_channel:
+            while True:
+                data = await source.receive_some(RELAY_READ)
+                now = trio.current_time()
+                if not data:
+                    await self.send_channel.send((max(now, self.link_free) + self.delay, None))
+                    return
+                self.link_free = max(now, self.link_free) + len(data) / self.rate
+                self.bytes += len(data)
+                await self.send_channel.send((self.link_free + self.delay, data))
+
+    async def write(self, sink: trio.abc.HalfCloseableStream) -> None:
+        async with self.receive_channel:
+            async for due, data in self.receive_channel:
+                await trio.sleep_until(due)
+                if data is None:
+                    await sink.send_eof()
+                    return
+                await sink.send_all(data)
+
+
+async def relay(config: Config) -> Result:
+    """Forward each connection to its upstream through two :class:`_Direction`s.
+
+    One listener per address in ``config["upstreams"]``; the ready message
+    lists the relay's own addresses in the same order. Runs until stdin
+    closes; a connection whose peer breaks it is dropped on both sides.
+    """
+    upstreams = [str(a) for a in config["upstreams"]]
+    delay = float(config["delay"])
+    rate = float(config["rate"])
+    queue_items = int(config["queue_items"])
+    directions: list[_Direction] = []
+
+    async def link(client: trio.SocketStream, upstream: str) -> None:
+        up, down = _Direction(delay, rate, queue_items), _Direction(delay, rate, queue_items)
+        directions.extend((up, down))
+        try:
+            server = await trio.open_tcp_stream(*_split(upstream))
+        except OSError as exc:
+            logger.warning("relay cannot reach %s: %s", upstream, exc)
+            await client.aclose()
+            return
+        async with client, server, trio.open_nursery() as nursery:
+
+            async def guarded(step: Callable[[Any], Awaitable[None]], stream: Any) -> None:
+                try:
+                    await step(stream)
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    logger.debug("relayed connection to %s ended: %r", upstream, exc)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(guarded, up.read, client)
+            nursery.start_soon(guarded, up.write, server)
+            nursery.start_soon(guarded, down.read, server)
+            nursery.start_soon(guarded, down.write, client)
+
+    async with trio.open_nursery() as nursery:
+        addresses = []
+        for upstream in upstreams:
+            listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+            addresses.append(f"tcp://127.0.0.1:{listener.socket.getsockname()[1]}")
+
+            async def serve(listener: trio.SocketListener, upstream: str) -> None:
+                async with listener:
+                    while True:
+                        nursery.start_soon(link, await listener.accept(), upstream)
+
+            nursery.start_soon(serve, listener, upstream)
+        _emit({"event": "ready", "address": addresses[0], "addresses": addresses})
+        await _stdin_eof()
+        nursery.cancel_scope.cancel()
+    return {"connections": len(directions) // 2, "bytes": [d.bytes for d in directions]}
+
+
 # ---------------------------------------------------------------------- main
 
 ROLES: Final[dict[str, Callable[[Config], Awaitable[Result]]]] = {
@@ -550,6 +819,7 @@ ROLES: Final[dict[str, Callable[[Config], Awaitable[Result]]]] = {
     "fs-recv": fs_recv,
     "fs-send": fs_send,
     "fs-hol": fs_hol,
+    "relay": relay,
 }
 
 
