@@ -11,9 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from ._common import MB
 from ._render import machine_info, render_table, source_info, write_plot
 from ._results import Report
-from ._scenarios import SCENARIOS, make_plan, run_plan
+from ._scenarios import SCENARIOS, WAN_DELAY, WAN_RATE, make_plan, run_plan
 
 __all__ = ["main"]
 
@@ -41,18 +42,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedstream bench",
         description=(
-            "Measure fedstream streaming between separate processes over loopback TCP, "
-            "against raw trio ceilings measured in the same run."
+            "Measure fedstream streaming between separate processes over loopback, "
+            "against raw trio ceilings measured in the same run. Headline rows use plain "
+            "(non-async) callbacks and default site options; 'async' rows use async "
+            "callbacks with sync_callbacks='inline'."
         ),
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="scaled-down run for CI smoke tests (under a minute on 2 cores)",
+        help="scaled-down run for CI smoke tests (about two minutes on 2 quiet cores)",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
     parser.add_argument(
@@ -78,6 +91,20 @@ def _parser() -> argparse.ArgumentParser:
         "--chunk-size", type=_positive_int, metavar="BYTES", help="open_site chunk_size"
     )
     parser.add_argument("--window", type=_positive_int, metavar="BYTES", help="open_site window")
+    parser.add_argument(
+        "--wan-delay-ms",
+        type=_positive_float,
+        default=WAN_DELAY * 1000,
+        metavar="MS",
+        help=f"one-way delay the wan scenario's relay adds (default {WAN_DELAY * 1000:g})",
+    )
+    parser.add_argument(
+        "--wan-rate",
+        type=_positive_float,
+        default=WAN_RATE / MB,
+        metavar="MB_PER_S",
+        help=f"the wan relay's bandwidth cap per direction (default {WAN_RATE / MB:g} MB/s)",
+    )
     parser.add_argument(
         "--pin",
         action="store_true",
@@ -113,7 +140,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"fedstream bench: error: {exc}\n")
             return 2
 
-    plan = make_plan(quick=args.quick, repeat=args.repeat, site=site, pin=args.pin)
+    plan = make_plan(
+        quick=args.quick,
+        repeat=args.repeat,
+        site=site,
+        pin=args.pin,
+        wan_delay=args.wan_delay_ms / 1000,
+        wan_rate=args.wan_rate * MB,
+    )
     started = time.monotonic()
 
     def progress(text: str) -> None:

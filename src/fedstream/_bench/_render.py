@@ -135,7 +135,10 @@ def _spread(series: Series) -> str:
 def _result_text(case: CaseResult) -> tuple[str, str]:
     """The case's figures as (result, min-max spread) cells."""
     m = case.metrics
-    if case.scenario in ("throughput", "fanout"):
+    if case.compare is not None:
+        per_round = m[case.headline]
+        return f"per round: {', '.join(f'{v:.2f}' for v in per_round.values)}", _spread(per_round)
+    if "mb_per_s" in m and "objects_per_s" in m and case.scenario not in ("concurrency", "memory"):
         head = m[case.headline]
         other = m["objects_per_s" if case.headline == "mb_per_s" else "mb_per_s"]
         return f"{_num(head.median, head.unit)} ({_num(other.median, other.unit)})", _spread(head)
@@ -205,7 +208,10 @@ def render_table(report: Report) -> str:
         f"fedstream bench ({report.mode}, {report.repeat} repetition(s), median shown)",
         f"machine: {info['cpus_usable']} CPUs ({info['cpu_model']}), Python {info['python']}, "
         f"trio {info['trio']}, fedstream {info['fedstream']}, {info['date']}",
-        "every figure: sender and receiver(s) in separate processes over loopback TCP",
+        "every figure: sender and receiver(s) in separate processes over loopback "
+        "(wan: a relay process between them)",
+        "rows without a suffix: plain methods, default site options (the default path); "
+        '"async": async def callbacks, sync_callbacks="inline"',
     ]
     source = info.get("source") or {}
     if source:
@@ -238,6 +244,8 @@ def render_table(report: Report) -> str:
     for case in report.cases:
         ceiling = report.ceilings.get(case.ceiling) if case.ceiling else None
         bound = _num(ceiling.series.median, ceiling.series.unit) if ceiling else "-"
+        if case.compare is not None:
+            bound = f"{case.compare[1].split('/', 1)[1]} row"
         if case.completed:
             result, spread = _result_text(case)
         else:

@@ -3,7 +3,10 @@
 A :class:`Series` holds one figure's value from every repetition. Each case
 has a headline series that is compared with a ceiling series measured in the
 same run; the ratio is ``median(headline) / median(ceiling)`` (inverted for
-latencies, so that a bigger ratio is always better).
+latencies, so that a bigger ratio is always better). A *comparison* row
+(``compare``) has no measurement of its own: its ratio is the median headline
+of one case over that of another (the default callback path against the
+async one), and its ``per_round`` series holds that ratio for each round.
 """
 
 from __future__ import annotations
@@ -64,7 +67,9 @@ class Ceiling:
         return {"label": self.label, "error": self.error, **self.series.to_json()}
 
 
-TargetKind = Literal["ratio_min", "complete", "rss_max", "at_most", "at_least", "report"]
+TargetKind = Literal[
+    "ratio_min", "complete", "rss_max", "at_most", "at_least", "median_at_most", "report"
+]
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,9 @@ class Target:
     increase (sender or receiver, worst repetition) below ``value`` MiB.
     ``at_most`` / ``at_least``: every repetition's value of every metric named
     in ``metrics`` is at most / at least ``value`` (so the worst one decides).
-    ``report``: the issue only asks for the figure to be reported (``INFO``).
+    ``median_at_most``: the median over repetitions of every metric named in
+    ``metrics`` is at most ``value``. ``report``: the issue only asks for
+    the figure to be reported (``INFO``).
     """
 
     kind: TargetKind
@@ -109,16 +116,30 @@ class CaseResult:
     notes: list[str] = field(default_factory=list)
     ratio: float | None = None
     status: Status = "INFO"
+    #: A comparison row: ids (``scenario/case``) of the numerator and the
+    #: denominator case; their headline medians make :attr:`ratio`.
+    compare: tuple[str, str] | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.scenario}/{self.case}"
 
     @property
     def completed(self) -> bool:
         return self.error is None and self.repetitions > 0
 
-    def judge(self, ceilings: dict[str, Ceiling]) -> None:
+    def judge(self, ceilings: dict[str, Ceiling], cases: dict[str, CaseResult]) -> None:
         """Compute :attr:`ratio` and :attr:`status` from the finished figures."""
         self.ratio = None
         ceiling = ceilings.get(self.ceiling) if self.ceiling else None
-        if self.completed and ceiling is not None and ceiling.series.values:
+        if self.compare is not None:
+            top, bottom = (cases.get(key) for key in self.compare)
+            if top is None or bottom is None or not (top.completed and bottom.completed):
+                self.error = self.error or "a case it compares did not complete"
+            else:
+                ratio = top.metrics[top.headline].median / bottom.metrics[bottom.headline].median
+                self.ratio = ratio if math.isfinite(ratio) else None
+        elif self.completed and ceiling is not None and ceiling.series.values:
             value = self.metrics[self.headline].median
             bound = ceiling.series.median
             ratio = bound / value if self.inverse else value / bound
@@ -138,6 +159,9 @@ class CaseResult:
         elif self.target.kind == "at_most":
             worst = max(self.metrics[key].max for key in self.target.metrics)
             self.status = "PASS" if worst <= self.target.value else "FAIL"
+        elif self.target.kind == "median_at_most":
+            worst = max(self.metrics[key].median for key in self.target.metrics)
+            self.status = "PASS" if worst <= self.target.value else "FAIL"
         elif self.target.kind == "at_least":
             worst = min(self.metrics[key].min for key in self.target.metrics)
             self.status = "PASS" if worst >= self.target.value else "FAIL"
@@ -156,6 +180,7 @@ class CaseResult:
             "metrics": {key: series.to_json() for key, series in self.metrics.items()},
             "headline": self.headline,
             "ceiling": self.ceiling,
+            "compare": list(self.compare) if self.compare else None,
             "ratio": self.ratio,
             "target": self.target.to_json() if self.target else None,
             "status": self.status,
@@ -184,8 +209,9 @@ class Report:
         )
 
     def judge(self) -> None:
+        by_id = {case.id: case for case in self.cases}
         for case in self.cases:
-            case.judge(self.ceilings)
+            case.judge(self.ceilings, by_id)
 
     def to_json(self) -> dict[str, Any]:
         scenarios: dict[str, Any] = {}
@@ -196,7 +222,7 @@ class Report:
                 "cases": [case.to_json() for case in cases],
             }
         return {
-            "schema": 1,
+            "schema": 2,
             "tool": "fedstream bench",
             "mode": self.mode,
             "repeat": self.repeat,

@@ -1,44 +1,78 @@
 """What each scenario runs, and the loop that runs them with their ceilings.
 
-Every measurement is a fresh set of OS processes on loopback TCP: one sender
-and one or more receivers (see ``worker.py``). Repetitions are interleaved:
-each round measures the ceilings and then every case once, so slow drift of
-the machine (thermal, noisy neighbours) affects both sides of a ratio alike.
-A case that fails stops repeating and is reported as ``ERROR``; the rest of
-the run carries on.
+Every measurement is a fresh set of OS processes on loopback: one sender and
+one or more receivers (see ``worker.py``), and for ``wan`` a relay between
+them. Repetitions are interleaved: each round measures the ceilings and then
+every case once, so slow drift of the machine (thermal, noisy neighbours)
+affects both sides of a ratio alike. A case that fails stops repeating and
+is reported as ``ERROR``; the rest of the run carries on.
+
+Each scenario is one entry of :data:`SCENARIO_BUILDERS`: a function that
+returns the ceilings it needs and its cases. Ceilings are shared by key, so
+two scenarios that need the raw TCP figure get one measurement per round.
+Adding a scenario (a ``ws`` transport, say) means writing one such function
+and adding it to the table.
+
+Headline rows measure the **default path**: plain (non-async) methods on
+producer, consumer and factory and default site options, so plain callbacks
+run in worker threads. Where the issue compares paths, a second row runs the
+same case with ``async def`` callbacks and ``sync_callbacks="inline"``, and a
+third row holds the ratio of the two.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 from .._engine._options import DEFAULT_CHUNK_SIZE
 from ._common import GIB, KIB, MB, MIB, BenchError, format_size
 from ._procs import run_exchange
 from ._results import CaseResult, Ceiling, Report, Series, Target
+from .worker import ASYNC_PATH, DEFAULT_PATH
 
-__all__ = ["SCENARIOS", "Plan", "make_plan", "run_plan"]
+__all__ = ["SCENARIOS", "SCENARIO_BUILDERS", "Plan", "make_plan", "run_plan"]
 
 logger = logging.getLogger(__name__)
 
-SCENARIOS: Final = ("throughput", "fanout", "concurrency", "memory", "latency", "hol")
-
 #: Size of the ping-pong message.
 PING_SIZE: Final = 64
-#: Ratio targets from the issue, by object size (throughput) or target count (fan-out).
-THROUGHPUT_TARGETS: Final = {KIB: 0.6, MIB: 0.45, 16 * MIB: 0.6}
-FANOUT_TARGETS: Final = {16: 0.5}
+#: Throughput targets from issue #14 (default path): object size -> (ceiling, ratio).
+THROUGHPUT_TARGETS: Final = {
+    KIB: ("pingpong", 0.6),
+    64 * KIB: ("stop_and_wait_64k", 0.6),
+    MIB: ("raw", 0.6),
+    16 * MIB: ("raw", 0.8),
+}
+#: Sizes whose default path must reach this fraction of the async path (issue #14).
+PATH_RATIO_SIZES: Final = (KIB, 64 * KIB, MIB)
+PATH_RATIO_TARGET: Final = 0.9
+#: Fan-out target (issue #14): targets -> ratio to the raw fan-out ceiling.
+FANOUT_TARGETS: Final = {16: 0.6}
+#: TLS targets (issue #11): object size -> ratio to raw ``trio.SSLStream``.
+TLS_TARGETS: Final = {MIB: 0.45, 16 * MIB: 0.6}
+#: Loaded small-object p99 beside a large transfer, in chunk times (issue #14).
+HOL_P99_CHUNKS: Final = 3.0
 #: Allowed peak-RSS increase while streaming many 1 MiB objects.
 MEMORY_LIMIT_MIB: Final = 100.0
 #: Allowed peak-RSS increase of each side for one large object, in object sizes.
 SINGLE_OBJECT_RSS_LIMIT: Final = 2.5
 #: Small objects that must complete while the large one is in transfer (``hol``).
 HOL_MIN_DURING: Final = 10
+#: The ``wan`` relay: one-way delay (s) and bandwidth cap (bytes/s) by default.
+WAN_DELAY: Final = 0.025
+WAN_RATE: Final = 100 * MB
+#: Pieces (of at most 64 KiB) the relay queues per direction: twice the
+#: bandwidth-delay product, at least this many.
+WAN_MIN_QUEUE_ITEMS: Final = 64
 
 Values = dict[str, float]
 
@@ -51,6 +85,8 @@ class Plan:
     repeat: int
     #: Memory cases are slow and nearly deterministic, so they repeat less.
     memory_repeat: int
+    #: The ``wan`` cases take about a minute each in a full run.
+    wan_repeat: int
     #: Each worker's own time limit, seconds.
     timeout: float
     #: Extra ``open_site`` options for every fedstream worker.
@@ -79,6 +115,13 @@ class Plan:
     #: Small objects timed on the idle connection before the large one starts.
     hol_idle_objects: int = 2000
     hol_big: int = 256 * MIB
+    wan_delay: float = WAN_DELAY
+    wan_rate: float = WAN_RATE
+    #: Bytes delivered by each ``wan`` case and by its relay ceiling.
+    wan_total: int = GIB
+    wan_raw_total: int = GIB
+    tls_raw_total: int = GIB
+    tls: tuple[tuple[int, int], ...] = ((MIB, 1024), (16 * MIB, 64))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,27 +133,34 @@ def make_plan(
     repeat: int | None = None,
     site: dict[str, int] | None = None,
     pin: bool = False,
+    wan_delay: float = WAN_DELAY,
+    wan_rate: float = WAN_RATE,
 ) -> Plan:
-    """The full plan, or the scaled-down ``--quick`` one (under a minute on 2 cores)."""
+    """The full plan, or the scaled-down ``--quick`` one."""
     site = dict(site or {})
+    common: dict[str, Any] = {
+        "site": site,
+        "pin": pin,
+        "wan_delay": wan_delay,
+        "wan_rate": wan_rate,
+    }
     if not quick:
         reps = repeat or 5
         return Plan(
             quick=False,
             repeat=reps,
             memory_repeat=min(reps, 3),
+            wan_repeat=min(reps, 2),
             timeout=300,
-            site=site,
-            pin=pin,
+            **common,
         )
     reps = repeat or 1
     return Plan(
         quick=True,
         repeat=reps,
         memory_repeat=min(reps, 1),
+        wan_repeat=min(reps, 1),
         timeout=60,
-        site=site,
-        pin=pin,
         # Large enough that the kernel's socket buffers (several MiB per
         # connection on loopback) do not flatter a ceiling: with 256 MiB over
         # 16 receivers, the raw fan-out ceiling read 1.5x its full-run figure.
@@ -124,26 +174,80 @@ def make_plan(
         latency_objects=2000,
         hol_idle_objects=500,
         hol_big=64 * MIB,
+        wan_total=32 * MIB,
+        wan_raw_total=64 * MIB,
+        tls_raw_total=256 * MIB,
+        tls=((MIB, 128), (16 * MIB, 8)),
+        **common,
     )
+
+
+# ----------------------------------------------------------------- the setup
+
+
+class _Env:
+    """What cases share beyond the plan: certificates for ``tls``, made on
+    first use in a temporary directory that :func:`run_plan` removes."""
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self._stack = stack
+        self._certs: Path | None = None
+
+    def tls_files(self, name: str) -> dict[str, str]:
+        """Certificate, key and CA paths for site ``name`` (``sender`` or ``site-N``).
+
+        Raises:
+            BenchError: the ``cryptography`` package is missing.
+        """
+        if self._certs is None:
+            from .._provision import provision
+
+            directory = Path(self._stack.enter_context(tempfile.TemporaryDirectory()))
+            names = ["sender", *(f"site-{i}" for i in range(16))]
+            try:
+                provision(directory, names, hosts=["127.0.0.1"])
+            except ImportError as exc:
+                raise BenchError(
+                    "the tls scenario needs certificates: pip install 'fedstream[provision]'"
+                ) from exc
+            self._certs = directory
+        return {
+            "cert": str(self._certs / f"{name}.crt"),
+            "key": str(self._certs / f"{name}.key"),
+            "ca": str(self._certs / "ca.crt"),
+        }
 
 
 # ------------------------------------------------------------------ ceilings
 
 
-def _raw(plan: Plan, receivers: int) -> Values:
-    per_target = plan.raw_total if receivers == 1 else plan.fanout_bytes // receivers
+def _raw(
+    plan: Plan,
+    env: _Env,
+    receivers: int,
+    total: int,
+    *,
+    tls: bool = False,
+    relay: bool = False,
+) -> Values:
+    per_target = total if receivers == 1 else total // receivers
+
+    def security(name: str) -> dict[str, Any]:
+        return {"tls": env.tls_files(name)} if tls else {}
+
     sent, _ = run_exchange(
         "raw-recv",
-        [{"total": per_target}] * receivers,
+        [{"total": per_target, **security(f"site-{i}")} for i in range(receivers)],
         "raw-send",
-        lambda addresses: {"addresses": addresses, "total": per_target},
+        lambda addresses: {"addresses": addresses, "total": per_target, **security("sender")},
         timeout=plan.timeout,
         pin=plan.pin,
+        relay=_relay_config(plan) if relay else None,
     )
     return {"mb_per_s": sent["bytes"] / sent["elapsed"] / MB}
 
 
-def _pingpong(plan: Plan) -> Values:
+def _pingpong(plan: Plan, env: _Env) -> Values:
     sent, _ = run_exchange(
         "ping-server",
         [{"size": PING_SIZE}],
@@ -158,47 +262,82 @@ def _pingpong(plan: Plan) -> Values:
     }
 
 
+def _stop_and_wait(size: int, sources: dict[str, float]) -> Values:
+    """``1 / (RTT + size / raw)`` as MB/s, RTT being the mean ping-pong round trip."""
+    seconds = 1 / sources["pingpong"] + size / (sources["raw"] * MB)
+    return {"mb_per_s": size / seconds / MB}
+
+
 @dataclass
 class _CeilingSpec:
-    run: Callable[[], Values]
+    """One ceiling measurement per round, feeding one or more :class:`Ceiling`\\ s.
+
+    A *derived* ceiling has ``derive`` instead of ``run``: it is computed each
+    round from that round's values of the ceilings named in ``needs``.
+    """
+
     #: result key -> ceiling it feeds
     feeds: dict[str, Ceiling]
+    run: Callable[[], Values] | None = None
+    derive: Callable[[dict[str, float]], Values] | None = None
+    needs: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return next(iter(self.feeds.values())).key
 
 
-def _ceiling_specs(plan: Plan, scenarios: Sequence[str]) -> list[_CeilingSpec]:
-    specs: list[_CeilingSpec] = []
-    if {"throughput", "fanout", "concurrency"} & set(scenarios):
-        label = f"raw trio TCP, 1 MiB send_all, {format_size(plan.raw_total)}"
-        raw = Ceiling("raw", label, Series("MB/s"))
-        specs.append(_CeilingSpec(functools.partial(_raw, plan, 1), {"mb_per_s": raw}))
-    if {"throughput", "latency"} & set(scenarios):
-        rate = Ceiling("pingpong", f"trio {PING_SIZE}-byte ping-pong", Series("rt/s"))
-        rtt = Ceiling("pingpong_rtt", f"trio {PING_SIZE}-byte ping-pong p50 RTT", Series("us"))
-        specs.append(
-            _CeilingSpec(functools.partial(_pingpong, plan), {"rate": rate, "rtt_p50": rtt})
-        )
-    if "fanout" in scenarios:
-        for n in plan.fanout_targets:
-            if n > 1:
-                label = f"raw trio TCP fan-out to {n} receiver processes (aggregate)"
-                ceiling = Ceiling(f"raw_fanout_{n}", label, Series("MB/s"))
-                specs.append(_CeilingSpec(functools.partial(_raw, plan, n), {"mb_per_s": ceiling}))
-    return specs
+def _raw_ceiling(plan: Plan, env: _Env) -> _CeilingSpec:
+    label = f"raw trio TCP, 1 MiB send_all, {format_size(plan.raw_total)}"
+    raw = Ceiling("raw", label, Series("MB/s"))
+    return _CeilingSpec(
+        {"mb_per_s": raw}, run=functools.partial(_raw, plan, env, 1, plan.raw_total)
+    )
+
+
+def _pingpong_ceiling(plan: Plan, env: _Env) -> _CeilingSpec:
+    rate = Ceiling("pingpong", f"trio {PING_SIZE}-byte ping-pong", Series("rt/s"))
+    rtt = Ceiling("pingpong_rtt", f"trio {PING_SIZE}-byte ping-pong p50 RTT", Series("us"))
+    return _CeilingSpec({"rate": rate, "rtt_p50": rtt}, run=functools.partial(_pingpong, plan, env))
+
+
+def _relay_config(plan: Plan) -> Callable[[list[str]], dict[str, Any]]:
+    bdp = plan.wan_rate * plan.wan_delay
+    items = max(WAN_MIN_QUEUE_ITEMS, math.ceil(2 * bdp / (64 * KIB)))
+
+    def config(addresses: list[str]) -> dict[str, Any]:
+        return {"delay": plan.wan_delay, "rate": plan.wan_rate, "queue_items": items}
+
+    return config
 
 
 # --------------------------------------------------------------------- cases
 
 
 def _fs_exchange(
-    plan: Plan, receivers: int, sender: dict[str, Any]
+    plan: Plan,
+    env: _Env,
+    receivers: int,
+    sender: dict[str, Any],
+    *,
+    path: str = DEFAULT_PATH,
+    tls: bool = False,
+    relay: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def worker(name: str) -> dict[str, Any]:
+        config: dict[str, Any] = {"name": name, "site": plan.site, "path": path}
+        if tls:
+            config["tls"] = env.tls_files(name)
+        return config
+
     sent, received = run_exchange(
         "fs-recv",
-        [{"name": f"site-{i}", "site": plan.site} for i in range(receivers)],
+        [worker(f"site-{i}") for i in range(receivers)],
         "fs-send",
-        lambda addresses: {**sender, "addresses": addresses, "site": plan.site},
+        lambda addresses: {**sender, **worker("sender"), "addresses": addresses},
         timeout=plan.timeout,
         pin=plan.pin,
+        relay=_relay_config(plan) if relay else None,
     )
     streams = int(sender.get("streams", 1))
     expected = streams * int(sender["objects"])
@@ -216,27 +355,32 @@ def _fs_exchange(
     return sent, received
 
 
-def _throughput(plan: Plan, size: int, objects: int) -> Values:
+def _objects(
+    plan: Plan,
+    env: _Env,
+    size: int,
+    objects: int,
+    *,
+    targets: int = 1,
+    path: str = DEFAULT_PATH,
+    tls: bool = False,
+    relay: bool = False,
+) -> Values:
+    """``objects`` objects of ``size`` bytes to each of ``targets`` receivers."""
     config = {"object_size": size, "objects": objects, "warmup_size": size}
-    sent, _ = _fs_exchange(plan, 1, config)
-    elapsed = sent["elapsed"]
-    return {"mb_per_s": objects * size / elapsed / MB, "objects_per_s": objects / elapsed}
-
-
-def _fanout(plan: Plan, targets: int, objects: int) -> Values:
-    config = {"object_size": MIB, "objects": objects, "warmup_size": MIB}
-    sent, _ = _fs_exchange(plan, targets, config)
+    sent, _ = _fs_exchange(plan, env, targets, config, path=path, tls=tls, relay=relay)
     elapsed = sent["elapsed"]
     return {
-        "mb_per_s": objects * MIB * targets / elapsed / MB,
+        "mb_per_s": objects * size * targets / elapsed / MB,
         "objects_per_s": objects / elapsed,
+        "elapsed": elapsed,
     }
 
 
-def _concurrency(plan: Plan, streams: int, per_stream: int) -> Values:
+def _concurrency(plan: Plan, env: _Env, streams: int, per_stream: int) -> Values:
     size = plan.concurrency_object
     sent, _ = _fs_exchange(
-        plan, 1, {"object_size": size, "objects": per_stream, "streams": streams}
+        plan, env, 1, {"object_size": size, "objects": per_stream, "streams": streams}
     )
     elapsed = sent["elapsed"]
     objects = streams * per_stream
@@ -248,8 +392,8 @@ def _concurrency(plan: Plan, streams: int, per_stream: int) -> Values:
     }
 
 
-def _memory(plan: Plan, size: int, objects: int) -> Values:
-    sent, (received,) = _fs_exchange(plan, 1, {"object_size": size, "objects": objects})
+def _memory(plan: Plan, env: _Env, size: int, objects: int) -> Values:
+    sent, (received,) = _fs_exchange(plan, env, 1, {"object_size": size, "objects": objects})
     values = {
         "sender_rss_increase": sent["rss_increase"] / MIB,
         "receiver_rss_increase": received["rss_increase"] / MIB,
@@ -263,8 +407,10 @@ def _memory(plan: Plan, size: int, objects: int) -> Values:
     return values
 
 
-def _latency(plan: Plan, objects: int) -> Values:
-    sent, _ = _fs_exchange(plan, 1, {"object_size": KIB, "objects": objects, "latency": True})
+def _latency(plan: Plan, env: _Env, objects: int, path: str) -> Values:
+    sent, _ = _fs_exchange(
+        plan, env, 1, {"object_size": KIB, "objects": objects, "latency": True}, path=path
+    )
     return {
         "p50": sent["latency_p50"] * 1e6,
         "p99": sent["latency_p99"] * 1e6,
@@ -272,14 +418,15 @@ def _latency(plan: Plan, objects: int) -> Values:
     }
 
 
-def _hol(plan: Plan) -> Values:
+def _hol(plan: Plan, env: _Env) -> Values:
     sent, (received,) = run_exchange(
         "fs-recv",
-        [{"name": "site-0", "site": plan.site}],
+        [{"name": "site-0", "site": plan.site, "path": DEFAULT_PATH}],
         "fs-hol",
         lambda addresses: {
             "addresses": addresses,
             "site": plan.site,
+            "path": DEFAULT_PATH,
             "small_size": plan.hol_small,
             "idle_objects": plan.hol_idle_objects,
             "big_size": plan.hol_big,
@@ -323,10 +470,11 @@ def _hol(plan: Plan) -> Values:
 @dataclass
 class _CaseSpec:
     """One measurement and the table row(s) it feeds: each row takes, from
-    every repetition's values, those named by its own metrics."""
+    every repetition's values, those named by its own metrics. A spec with
+    ``run=None`` is a comparison row, filled from other rows each round."""
 
     results: list[CaseResult]
-    run: Callable[[], Values]
+    run: Callable[[], Values] | None
     repetitions: int
 
 
@@ -341,6 +489,7 @@ def _result(
     inverse: bool = False,
     target: Target | None = None,
     notes: Sequence[str] = (),
+    compare: tuple[str, str] | None = None,
 ) -> CaseResult:
     return CaseResult(
         scenario=scenario,
@@ -352,6 +501,7 @@ def _result(
         inverse=inverse,
         target=target,
         notes=list(notes),
+        compare=compare,
     )
 
 
@@ -363,27 +513,32 @@ def _case(
     headline: str,
     run: Callable[[], Values],
     repetitions: int,
-    *,
-    ceiling: str | None = None,
-    inverse: bool = False,
-    target: Target | None = None,
-    notes: Sequence[str] = (),
+    **options: Any,
 ) -> _CaseSpec:
-    result = _result(
-        scenario,
-        case,
-        params,
-        units,
-        headline,
-        ceiling=ceiling,
-        inverse=inverse,
-        target=target,
-        notes=notes,
-    )
+    result = _result(scenario, case, params, units, headline, **options)
     return _CaseSpec([result], run, repetitions)
 
 
-_RATE_UNITS: Final = {"mb_per_s": "MB/s", "objects_per_s": "obj/s"}
+def _path_comparison(scenario: str, case: str, params: dict[str, Any], reps: int) -> _CaseSpec:
+    """The row ``CASE default/async``: the default row's headline over the async row's."""
+    return _CaseSpec(
+        [
+            _result(
+                scenario,
+                f"{case} default/async",
+                {**params, "path": "default/async"},
+                {"per_round": "x"},
+                "per_round",
+                target=_ratio_target(PATH_RATIO_TARGET),
+                compare=(f"{scenario}/{case}", f"{scenario}/{case} async"),
+            )
+        ],
+        None,
+        reps,
+    )
+
+
+_RATE_UNITS: Final = {"mb_per_s": "MB/s", "objects_per_s": "obj/s", "elapsed": "s"}
 _MEMORY_UNITS: Final = {
     "sender_rss_increase": "MiB",
     "receiver_rss_increase": "MiB",
@@ -397,178 +552,348 @@ def _ratio_target(value: float | None) -> Target | None:
     return None if value is None else Target("ratio_min", value, f">={value:.2f}x")
 
 
-def _case_specs(plan: Plan, scenarios: Sequence[str]) -> list[_CaseSpec]:
-    specs: list[_CaseSpec] = []
-    reps = plan.repeat
-    if "throughput" in scenarios:
-        for size, objects in plan.throughput:
-            small = size < 64 * KIB
-            specs.append(
-                _case(
-                    "throughput",
-                    format_size(size),
-                    {"object_size": size, "objects": objects, "streams": 1, "targets": 1},
-                    _RATE_UNITS,
-                    "objects_per_s" if small else "mb_per_s",
-                    functools.partial(_throughput, plan, size, objects),
-                    reps,
-                    ceiling="pingpong" if small else "raw",
-                    target=_ratio_target(THROUGHPUT_TARGETS.get(size)),
-                )
-            )
-    if "fanout" in scenarios:
-        for n in plan.fanout_targets:
-            objects = max(8, plan.fanout_bytes // (MIB * n))
-            specs.append(
-                _case(
-                    "fanout",
-                    f"{n} target{'s' if n > 1 else ''}",
-                    {"object_size": MIB, "objects": objects, "targets": n},
-                    _RATE_UNITS,
-                    "mb_per_s",
-                    functools.partial(_fanout, plan, n, objects),
-                    reps,
-                    ceiling="raw" if n == 1 else f"raw_fanout_{n}",
-                    target=_ratio_target(FANOUT_TARGETS.get(n)),
-                    notes=["MB/s is the aggregate over all targets"],
-                )
-            )
-    if "concurrency" in scenarios:
-        for streams in plan.concurrency:
-            per_stream = max(1, plan.concurrency_objects // streams)
-            specs.append(
-                _case(
-                    "concurrency",
-                    f"{streams} stream{'s' if streams > 1 else ''}",
-                    {
-                        "object_size": plan.concurrency_object,
-                        "objects_per_stream": per_stream,
-                        "streams": streams,
-                    },
-                    {**_RATE_UNITS, "elapsed": "s", "streams_ok": "streams"},
-                    "mb_per_s",
-                    functools.partial(_concurrency, plan, streams, per_stream),
-                    reps,
-                    ceiling="raw",
-                    target=Target("complete", streams, "all complete"),
-                )
-            )
-    if "memory" in scenarios:
-        objects = plan.memory_total // MIB
-        scaled = " (scaled down from 2 GiB by --quick)" if plan.quick else ""
-        specs.append(
-            _case(
-                "memory",
-                f"{format_size(plan.memory_total)} as 1 MiB",
-                {"object_size": MIB, "objects": objects},
-                _MEMORY_UNITS,
-                "receiver_rss_increase",
-                functools.partial(_memory, plan, MIB, objects),
-                plan.memory_repeat,
-                target=Target("rss_max", MEMORY_LIMIT_MIB, f"<{MEMORY_LIMIT_MIB:.0f} MiB"),
-                notes=[f"streams {format_size(plan.memory_total)}{scaled}"],
-            )
-        )
-        scaled = " (scaled down from 256 MiB by --quick)" if plan.quick else ""
-        specs.append(
-            _case(
-                "memory",
-                f"1 x {format_size(plan.memory_single)}",
-                {"object_size": plan.memory_single, "objects": 1},
-                {**_MEMORY_UNITS, "sender_rss_multiple": "x", "receiver_rss_multiple": "x"},
-                "receiver_rss_multiple",
-                functools.partial(_memory, plan, plan.memory_single, 1),
-                plan.memory_repeat,
-                target=Target(
-                    "at_most",
-                    SINGLE_OBJECT_RSS_LIMIT,
-                    f"<={SINGLE_OBJECT_RSS_LIMIT:g}x size",
-                    ("sender_rss_multiple", "receiver_rss_multiple"),
-                ),
-                notes=[
-                    f"one object of {format_size(plan.memory_single)}{scaled}; "
-                    "x size = peak RSS increase / object size, each side"
-                ],
-            )
-        )
-    if "latency" in scenarios:
-        specs.append(
-            _case(
-                "latency",
-                "1 KiB",
-                {"object_size": KIB, "objects": plan.latency_objects},
-                {"p50": "us", "p99": "us", "objects_per_s": "obj/s"},
-                "p50",
-                functools.partial(_latency, plan, plan.latency_objects),
-                reps,
-                ceiling="pingpong_rtt",
-                inverse=True,
-                notes=["produce returning -> process_replies called; ratio = ping-pong RTT / p50"],
-            )
-        )
-    if "hol" in scenarios:
-        small_name, big_name = format_size(plan.hol_small), format_size(plan.hol_big)
-        params = {
-            "small_size": plan.hol_small,
-            "idle_objects": plan.hol_idle_objects,
-            "big_size": plan.hol_big,
-        }
-        reported = Target("report", 0, "reported")
-        scaled = " (scaled down from 256 MiB by --quick)" if plan.quick else ""
-        notes = [
-            f"one connection; {plan.hol_idle_objects:,} x {small_name} alone (idle), then "
-            f"{small_name} objects beside one {big_name} object on a second stream{scaled}; "
-            "loaded = in flight during its transfer; latency = produce returning -> "
-            "process_replies; x idle p50 = median over repetitions of loaded p50 / idle p50; "
-            "chunk times = latency / (chunk_size / the large transfer's own rate), median over "
-            "repetitions"
-        ]
-        specs.append(
-            _CaseSpec(
-                [
-                    _result(
-                        "hol",
-                        f"{small_name} idle",
-                        params,
-                        {"idle_p50": "us", "idle_p99": "us"},
-                        "idle_p50",
-                        target=reported,
-                        notes=notes,
-                    ),
-                    _result(
-                        "hol",
-                        f"{small_name} + {big_name}",
-                        params,
-                        {
-                            "loaded_p50": "us",
-                            "loaded_p99": "us",
-                            "p50_chunks": "chunks",
-                            "p99_chunks": "chunks",
-                            "p50_slowdown": "x",
-                            "loaded_count": "obj",
-                        },
-                        "loaded_p50",
-                        target=reported,
-                    ),
-                    _result(
-                        "hol",
-                        f"{big_name} beside",
-                        params,
-                        {"during_big": "obj", "big_mb_per_s": "MB/s", "big_elapsed": "s"},
-                        "during_big",
-                        target=Target(
-                            "at_least",
-                            HOL_MIN_DURING,
-                            f">={HOL_MIN_DURING} small done",
-                            ("during_big",),
-                        ),
-                    ),
-                ],
-                functools.partial(_hol, plan),
-                reps,
-            )
-        )
+def _both_paths(
+    scenario: str,
+    case: str,
+    params: dict[str, Any],
+    units: dict[str, str],
+    headline: str,
+    run: Callable[..., Values],
+    reps: int,
+    *,
+    ceiling: str | None,
+    target: Target | None,
+    compare: bool,
+    notes: Sequence[str] = (),
+) -> list[_CaseSpec]:
+    """The default-path row (with the target), the async-path row, and with
+    ``compare`` the ratio row. ``run`` takes ``path=``."""
+    specs = [
+        _case(
+            scenario,
+            case,
+            {**params, "path": DEFAULT_PATH},
+            units,
+            headline,
+            functools.partial(run, path=DEFAULT_PATH),
+            reps,
+            ceiling=ceiling,
+            target=target,
+            notes=notes,
+        ),
+        _case(
+            scenario,
+            f"{case} async",
+            {**params, "path": ASYNC_PATH},
+            units,
+            headline,
+            functools.partial(run, path=ASYNC_PATH),
+            reps,
+            ceiling=ceiling,
+        ),
+    ]
+    if compare:
+        specs.append(_path_comparison(scenario, case, params, reps))
     return specs
+
+
+# ----------------------------------------------------------------- scenarios
+
+#: A scenario: the ceilings it needs and its cases (see the module docstring).
+Builder = Callable[[Plan, _Env], tuple[list[_CeilingSpec], list[_CaseSpec]]]
+
+
+def _throughput_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_CaseSpec]]:
+    raw, ping = _raw_ceiling(plan, env), _pingpong_ceiling(plan, env)
+    ceilings = [raw, ping]
+    specs: list[_CaseSpec] = []
+    for size, objects in plan.throughput:
+        ceiling, ratio = THROUGHPUT_TARGETS.get(size, ("raw", None))
+        if ceiling == "stop_and_wait_64k":
+            label = "stop-and-wait 64 KiB: 1 / (ping-pong RTT + 64 KiB / raw)"
+            ceilings.append(
+                _CeilingSpec(
+                    {"mb_per_s": Ceiling(ceiling, label, Series("MB/s"))},
+                    derive=functools.partial(_stop_and_wait, size),
+                    needs=("raw", "pingpong"),
+                )
+            )
+        specs += _both_paths(
+            "throughput",
+            format_size(size),
+            {"object_size": size, "objects": objects, "streams": 1, "targets": 1},
+            _RATE_UNITS,
+            "objects_per_s" if ceiling == "pingpong" else "mb_per_s",
+            functools.partial(_objects, plan, env, size, objects),
+            plan.repeat,
+            ceiling=ceiling,
+            target=_ratio_target(ratio),
+            compare=size in PATH_RATIO_SIZES,
+        )
+    return ceilings, specs
+
+
+def _fanout_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_CaseSpec]]:
+    ceilings = [_raw_ceiling(plan, env)]
+    specs: list[_CaseSpec] = []
+    for n in plan.fanout_targets:
+        if n > 1:
+            label = f"raw trio TCP fan-out to {n} receiver processes (aggregate)"
+            ceiling = Ceiling(f"raw_fanout_{n}", label, Series("MB/s"))
+            ceilings.append(
+                _CeilingSpec(
+                    {"mb_per_s": ceiling},
+                    run=functools.partial(_raw, plan, env, n, plan.fanout_bytes),
+                )
+            )
+        objects = max(8, plan.fanout_bytes // (MIB * n))
+        specs += _both_paths(
+            "fanout",
+            f"{n} target{'s' if n > 1 else ''}",
+            {"object_size": MIB, "objects": objects, "targets": n},
+            _RATE_UNITS,
+            "mb_per_s",
+            functools.partial(_objects, plan, env, MIB, objects, targets=n),
+            plan.repeat,
+            ceiling="raw" if n == 1 else f"raw_fanout_{n}",
+            target=_ratio_target(FANOUT_TARGETS.get(n)),
+            compare=False,
+            notes=["MB/s is the aggregate over all targets"],
+        )
+    return ceilings, specs
+
+
+def _concurrency_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_CaseSpec]]:
+    specs = []
+    for streams in plan.concurrency:
+        per_stream = max(1, plan.concurrency_objects // streams)
+        specs.append(
+            _case(
+                "concurrency",
+                f"{streams} stream{'s' if streams > 1 else ''}",
+                {
+                    "object_size": plan.concurrency_object,
+                    "objects_per_stream": per_stream,
+                    "streams": streams,
+                    "path": DEFAULT_PATH,
+                },
+                {**_RATE_UNITS, "streams_ok": "streams"},
+                "mb_per_s",
+                functools.partial(_concurrency, plan, env, streams, per_stream),
+                plan.repeat,
+                ceiling="raw",
+                target=Target("complete", streams, "all complete"),
+            )
+        )
+    return [_raw_ceiling(plan, env)], specs
+
+
+def _memory_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_CaseSpec]]:
+    objects = plan.memory_total // MIB
+    scaled_total = " (scaled down from 2 GiB by --quick)" if plan.quick else ""
+    scaled_single = " (scaled down from 256 MiB by --quick)" if plan.quick else ""
+    specs = [
+        _case(
+            "memory",
+            f"{format_size(plan.memory_total)} as 1 MiB",
+            {"object_size": MIB, "objects": objects, "path": DEFAULT_PATH},
+            _MEMORY_UNITS,
+            "receiver_rss_increase",
+            functools.partial(_memory, plan, env, MIB, objects),
+            plan.memory_repeat,
+            target=Target("rss_max", MEMORY_LIMIT_MIB, f"<{MEMORY_LIMIT_MIB:.0f} MiB"),
+            notes=[f"streams {format_size(plan.memory_total)}{scaled_total}"],
+        ),
+        _case(
+            "memory",
+            f"1 x {format_size(plan.memory_single)}",
+            {"object_size": plan.memory_single, "objects": 1, "path": DEFAULT_PATH},
+            {**_MEMORY_UNITS, "sender_rss_multiple": "x", "receiver_rss_multiple": "x"},
+            "receiver_rss_multiple",
+            functools.partial(_memory, plan, env, plan.memory_single, 1),
+            plan.memory_repeat,
+            target=Target(
+                "at_most",
+                SINGLE_OBJECT_RSS_LIMIT,
+                f"<={SINGLE_OBJECT_RSS_LIMIT:g}x size",
+                ("sender_rss_multiple", "receiver_rss_multiple"),
+            ),
+            notes=[
+                f"one object of {format_size(plan.memory_single)}{scaled_single}; "
+                "x size = peak RSS increase / object size, each side"
+            ],
+        ),
+    ]
+    return [], specs
+
+
+def _latency_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_CaseSpec]]:
+    specs = _both_paths(
+        "latency",
+        "1 KiB",
+        {"object_size": KIB, "objects": plan.latency_objects},
+        {"p50": "us", "p99": "us", "objects_per_s": "obj/s"},
+        "p50",
+        functools.partial(_latency, plan, env, plan.latency_objects),
+        plan.repeat,
+        ceiling="pingpong_rtt",
+        target=None,
+        compare=False,
+        notes=["produce returning -> process_replies called; ratio = ping-pong RTT / p50"],
+    )
+    for spec in specs:
+        for result in spec.results:
+            result.inverse = True
+    return [_pingpong_ceiling(plan, env)], specs
+
+
+def _hol_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_CaseSpec]]:
+    small_name, big_name = format_size(plan.hol_small), format_size(plan.hol_big)
+    params = {
+        "small_size": plan.hol_small,
+        "idle_objects": plan.hol_idle_objects,
+        "big_size": plan.hol_big,
+        "path": DEFAULT_PATH,
+    }
+    scaled = " (scaled down from 256 MiB by --quick)" if plan.quick else ""
+    notes = [
+        f"one connection; {plan.hol_idle_objects:,} x {small_name} alone (idle), then "
+        f"{small_name} objects beside one {big_name} object on a second stream{scaled}; "
+        "loaded = in flight during its transfer; latency = produce returning -> "
+        "process_replies; x idle p50 = median over repetitions of loaded p50 / idle p50; "
+        "chunk times = latency / (chunk_size / the large transfer's own rate), median over "
+        "repetitions"
+    ]
+    spec = _CaseSpec(
+        [
+            _result(
+                "hol",
+                f"{small_name} idle",
+                params,
+                {"idle_p50": "us", "idle_p99": "us"},
+                "idle_p50",
+                target=Target("report", 0, "reported"),
+                notes=notes,
+            ),
+            _result(
+                "hol",
+                f"{small_name} + {big_name}",
+                params,
+                {
+                    "loaded_p50": "us",
+                    "loaded_p99": "us",
+                    "p50_chunks": "chunks",
+                    "p99_chunks": "chunks",
+                    "p50_slowdown": "x",
+                    "loaded_count": "obj",
+                },
+                "loaded_p50",
+                target=Target(
+                    "median_at_most",
+                    HOL_P99_CHUNKS,
+                    f"p99 <={HOL_P99_CHUNKS:g} chunk times",
+                    ("p99_chunks",),
+                ),
+            ),
+            _result(
+                "hol",
+                f"{big_name} beside",
+                params,
+                {"during_big": "obj", "big_mb_per_s": "MB/s", "big_elapsed": "s"},
+                "during_big",
+                target=Target(
+                    "at_least", HOL_MIN_DURING, f">={HOL_MIN_DURING} small done", ("during_big",)
+                ),
+            ),
+        ],
+        functools.partial(_hol, plan, env),
+        plan.repeat,
+    )
+    return [], [spec]
+
+
+def _wan_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_CaseSpec]]:
+    rate_mb = plan.wan_rate / MB
+    label = (
+        f"raw trio TCP through the relay ({plan.wan_delay * 1000:g} ms each way, "
+        f"{rate_mb:g} MB/s cap), {format_size(plan.wan_raw_total)}"
+    )
+    relay = Ceiling("relay", label, Series("MB/s"))
+    ceiling = _CeilingSpec(
+        {"mb_per_s": relay},
+        run=functools.partial(_raw, plan, env, 1, plan.wan_raw_total, relay=True),
+    )
+    scaled = " (scaled down from 1 GiB by --quick)" if plan.quick else ""
+    total = format_size(plan.wan_total)
+    bound = MIB / (2 * plan.wan_delay + MIB / plan.wan_rate) / MB
+    notes = [
+        f"sender -> relay -> receiver, three processes; the relay adds {plan.wan_delay * 1000:g} "
+        f"ms each way and caps each direction at {rate_mb:g} MB/s; {total} delivered{scaled}; "
+        f"stop-and-wait cannot beat 1 MiB / (RTT + 1 MiB / cap) = {bound:.1f} MB/s "
+        "with 1 MiB objects"
+    ]
+    specs = []
+    for case, size in ((f"{total} as 1 MiB", MIB), (f"1 x {total}", plan.wan_total)):
+        objects = plan.wan_total // size
+        specs.append(
+            _case(
+                "wan",
+                case,
+                {
+                    "object_size": size,
+                    "objects": objects,
+                    "delay": plan.wan_delay,
+                    "rate": plan.wan_rate,
+                    "path": DEFAULT_PATH,
+                },
+                _RATE_UNITS,
+                "mb_per_s",
+                functools.partial(_objects, plan, env, size, objects, relay=True),
+                plan.wan_repeat,
+                ceiling="relay",
+                target=Target("report", 0, "reported"),
+                notes=notes,
+            )
+        )
+    return [ceiling], specs
+
+
+def _tls_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_CaseSpec]]:
+    label = f"raw trio.SSLStream, mutual TLS, 1 MiB send_all, {format_size(plan.tls_raw_total)}"
+    ceiling = _CeilingSpec(
+        {"mb_per_s": Ceiling("tls_raw", label, Series("MB/s"))},
+        run=functools.partial(_raw, plan, env, 1, plan.tls_raw_total, tls=True),
+    )
+    specs: list[_CaseSpec] = []
+    for size, objects in plan.tls:
+        specs += _both_paths(
+            "tls",
+            format_size(size),
+            {"object_size": size, "objects": objects, "streams": 1, "targets": 1},
+            _RATE_UNITS,
+            "mb_per_s",
+            functools.partial(_objects, plan, env, size, objects, tls=True),
+            plan.repeat,
+            ceiling="tls_raw",
+            target=_ratio_target(TLS_TARGETS.get(size)),
+            compare=False,
+            notes=["tls:// with mutual TLS; certificates made for the run in a temp dir"],
+        )
+    return [ceiling], specs
+
+
+#: Every scenario, in the order they run and are reported.
+SCENARIO_BUILDERS: Final[dict[str, Builder]] = {
+    "throughput": _throughput_scenario,
+    "fanout": _fanout_scenario,
+    "concurrency": _concurrency_scenario,
+    "memory": _memory_scenario,
+    "latency": _latency_scenario,
+    "hol": _hol_scenario,
+    "wan": _wan_scenario,
+    "tls": _tls_scenario,
+}
+SCENARIOS: Final = tuple(SCENARIO_BUILDERS)
 
 
 # ---------------------------------------------------------------------- loop
@@ -578,6 +903,87 @@ def _describe(exc: Exception) -> str:
     return str(exc) if isinstance(exc, BenchError) else f"{type(exc).__name__}: {exc}"
 
 
+def _build(
+    plan: Plan, env: _Env, scenarios: Sequence[str]
+) -> tuple[list[_CeilingSpec], list[_CaseSpec]]:
+    """All the scenarios' ceilings (each key once, measured ones before derived
+    ones) and cases."""
+    ceilings: dict[str, _CeilingSpec] = {}
+    cases: list[_CaseSpec] = []
+    for name in scenarios:
+        their_ceilings, their_cases = SCENARIO_BUILDERS[name](plan, env)
+        for spec in their_ceilings:
+            ceilings.setdefault(spec.key, spec)
+        cases += their_cases
+    ordered = sorted(ceilings.values(), key=lambda spec: spec.derive is not None)
+    return ordered, cases
+
+
+def _measure_ceiling(
+    spec: _CeilingSpec, this_round: dict[str, float], tag: str, progress: Callable[[str], None]
+) -> None:
+    ceilings = list(spec.feeds.values())
+    if any(c.error for c in ceilings):
+        return
+    started = time.monotonic()
+    try:
+        if spec.derive is not None:
+            if any(key not in this_round for key in spec.needs):
+                return  # a ceiling it derives from failed: that one is reported
+            values = spec.derive({key: this_round[key] for key in spec.needs})
+        else:
+            assert spec.run is not None
+            values = spec.run()
+    except Exception as exc:
+        logger.debug("ceiling %s failed", spec.key, exc_info=True)
+        for ceiling in ceilings:
+            ceiling.error = _describe(exc)
+        progress(f"{tag} ceiling {ceilings[0].label}: FAILED: {_describe(exc)}")
+        return
+    shown = []
+    for key, ceiling in spec.feeds.items():
+        ceiling.series.values.append(values[key])
+        this_round[ceiling.key] = values[key]
+        shown.append(f"{values[key]:,.1f} {ceiling.series.unit}")
+    elapsed = time.monotonic() - started
+    progress(f"{tag} ceiling {ceilings[0].label}: {', '.join(shown)} ({elapsed:.1f} s)")
+
+
+def _measure_case(
+    spec: _CaseSpec,
+    this_round: dict[str, float],
+    tag: str,
+    progress: Callable[[str], None],
+) -> None:
+    first = spec.results[0]
+    if spec.run is None:  # a comparison row
+        assert first.compare is not None
+        top, bottom = (this_round.get(key) for key in first.compare)
+        if top is not None and bottom is not None and bottom > 0:
+            first.metrics[first.headline].values.append(top / bottom)
+            first.repetitions += 1
+        return
+    started = time.monotonic()
+    try:
+        values = spec.run()
+    except Exception as exc:
+        logger.debug("%s %s failed", first.scenario, first.case, exc_info=True)
+        for result in spec.results:
+            result.error = _describe(exc)
+        progress(f"{tag} {first.scenario} {first.case}: FAILED: {first.error}")
+        return
+    elapsed = time.monotonic() - started
+    shown = []
+    for result in spec.results:
+        for key, series in result.metrics.items():
+            series.values.append(values[key])
+        result.repetitions += 1
+        this_round[result.id] = values[result.headline]
+        unit = result.metrics[result.headline].unit
+        shown.append(f"{result.case}: {values[result.headline]:,.1f} {unit}")
+    progress(f"{tag} {first.scenario} {'; '.join(shown)} ({elapsed:.1f} s)")
+
+
 def run_plan(
     plan: Plan,
     scenarios: Sequence[str],
@@ -585,53 +991,22 @@ def run_plan(
     progress: Callable[[str], None],
 ) -> None:
     """Measure the ceilings and cases ``scenarios`` need, filling in ``report``."""
-    ceiling_specs = _ceiling_specs(plan, scenarios)
-    case_specs = _case_specs(plan, scenarios)
-    for spec in ceiling_specs:
-        for ceiling in spec.feeds.values():
-            report.ceilings[ceiling.key] = ceiling
-    report.cases = [result for spec in case_specs for result in spec.results]
-    for rep in range(plan.repeat):
-        tag = f"[{rep + 1}/{plan.repeat}]"
-        for cspec in ceiling_specs:
-            ceilings = list(cspec.feeds.values())
-            if any(c.error for c in ceilings):
-                continue
-            started = time.monotonic()
-            try:
-                values = cspec.run()
-            except Exception as exc:
-                logger.debug("ceiling %s failed", ceilings[0].key, exc_info=True)
-                for ceiling in ceilings:
-                    ceiling.error = _describe(exc)
-                progress(f"{tag} ceiling {ceilings[0].label}: FAILED: {_describe(exc)}")
-                continue
-            shown = []
-            for key, ceiling in cspec.feeds.items():
-                ceiling.series.values.append(values[key])
-                shown.append(f"{values[key]:,.1f} {ceiling.series.unit}")
-            elapsed = time.monotonic() - started
-            progress(f"{tag} ceiling {ceilings[0].label}: {', '.join(shown)} ({elapsed:.1f} s)")
-        for case_spec in case_specs:
-            first = case_spec.results[0]
-            if first.error is not None or rep >= case_spec.repetitions:
-                continue
-            started = time.monotonic()
-            try:
-                values = case_spec.run()
-            except Exception as exc:
-                logger.debug("%s %s failed", first.scenario, first.case, exc_info=True)
-                for result in case_spec.results:
-                    result.error = _describe(exc)
-                progress(f"{tag} {first.scenario} {first.case}: FAILED: {first.error}")
-                continue
-            elapsed = time.monotonic() - started
-            shown = []
-            for result in case_spec.results:
-                for key, series in result.metrics.items():
-                    series.values.append(values[key])
-                result.repetitions += 1
-                unit = result.metrics[result.headline].unit
-                shown.append(f"{result.case}: {values[result.headline]:,.1f} {unit}")
-            progress(f"{tag} {first.scenario} {'; '.join(shown)} ({elapsed:.1f} s)")
+    with contextlib.ExitStack() as stack:
+        env = _Env(stack)
+        ceiling_specs, case_specs = _build(plan, env, scenarios)
+        for spec in ceiling_specs:
+            for ceiling in spec.feeds.values():
+                report.ceilings[ceiling.key] = ceiling
+        report.cases = [result for spec in case_specs for result in spec.results]
+        for rep in range(plan.repeat):
+            tag = f"[{rep + 1}/{plan.repeat}]"
+            this_round: dict[str, float] = {}
+            for cspec in ceiling_specs:
+                _measure_ceiling(cspec, this_round, tag, progress)
+            for case_spec in case_specs:
+                if case_spec.results[0].error is None and rep < case_spec.repetitions:
+                    _measure_case(case_spec, this_round, tag, progress)
+    for result in report.cases:
+        if result.compare is not None and result.repetitions == 0 and result.error is None:
+            result.error = "a case it compares did not complete"
     report.judge()
