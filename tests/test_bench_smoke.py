@@ -1,8 +1,11 @@
 """Smoke test of the benchmark harness (``fedstream bench --quick``).
 
-Runs every scenario end to end in a subprocess, exactly as CI would, and
-checks the shape of the JSON report and that every case completed. There are
-no timing assertions: the figures belong to the machine, not to the test.
+Runs every scenario end to end in a subprocess (including ``wan`` through
+the relay and ``tls`` with certificates made for the run), exactly as CI
+would, and checks the shape of the JSON report and that every case
+completed. There are no timing assertions: the figures belong to the
+machine, not to the test; only the structure (which rows, which ceilings,
+which targets) is checked.
 """
 
 from __future__ import annotations
@@ -20,14 +23,54 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 EXPECTED_CASES = {
-    "throughput": ["1 KiB", "64 KiB", "1 MiB", "16 MiB"],
-    "fanout": ["1 target", "4 targets", "16 targets"],
+    "throughput": [
+        "1 KiB",
+        "1 KiB async",
+        "1 KiB default/async",
+        "64 KiB",
+        "64 KiB async",
+        "64 KiB default/async",
+        "1 MiB",
+        "1 MiB async",
+        "1 MiB default/async",
+        "16 MiB",
+        "16 MiB async",
+    ],
+    "fanout": [
+        "1 target",
+        "1 target async",
+        "4 targets",
+        "4 targets async",
+        "16 targets",
+        "16 targets async",
+    ],
     "concurrency": ["1 stream", "10 streams", "100 streams", "1000 streams"],
     "memory": ["256 MiB as 1 MiB", "1 x 64 MiB"],
-    "latency": ["1 KiB"],
+    "latency": ["1 KiB", "1 KiB async"],
     "hol": ["1 KiB idle", "1 KiB + 64 MiB", "64 MiB beside"],
+    "wan": ["32 MiB as 1 MiB", "1 x 32 MiB"],
+    "tls": ["1 MiB", "1 MiB async", "16 MiB", "16 MiB async"],
 }
-EXPECTED_CEILINGS = {"raw", "pingpong", "pingpong_rtt", "raw_fanout_4", "raw_fanout_16"}
+EXPECTED_CEILINGS = {
+    "raw",
+    "pingpong",
+    "pingpong_rtt",
+    "stop_and_wait_64k",
+    "raw_fanout_4",
+    "raw_fanout_16",
+    "relay",
+    "tls_raw",
+}
+#: The issue's targets, as the harness encodes them: row -> (ceiling, ratio).
+EXPECTED_RATIO_TARGETS = {
+    "throughput/1 KiB": ("pingpong", 0.6),
+    "throughput/64 KiB": ("stop_and_wait_64k", 0.6),
+    "throughput/1 MiB": ("raw", 0.6),
+    "throughput/16 MiB": ("raw", 0.8),
+    "fanout/16 targets": ("raw_fanout_16", 0.6),
+    "tls/1 MiB": ("tls_raw", 0.45),
+    "tls/16 MiB": ("tls_raw", 0.6),
+}
 
 
 def _is_number(value: Any) -> bool:
@@ -48,7 +91,7 @@ def _run_quick(tmp_path: Path) -> tuple[dict[str, Any], str]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
@@ -59,7 +102,7 @@ def _run_quick(tmp_path: Path) -> tuple[dict[str, Any], str]:
 def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
     report, table = _run_quick(tmp_path)
 
-    assert report["schema"] == 1
+    assert report["schema"] == 2
     assert report["mode"] == "quick"
     assert report["completed"] is True
     assert report["repeat"] >= 1
@@ -92,6 +135,10 @@ def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
                 assert case["ceiling"] in report["ceilings"], label
                 assert _is_number(case["ratio"]), label
                 assert case["ratio"] > 0, label
+            if case["compare"] is not None:
+                assert case["ceiling"] is None, label
+                assert _is_number(case["ratio"]), label
+                assert case["ratio"] > 0, label
             if case["target"] is not None:
                 assert case["target"]["kind"] in {
                     "ratio_min",
@@ -99,10 +146,46 @@ def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
                     "rss_max",
                     "at_most",
                     "at_least",
+                    "median_at_most",
                     "report",
                 }, label
+            if case["case"].endswith(" async"):
+                assert case["params"]["path"] == "async", label
+                assert case["target"] is None, label
+                assert case["status"] == "INFO", label
+            elif case["compare"] is None:
+                assert case["params"].get("path", "default") == "default", label
             assert name in table, label
             assert case["case"] in table, label
+
+    rows = {
+        f"{name}/{c['case']}": c for name, sc in report["scenarios"].items() for c in sc["cases"]
+    }
+    for row, (ceiling, ratio) in EXPECTED_RATIO_TARGETS.items():
+        assert rows[row]["ceiling"] == ceiling, row
+        assert rows[row]["target"]["kind"] == "ratio_min", row
+        assert rows[row]["target"]["value"] == ratio, row
+        assert rows[row]["status"] in {"PASS", "FAIL"}, row
+    for size in ("1 KiB", "64 KiB", "1 MiB"):
+        compare = rows[f"throughput/{size} default/async"]
+        assert compare["compare"] == [f"throughput/{size}", f"throughput/{size} async"]
+        assert compare["target"]["value"] == 0.9
+        assert compare["status"] in {"PASS", "FAIL"}
+        default, other = rows[f"throughput/{size}"], rows[f"throughput/{size} async"]
+        headline = default["headline"]
+        expected = default["metrics"][headline]["median"] / other["metrics"][headline]["median"]
+        assert compare["ratio"] == pytest.approx(expected)
+    raw = report["ceilings"]["raw"]["median"]
+    rtt = 1 / report["ceilings"]["pingpong"]["median"]
+    assert report["ceilings"]["stop_and_wait_64k"]["median"] == pytest.approx(
+        65536 / (rtt + 65536 / (raw * 1e6)) / 1e6
+    )
+    for case in report["scenarios"]["wan"]["cases"]:
+        assert case["ceiling"] == "relay"
+        assert case["params"]["delay"] == 0.025
+        assert any("scaled down from 1 GiB" in note for note in case["notes"])
+    for case in report["scenarios"]["tls"]["cases"]:
+        assert case["ceiling"] == "tls_raw"
 
     for case in report["scenarios"]["concurrency"]["cases"]:
         assert case["status"] == "PASS"
@@ -127,11 +210,16 @@ def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
             "small_size": 1024,
             "idle_objects": report["plan"]["hol_idle_objects"],
             "big_size": 64 * 1024 * 1024,
+            "path": "default",
         }
         assert case["repetitions"] == report["repeat"]
+    assert idle["target"]["kind"] == "report"
+    assert idle["status"] == "INFO"
+    assert loaded["target"]["kind"] == "median_at_most"
+    assert loaded["target"]["metrics"] == ["p99_chunks"]
+    assert loaded["target"]["value"] == 3
+    assert loaded["status"] in {"PASS", "FAIL"}
     for case, prefix in ((idle, "idle_"), (loaded, "loaded_")):
-        assert case["target"]["kind"] == "report"
-        assert case["status"] == "INFO"
         p50, p99 = case["metrics"][f"{prefix}p50"], case["metrics"][f"{prefix}p99"]
         assert _is_number(p50["median"])
         assert _is_number(p99["median"])

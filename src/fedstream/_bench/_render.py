@@ -274,62 +274,147 @@ def render_table(report: Report) -> str:
 
 
 # ---------------------------------------------------------------------- plot
+#
+# Every ratio printed on the chart is drawn against the line it was computed
+# from: each point or bar that has a ceiling gets a short black tick at that
+# ceiling's value (in the point's own unit), and the ratio is written beside
+# it. Lines across a panel are context only.
+
+
+def _ceiling_in(case: CaseResult, report: Report, unit: str) -> float | None:
+    """The value ``case``'s ratio was computed against, in ``unit``; None if it
+    cannot be drawn there (no ceiling, or a ceiling in another unit)."""
+    ceiling = report.ceilings.get(case.ceiling) if case.ceiling else None
+    if ceiling is None or not ceiling.series.values:
+        return None
+    if ceiling.series.unit == unit:
+        return ceiling.series.median
+    if ceiling.series.unit == "rt/s" and unit == "MB/s":
+        # One round trip per object: the ping-pong rate times the object size.
+        return ceiling.series.median * int(case.params["object_size"]) / MB
+    return None
+
+
+def _tick(ax: Any, x: float, value: float, ratio: float | None, width: float) -> None:
+    ax.hlines(value, x - width, x + width, colors="black", linewidths=2, zorder=3)
+    if ratio is not None:
+        ax.annotate(
+            f"{ratio:.2f}x",
+            (x, value),
+            textcoords="offset points",
+            xytext=(0, 3),
+            ha="center",
+            fontsize=7,
+        )
+
+
+def _throughput_panel(ax: Any, report: Report, cases: list[CaseResult]) -> None:
+    raw = report.ceilings.get("raw")
+    ping = report.ceilings.get("pingpong")
+    for path, style, label in (("default", "-o", "default path"), ("async", "--s", "async path")):
+        rows = [c for c in cases if c.params.get("path") == path]
+        if not rows:
+            continue
+        sizes = [int(c.params["object_size"]) for c in rows]
+        series = [c.metrics["mb_per_s"] for c in rows]
+        ax.errorbar(
+            sizes,
+            [v.median for v in series],
+            yerr=[[v.median - v.min for v in series], [v.max - v.median for v in series]],
+            fmt=style,
+            capsize=3,
+            label=label,
+        )
+        if path != "default":
+            continue
+        for size, case, value in zip(sizes, rows, series, strict=True):
+            bound = _ceiling_in(case, report, "MB/s")
+            if bound is not None:
+                ax.hlines(bound, size / 1.5, size * 1.5, colors="black", linewidths=2, zorder=3)
+                ax.annotate(
+                    f"{case.ratio:.2f}x of {case.ceiling}" if case.ratio is not None else "",
+                    (size, value.median),
+                    textcoords="offset points",
+                    xytext=(5, -10),
+                    fontsize=7,
+                )
+    if raw is not None and raw.series.values:
+        ax.axhline(raw.series.median, color="tab:red", linestyle=":", label="raw trio TCP")
+        if ping is not None and ping.series.values:
+            xs = [2.0**k for k in range(10, 25)]
+            rtt = 1 / ping.series.median
+            curve = [x / (rtt + x / (raw.series.median * MB)) / MB for x in xs]
+            ax.plot(xs, curve, color="tab:gray", linestyle=":", label="1 / (RTT + size / raw)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    sizes = sorted({int(c.params["object_size"]) for c in cases})
+    ax.set_xticks(sizes, [c.case for c in cases if c.params.get("path") == "default"][: len(sizes)])
+    ax.set_xlabel("object size")
+    ax.set_ylabel("MB/s")
+    ax.legend(fontsize=7)
+
+
+def _bar_panel(ax: Any, report: Report, cases: list[CaseResult]) -> None:
+    units = [c.metrics[c.headline].unit for c in cases]
+    unit = max(set(units), key=units.count)
+    rows = [c for c in cases if c.metrics[c.headline].unit == unit]
+    for x, case in enumerate(rows):
+        series = case.metrics[case.headline]
+        color = "tab:orange" if case.params.get("path") == "async" else "tab:blue"
+        ax.bar(
+            x,
+            series.median,
+            yerr=[[series.median - series.min], [series.max - series.median]],
+            color=color,
+            capsize=3,
+        )
+        bound = _ceiling_in(case, report, unit)
+        if bound is not None:
+            _tick(ax, x, bound, case.ratio, 0.4)
+    ax.set_xticks(range(len(rows)), [c.case for c in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(unit)
 
 
 def write_plot(report: Report, path: Path) -> None:
-    """Throughput against object size, with the raw and round-trip ceilings drawn.
+    """One panel per scenario that completed a case; see the comment above.
 
     Raises:
         ImportError: matplotlib is not installed (``pip install fedstream[plot]``).
-        ValueError: the run has no completed throughput case to draw.
+        ValueError: the run has no completed case to draw.
     """
     import matplotlib  # type: ignore[import-not-found,unused-ignore]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
 
-    cases = [c for c in report.cases if c.scenario == "throughput" and c.completed]
-    if not cases:
-        raise ValueError("no completed throughput case to plot")
-    sizes = [int(c.params["object_size"]) for c in cases]
-    series = [c.metrics["mb_per_s"] for c in cases]
-    medians = [s.median for s in series]
-    below = [s.median - s.min for s in series]
-    above = [s.max - s.median for s in series]
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    ax.errorbar(sizes, medians, yerr=[below, above], marker="o", capsize=4, label="fedstream")
-    raw = report.ceilings.get("raw")
-    ping = report.ceilings.get("pingpong")
-    if raw is not None and raw.series.values:
-        ax.axhline(raw.series.median, color="tab:red", linestyle="--", label="raw trio TCP")
-        if ping is not None and ping.series.values:
-            # One round trip per object bounds small objects: rate x size.
-            xs = [2.0**k for k in range(10, 25)]
-            bound = [min(raw.series.median, ping.series.median * x / MB) for x in xs]
-            ax.plot(xs, bound, color="tab:gray", linestyle=":", label="min(raw, ping-pong x size)")
-    for size, value, case in zip(sizes, medians, cases, strict=True):
-        if case.ratio is not None:
-            ax.annotate(
-                f"{case.ratio:.2f}x",
-                (size, value),
-                textcoords="offset points",
-                xytext=(4, 6),
-                fontsize=8,
-            )
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(sizes, [c.case for c in cases])
-    ax.set_xlabel("object size")
-    ax.set_ylabel("MB/s (10^6 bytes/s)")
+    panels: dict[str, list[CaseResult]] = {}
+    for case in report.cases:
+        if case.completed and case.compare is None:
+            panels.setdefault(case.scenario, []).append(case)
+    if not panels:
+        raise ValueError("no completed case to plot")
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.0 * rows), dpi=110)
+    flat = list(axes.flat) if hasattr(axes, "flat") else [axes]
+    for ax, (scenario, cases) in zip(flat, panels.items(), strict=False):
+        if scenario == "throughput":
+            _throughput_panel(ax, report, cases)
+        else:
+            _bar_panel(ax, report, cases)
+        ax.set_title(scenario, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in flat[len(panels) :]:
+        ax.set_visible(False)
     info = report.machine
-    ax.set_title(
-        f"fedstream throughput, one stream, two processes ({report.mode})\n"
-        f"{info['cpus_usable']} CPUs, Python {info['python']}, trio {info['trio']}",
+    load = info.get("load_average") or [math.nan]
+    fig.suptitle(
+        f"fedstream bench ({report.mode}): blue/solid = default path, orange/dashed = async path; "
+        "black tick = the ceiling each ratio is against\n"
+        f"{info['cpus_usable']} CPUs, Python {info['python']}, trio {info['trio']}, "
+        f"load {load[0]:.1f} at start",
         fontsize=9,
     )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
