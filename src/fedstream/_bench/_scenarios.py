@@ -919,6 +919,25 @@ def _build(
     return ordered, cases
 
 
+def _ceiling_rounds(ceilings: Sequence[_CeilingSpec], cases: Sequence[_CaseSpec]) -> list[int]:
+    """How many rounds each ceiling is measured in: as many as the most
+    repeated case compared with it (or with a ceiling derived from it)."""
+    needed: dict[str, int] = {}
+    for case_spec in cases:
+        for result in case_spec.results:
+            if result.ceiling is not None:
+                needed[result.ceiling] = max(needed.get(result.ceiling, 0), case_spec.repetitions)
+
+    def rounds(spec: _CeilingSpec) -> int:
+        return max(needed.get(ceiling.key, 0) for ceiling in spec.feeds.values())
+
+    for spec in ceilings:
+        if spec.derive is not None:
+            for key in spec.needs:
+                needed[key] = max(needed.get(key, 0), rounds(spec))
+    return [rounds(spec) for spec in ceilings]
+
+
 def _measure_ceiling(
     spec: _CeilingSpec, this_round: dict[str, float], tag: str, progress: Callable[[str], None]
 ) -> None:
@@ -998,11 +1017,13 @@ def run_plan(
             for ceiling in spec.feeds.values():
                 report.ceilings[ceiling.key] = ceiling
         report.cases = [result for spec in case_specs for result in spec.results]
+        ceiling_rounds = _ceiling_rounds(ceiling_specs, case_specs)
         for rep in range(plan.repeat):
             tag = f"[{rep + 1}/{plan.repeat}]"
             this_round: dict[str, float] = {}
-            for cspec in ceiling_specs:
-                _measure_ceiling(cspec, this_round, tag, progress)
+            for cspec, rounds in zip(ceiling_specs, ceiling_rounds, strict=True):
+                if rep < rounds:
+                    _measure_ceiling(cspec, this_round, tag, progress)
             for case_spec in case_specs:
                 if case_spec.results[0].error is None and rep < case_spec.repetitions:
                     _measure_case(case_spec, this_round, tag, progress)
