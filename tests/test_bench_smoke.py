@@ -239,3 +239,76 @@ def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
     assert during["min"] == int(during["min"])
     assert _is_number(big["metrics"]["big_mb_per_s"]["median"])
     assert big["metrics"]["big_mb_per_s"]["median"] > 0
+
+
+async def test_relay_delays_each_piece_and_caps_the_rate(autojump_clock: Any) -> None:
+    """The ``wan`` relay's link model, on a mock clock: the last byte of
+    100 kB at 1 MB/s arrives after 0.1 s on the link plus the 25 ms delay,
+    and EOF follows the data, also delayed."""
+    import trio
+    import trio.testing
+
+    from fedstream._bench.worker import _Direction
+
+    payload = bytes(range(256)) * 400  # 102,400 bytes
+    source_send, source_recv = trio.testing.memory_stream_one_way_pair()
+    sink_send, sink_recv = trio.testing.memory_stream_pair()
+    direction = _Direction(delay=0.025, rate=1e6, queue_items=2)
+    received = bytearray()
+    arrivals: list[float] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(direction.read, source_recv)
+            nursery.start_soon(direction.write, sink_send)
+            start = trio.current_time()
+            await source_send.send_all(payload)
+            await source_send.aclose()
+            while True:
+                data = await sink_recv.receive_some()
+                arrivals.append(trio.current_time() - start)
+                if not data:
+                    break
+                received += data
+    assert bytes(received) == payload
+    assert direction.bytes == len(payload)
+    # Nothing arrives before the delay plus the first piece's time on the link.
+    assert arrivals[0] >= 0.025 + 1024 / 1e6
+    assert arrivals[-2] == pytest.approx(0.025 + len(payload) / 1e6, abs=1e-6)
+    assert arrivals[-1] >= arrivals[-2]  # EOF comes last
+
+
+def test_comparison_row_is_the_ratio_of_two_rows_medians() -> None:
+    from fedstream._bench._results import CaseResult, Report, Series, Target
+
+    def row(case: str, values: list[float], **extra: Any) -> CaseResult:
+        return CaseResult(
+            scenario="throughput",
+            case=case,
+            params={},
+            metrics={"mb_per_s": Series("MB/s", values)},
+            headline="mb_per_s",
+            repetitions=len(values),
+            **extra,
+        )
+
+    report = Report("quick", 3, ["throughput"], {}, {}, "now")
+    compare = CaseResult(
+        scenario="throughput",
+        case="1 MiB default/async",
+        params={},
+        metrics={"per_round": Series("x", [0.5, 0.5, 0.5])},
+        headline="per_round",
+        repetitions=3,
+        target=Target("ratio_min", 0.9, ">=0.90x"),
+        compare=("throughput/1 MiB", "throughput/1 MiB async"),
+    )
+    report.cases = [row("1 MiB", [80, 90, 100]), row("1 MiB async", [100, 100, 300]), compare]
+    report.judge()
+    assert compare.ratio == pytest.approx(0.9)
+    assert compare.status == "PASS"
+    report.cases[0].metrics["mb_per_s"].values[1] = 89
+    report.judge()
+    assert compare.status == "FAIL"
+    report.cases[1].error = "worker crashed"
+    report.judge()
+    assert compare.status == "ERROR"

@@ -65,14 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="scaled-down run for CI smoke tests (about two minutes on 2 quiet cores)",
+        help="scaled-down run for CI smoke tests (3 - 4 minutes on 2 busy cores)",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
     parser.add_argument(
         "--plot",
         type=Path,
         metavar="PATH",
-        help="also draw throughput vs object size as a PNG (needs fedstream[plot])",
+        help="also draw every scenario as a PNG, one panel each (needs fedstream[plot])",
     )
     parser.add_argument(
         "--scenarios",
