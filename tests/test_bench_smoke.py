@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -173,8 +174,16 @@ def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
         assert compare["status"] in {"PASS", "FAIL"}
         default, other = rows[f"throughput/{size}"], rows[f"throughput/{size} async"]
         headline = default["headline"]
-        expected = default["metrics"][headline]["median"] / other["metrics"][headline]["median"]
-        assert compare["ratio"] == pytest.approx(expected)
+        per_round = [
+            mine / theirs
+            for mine, theirs in zip(
+                default["metrics"][headline]["values"],
+                other["metrics"][headline]["values"],
+                strict=True,
+            )
+        ]
+        assert compare["metrics"]["per_round"]["values"] == pytest.approx(per_round)
+        assert compare["ratio"] == pytest.approx(statistics.median(per_round))
     raw = report["ceilings"]["raw"]["median"]
     rtt = 1 / report["ceilings"]["pingpong"]["median"]
     assert report["ceilings"]["stop_and_wait_64k"]["median"] == pytest.approx(
@@ -277,10 +286,10 @@ async def test_relay_delays_each_piece_and_caps_the_rate(autojump_clock: Any) ->
     assert arrivals[-1] >= arrivals[-2]  # EOF comes last
 
 
-def test_comparison_row_is_the_ratio_of_two_rows_medians() -> None:
+def test_comparison_row_is_the_median_of_its_per_round_ratios() -> None:
     from fedstream._bench._results import CaseResult, Report, Series, Target
 
-    def row(case: str, values: list[float], **extra: Any) -> CaseResult:
+    def row(case: str, values: list[float]) -> CaseResult:
         return CaseResult(
             scenario="throughput",
             case=case,
@@ -288,26 +297,28 @@ def test_comparison_row_is_the_ratio_of_two_rows_medians() -> None:
             metrics={"mb_per_s": Series("MB/s", values)},
             headline="mb_per_s",
             repetitions=len(values),
-            **extra,
         )
 
     report = Report("quick", 3, ["throughput"], {}, {}, "now")
+    # Per round: 0.8, 0.9, 0.96. The rows' medians (90 / 100) would also
+    # give 0.9; the row must use the per-round figures, so change one.
     compare = CaseResult(
         scenario="throughput",
         case="1 MiB default/async",
         params={},
-        metrics={"per_round": Series("x", [0.5, 0.5, 0.5])},
+        metrics={"per_round": Series("x", [0.8, 0.9, 0.96])},
         headline="per_round",
         repetitions=3,
         target=Target("ratio_min", 0.9, ">=0.90x"),
         compare=("throughput/1 MiB", "throughput/1 MiB async"),
     )
-    report.cases = [row("1 MiB", [80, 90, 100]), row("1 MiB async", [100, 100, 300]), compare]
+    report.cases = [row("1 MiB", [80, 90, 240]), row("1 MiB async", [100, 100, 250]), compare]
     report.judge()
     assert compare.ratio == pytest.approx(0.9)
     assert compare.status == "PASS"
-    report.cases[0].metrics["mb_per_s"].values[1] = 89
+    compare.metrics["per_round"].values[1] = 0.89
     report.judge()
+    assert compare.ratio == pytest.approx(0.89)
     assert compare.status == "FAIL"
     report.cases[1].error = "worker crashed"
     report.judge()

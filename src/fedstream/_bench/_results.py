@@ -4,9 +4,11 @@ A :class:`Series` holds one figure's value from every repetition. Each case
 has a headline series that is compared with a ceiling series measured in the
 same run; the ratio is ``median(headline) / median(ceiling)`` (inverted for
 latencies, so that a bigger ratio is always better). A *comparison* row
-(``compare``) has no measurement of its own: its ratio is the median headline
-of one case over that of another (the default callback path against the
-async one), and its ``per_round`` series holds that ratio for each round.
+(``compare``) has no measurement of its own: its ``per_round`` series holds,
+for each round, one case's headline over another's (the default callback
+path against the async one, measured back to back), and its ratio is the
+median of those: pairing by round keeps the machine's drift out of it, which
+a ratio of the two rows' medians would not.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class CaseResult:
     ratio: float | None = None
     status: Status = "INFO"
     #: A comparison row: ids (``scenario/case``) of the numerator and the
-    #: denominator case; their headline medians make :attr:`ratio`.
+    #: denominator case; the median of their per-round ratios is :attr:`ratio`.
     compare: tuple[str, str] | None = None
 
     @property
@@ -137,7 +139,7 @@ class CaseResult:
             if top is None or bottom is None or not (top.completed and bottom.completed):
                 self.error = self.error or "a case it compares did not complete"
             else:
-                ratio = top.metrics[top.headline].median / bottom.metrics[bottom.headline].median
+                ratio = self.metrics[self.headline].median
                 self.ratio = ratio if math.isfinite(ratio) else None
         elif self.completed and ceiling is not None and ceiling.series.values:
             value = self.metrics[self.headline].median
