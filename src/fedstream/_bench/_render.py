@@ -356,7 +356,7 @@ def _throughput_panel(ax: Any, report: Report, cases: list[CaseResult]) -> None:
 
 def _bar_panel(ax: Any, report: Report, cases: list[CaseResult]) -> None:
     units = [c.metrics[c.headline].unit for c in cases]
-    unit = max(set(units), key=units.count)
+    unit = max(units, key=units.count)  # ties: the first row's unit
     rows = [c for c in cases if c.metrics[c.headline].unit == unit]
     for x, case in enumerate(rows):
         series = case.metrics[case.headline]
