@@ -243,7 +243,9 @@ async def test_open_site_reports_bound_address_and_peers() -> None:
             assert a.addresses == [a.address]
             assert a.peers == []
             async with open_site("b", connect=[a.address]) as b:
-                assert b.address is None
+                with pytest.raises(fedstream.FedstreamError, match="not listening"):
+                    _ = b.address
+                assert b.addresses == []
                 assert b.peers == ["a"]
                 await a.wait_for_peers(["b"])
                 assert a.peers == ["b"]
