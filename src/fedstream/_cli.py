@@ -290,22 +290,26 @@ class _Stopper:
 async def _watch_signals(
     stopper: _Stopper, command: str, *, task_status: trio.TaskStatus[None]
 ) -> None:
+    """First SIGINT/SIGTERM: graceful shutdown. A second one: exit at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
-        async for signum in signals:
-            if stopper.signum is not None:
-                stopper.scope.cancel()  # a second signal: stop now
-                continue
-            stopper.signum = signum
-            name = "interrupted" if signum == signal.SIGINT else "terminated"
-            print(f"fedstream {command}: {name}, shutting down", file=sys.stderr, flush=True)
-            stopper.stopped.set()
-            if stopper.site is None:
-                stopper.scope.cancel()
-            else:
-                # Ends every stream in flight with SERVICE_UNAVAILABLE, bounded
-                # by finalize_timeout; the command returns once it is done.
-                await stopper.site.shutdown_streamer()
+        async with trio.open_nursery() as nursery:
+            async for signum in signals:
+                status = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+                if stopper.signum is not None:
+                    print(f"fedstream {command}: stopped", file=sys.stderr, flush=True)
+                    sys.stdout.flush()
+                    os._exit(status)
+                stopper.signum = signum
+                name = "interrupted" if signum == signal.SIGINT else "terminated"
+                print(f"fedstream {command}: {name}, shutting down", file=sys.stderr, flush=True)
+                stopper.stopped.set()
+                if stopper.site is None:
+                    stopper.scope.cancel()
+                else:
+                    # Ends every stream in flight with SERVICE_UNAVAILABLE,
+                    # bounded by finalize_timeout; the command then returns.
+                    nursery.start_soon(stopper.site.shutdown_streamer)
 
 
 async def _run_command(
