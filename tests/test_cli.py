@@ -131,3 +131,12 @@ def test_parse_size() -> None:
     assert parse_size("4MiB") == 4 * 1024 * 1024
     assert parse_size("1.5GB") == 1_500_000_000
     assert parse_size("1000") == 1000
+
+
+@pytest.mark.parametrize(
+    "args", [["-v", "bench", "--help"], ["--log-level", "info", "bench", "--help"]]
+)
+def test_bench_after_log_options(args: list[str]) -> None:
+    result = run(*args)
+    assert result.returncode == 0, result.stderr
+    assert "--quick" in result.stdout

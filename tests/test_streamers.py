@@ -272,3 +272,87 @@ async def test_containers_one_entry_per_object(tmp_path: Path) -> None:
     assert [r.entries for r in results] == [3, 50, 3, 0]
     assert [g.container for g in got] == data
     assert [g.peer for g in got] == ["tx"] * 4
+
+
+async def test_refused_names_on_the_receiver(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "adir").mkdir(parents=True)
+    names = ["adir", ".x.0123.fedstream-part", "y.fedstream-state"]
+    with trio.fail_after(20):
+        async with pair(out) as (tx, _rx, _got):
+            for name in names:
+                producer = _RawProducer([Shareable(fs="open", tid="t", name=name, size=1)])
+                rc, _ = await tx.stream_objects("files", "up", {}, ["rx"], producer, None)
+                assert rc == ReturnCode.BAD_REQUEST_DATA, name
+    assert sorted(p.name for p in out.iterdir()) == ["adir"]
+
+
+async def test_two_targets_resume_from_what_both_hold(tmp_path: Path) -> None:
+    """One target holds half the file, the other nothing: both end with the whole file."""
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(32 * 8192))
+    outs = {name: tmp_path / name for name in ("r1", "r2")}
+    got: list[ReceivedFile] = []
+    with trio.fail_after(30):
+        async with (
+            fedstream.open_site("r1", listen=LOOP) as r1,
+            fedstream.open_site("r2", listen=LOOP) as r2,
+        ):
+            for site in (r1, r2):
+                site.register_file_receiver("files", "*", outs[site.name], on_file=got.append)
+            async with fedstream.open_site("tx", connect=[r1.address, r2.address]) as tx:
+                fl_ctx = fedstream.FLContext()
+
+                def stop(offset: int) -> None:
+                    if offset >= 16 * 8192:
+                        fl_ctx.get_run_abort_signal().trigger(True)
+
+                first = await tx.stream_file(
+                    "files",
+                    "up",
+                    ["r1"],
+                    src,
+                    transfer_id="T",
+                    chunk_size=8192,
+                    progress=stop,
+                    fl_ctx=fl_ctx,
+                )
+                assert first.rc == ReturnCode.TASK_ABORTED
+                both = await tx.stream_file(
+                    "files", "up", ["r1", "r2"], src, transfer_id="T", chunk_size=8192
+                )
+    assert both.ok, both
+    assert both.targets == {"r1": "OK", "r2": "OK"}
+    assert both.resumed_from == 0  # r2 had nothing
+    for out in outs.values():
+        assert sha(out / "f.bin") == sha(src)
+        assert leftovers(out) == []
+    r1_final = [
+        g for g in got if g.peer == "tx" and g.rc == "OK" and g.path == outs["r1"] / "f.bin"
+    ]
+    assert len(r1_final) == 1
+
+
+async def test_same_transfer_twice_at_once_waits_for_the_first(tmp_path: Path) -> None:
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(64 * 8192))
+    out = tmp_path / "out"
+    results: list[FileResult] = []
+    with trio.fail_after(30):
+        async with pair(out) as (tx, _rx, got):
+
+            async def one() -> None:
+                results.append(
+                    await tx.stream_file(
+                        "files", "up", ["rx"], src, transfer_id="T", chunk_size=8192
+                    )
+                )
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one)
+                nursery.start_soon(one)
+    assert [r.ok for r in results] == [True, True]
+    # The second started only after the first had placed the file.
+    assert [g.rc for g in got] == ["OK", "OK"]
+    assert sha(out / "f.bin") == sha(src)
+    assert leftovers(out) == []

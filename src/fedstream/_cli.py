@@ -320,7 +320,13 @@ async def _run_command(
         await nursery.start(_watch_signals, stopper, args.command)
         status = EXIT_FAILED
         with stopper.scope:
-            status = await fn(args, stopper)
+            try:
+                status = await fn(args, stopper)
+            except Exception:
+                # After a signal, errors are the shutdown's consequences
+                # (a dial cut short, a closed site): the signal is the outcome.
+                if stopper.signum is None:
+                    raise
         nursery.cancel_scope.cancel()
     if stopper.signum == signal.SIGINT:
         return EXIT_SIGINT
@@ -839,12 +845,14 @@ def _log_level(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedstream`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    positional = [a for a in argv if not a.startswith("-")]
-    if positional[:1] == ["bench"] and "--help" not in argv[: argv.index("bench")]:
+    bench = _bench_index(argv)
+    if bench is not None:
         # The harness has its own options (see ``fedstream bench --help``).
         from ._bench import main as bench_main
 
-        return bench_main(argv[argv.index("bench") + 1 :])
+        args = _common().parse_args(argv[:bench])
+        logging.basicConfig(level=_log_level(args))
+        return bench_main(argv[bench + 1 :])
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -863,6 +871,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trio.run(_run_command, runners[args.command], args)
     except BaseException as exc:  # turned into one line and a status, or re-raised
         return _report(args.command, exc)
+
+
+def _bench_index(argv: list[str]) -> int | None:
+    """Where ``bench`` is the command, after the global logging options only."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--log-level":
+            i += 2
+        elif re.fullmatch(r"-v+|--verbose|--log-level=.*", arg):
+            i += 1
+        else:
+            return i if arg == "bench" else None
+    return None
 
 
 def _report(command: str, exc: BaseException) -> int:

@@ -479,8 +479,16 @@ class _FileReceiver(ObjectConsumer):
         if not _inside(root, final.parent) or (final.is_symlink() and not _inside(root, final)):
             logger.warning("file stream from %s refused: %r leaves %s", self.peer, self.name, root)
             return _bad(f"{self.name!r} leads outside the receiving directory")
-        self.key = hashlib.sha256(f"{self.peer}\0{tid}\0{self.name}".encode()).hexdigest()[:24]
-        await self.factory.claim(self.key)
+        if final.name.endswith((_PART_SUFFIX, _STATE_SUFFIX)):
+            return _bad(f"{self.name!r} ends like fedstream's own partial files")
+        if final.is_dir():
+            return _bad(f"{self.name!r} is a directory on the receiving site")
+        key = hashlib.sha256(f"{self.peer}\0{tid}\0{self.name}".encode()).hexdigest()[:24]
+        if not await self.factory.claim(key):
+            message = f"transfer {tid!r} of {self.name!r} from {self.peer} is already running"
+            error = {ReservedHeaderKey.ERROR: message}
+            return False, make_reply(ReturnCode.SERVICE_UNAVAILABLE, error)
+        self.key = key
         self.final = final
         self.part = final.parent / f".{final.name}.{self.key}{_PART_SUFFIX}"
         self.state = final.parent / f".{final.name}.{self.key}{_STATE_SUFFIX}"
@@ -671,19 +679,20 @@ class _FileReceiverFactory(ConsumerFactory):
         peer = fl_ctx.get_peer_context()
         return _FileReceiver(self, peer.get_identity_name() if peer else "?")
 
-    async def claim(self, key: str) -> None:
+    async def claim(self, key: str) -> bool:
         """Wait (bounded) until no other stream of this transfer is running, then take it.
 
         A sender that restarts after losing its connection may reach us before
         the old session has finalized; it waits for it rather than sharing
-        the partial file.
+        the partial file. ``False`` if the other stream is still running.
         """
         with trio.move_on_after(SAME_TRANSFER_WAIT):
             while key in self._active:
                 await self._active[key].wait()
         if key in self._active:
-            raise trio.BusyResourceError("the same transfer is already being received")
+            return False
         self._active[key] = trio.Event()
+        return True
 
     def release(self, key: str) -> None:
         event = self._active.pop(key, None)
