@@ -8,14 +8,18 @@ it and produce a file whose SHA-256 matches the source.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import pty
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -154,6 +158,9 @@ def interrupt_sender(tmp_path: Path, how: signal.Signals) -> None:
         if how == signal.SIGINT:
             assert sender.returncode == 130
             assert stderr.strip().splitlines() == ["fedstream send: interrupted, shutting down"]
+        elif how == signal.SIGTERM:
+            assert sender.returncode == 143
+            assert stderr.strip().splitlines() == ["fedstream send: terminated, shutting down"]
         else:
             assert sender.returncode == -signal.SIGKILL
         # The receiver ends that session and keeps the partial file.
@@ -177,6 +184,10 @@ def test_sigint_of_sender_keeps_partial_and_resumes(tmp_path: Path) -> None:
 
 def test_sigkill_of_sender_keeps_partial_and_resumes(tmp_path: Path) -> None:
     interrupt_sender(tmp_path, signal.SIGKILL)
+
+
+def test_sigterm_of_sender_keeps_partial_and_resumes(tmp_path: Path) -> None:
+    interrupt_sender(tmp_path, signal.SIGTERM)
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
@@ -304,3 +315,63 @@ def test_directory_tree_and_progress_free_output(tmp_path: Path) -> None:
     ]
     for rel in ("one.bin", "sub/two.bin"):
         assert sha(out / "tree" / rel) == sha(tree / rel)
+
+
+TO_BOTH = ("--to", "r1", "--to", "r2", "--json")
+
+
+def test_one_send_to_two_directly_connected_sites(tmp_path: Path) -> None:
+    src = make_file(tmp_path / "f.bin", 5 * MiB)
+    with (
+        serving(tmp_path / "o1", name="r1") as (_s1, url1),
+        serving(tmp_path / "o2", name="r2") as (_s2, url2),
+    ):
+        result = subprocess.run(
+            [*CMD, "send", "tx", str(src), "--connect", url1, "--connect", url2, *TO_BOTH],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    [record] = json.loads(result.stdout)["files"]
+    assert record["targets"] == {"r1": "OK", "r2": "OK"}
+    assert sha(tmp_path / "o1" / "f.bin") == sha(tmp_path / "o2" / "f.bin") == sha(src)
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    """With stderr on a terminal, send draws bytes, rate and ETA there; stdout stays clean."""
+    src = make_file(tmp_path / "f.bin", 24 * MiB)
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    try:
+        with serving(tmp_path / "out") as (_server, url):
+            sender = subprocess.Popen(
+                [*send(url, src, extra=("--chunk", "64KiB")), "--json"],
+                stdout=subprocess.PIPE,
+                stderr=terminal,
+                text=True,
+            )
+            stdout, _ = sender.communicate(timeout=60)
+        os.close(terminal)
+        terminal = -1
+        drawn = b""
+        while select.select([controller], [], [], 0.5)[0]:
+            try:
+                block = os.read(controller, 65536)
+            except OSError:
+                break
+            if not block:
+                break
+            drawn += block
+    finally:
+        if terminal >= 0:
+            os.close(terminal)
+        os.close(controller)
+    assert sender.returncode == 0
+    assert json.loads(stdout)["ok"] is True
+    text = drawn.decode(errors="replace")
+    assert "sending:" in text
+    assert "/24.0M" in text  # bytes done of the total
+    assert "B/s" in text  # rate
+    assert "<" in text  # elapsed<remaining (ETA)

@@ -356,3 +356,27 @@ async def test_same_transfer_twice_at_once_waits_for_the_first(tmp_path: Path) -
     assert [g.rc for g in got] == ["OK", "OK"]
     assert sha(out / "f.bin") == sha(src)
     assert leftovers(out) == []
+
+
+def test_package_logger_has_a_null_handler() -> None:
+    import logging
+
+    handlers = logging.getLogger("fedstream").handlers
+    assert any(isinstance(h, logging.NullHandler) for h in handlers)
+
+
+async def test_stream_start_and_end_are_logged_on_both_sides(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x" * 1000)
+    caplog.set_level("INFO", logger="fedstream._engine._site")
+    with trio.fail_after(20):
+        async with pair(tmp_path / "out") as (tx, _rx, _got):
+            await tx.stream_file("files", "up", ["rx"], src)
+            await trio.sleep(0.05)  # the receiver's end is logged once it finished
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedstream._engine._site"]
+    assert "stream files/up to rx started" in lines
+    assert "stream files/up to rx ended: OK" in lines
+    assert "stream files/up from tx started" in lines
+    assert "stream files/up from tx ended: OK" in lines
