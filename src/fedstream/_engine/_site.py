@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import trio
 
+from .. import _streamers
 from .._api import ConsumerFactory, ObjectProducer, StreamContextKey
 from .._context import FLContext
 from .._errors import (
@@ -101,9 +103,16 @@ class Site:
     # ------------------------------------------------------------- state
 
     @property
-    def address(self) -> str | None:
-        """The first URL this site listens on (port 0 resolved), or ``None``."""
-        return self._addresses[0] if self._addresses else None
+    def address(self) -> str:
+        """The first URL this site listens on (port 0 resolved).
+
+        Raises:
+            FedstreamError: the site listens nowhere (it only dials, or
+                ``listen`` has not returned yet).
+        """
+        if not self._addresses:
+            raise FedstreamError(f"site {self.name!r} is not listening anywhere")
+        return self._addresses[0]
 
     @property
     def addresses(self) -> list[str]:
@@ -524,6 +533,7 @@ class Site:
             on_finished=self._receiver_finished,
         )
         conn.nursery.start_soon(self._guard, session.run, conn)
+        logger.info("stream %s/%s from %s started", frame.channel, frame.topic, conn.peer)
         return session
 
     async def _guard(self, fn: Callable[[], Any], conn: Connection) -> None:
@@ -536,6 +546,13 @@ class Site:
             conn.lose("internal error")
 
     def _receiver_finished(self, session: ReceiverSession) -> None:
+        logger.info(
+            "stream %s/%s from %s ended: %s",
+            session.channel,
+            session.topic,
+            session.conn.peer,
+            session.rc,
+        )
         if session.conn.receivers.get(session.sid) is session:
             del session.conn.receivers[session.sid]
         self._notify()
@@ -602,9 +619,15 @@ class Site:
             finalize_timeout=self.options.finalize_timeout,
         )
         self._senders.add(session)
+        logger.info("stream %s/%s to %s started", channel, topic, ", ".join(names))
+        rc: str | None = None
         try:
-            return await session.run()
+            rc, result = await session.run()
+            return rc, result
         finally:
+            logger.info(
+                "stream %s/%s to %s ended: %s", channel, topic, ", ".join(names), rc or "raised"
+            )
             for link in links:
                 link.conn.senders.pop(link.sid, None)
             self._senders.discard(session)
@@ -619,6 +642,150 @@ class Site:
                 f"{', '.join(map(repr, exposed))} "
                 f"{'is' if len(exposed) == 1 else 'are'} not on one (see docs/semantics.md)"
             )
+
+    # ------------------------------------------- files and containers
+
+    async def stream_file(
+        self,
+        channel: str,
+        topic: str,
+        targets: Sequence[str],
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        transfer_id: str | None = None,
+        chunk_size: int = _streamers.DEFAULT_FILE_CHUNK,
+        object_timeout: float = _streamers.DEFAULT_OBJECT_TIMEOUT,
+        progress: Callable[[int], Any] | None = None,
+        fl_ctx: FLContext | None = None,
+    ) -> _streamers.FileResult:
+        """Stream one file to sites that run :meth:`register_file_receiver`.
+
+        The receiver checks the SHA-256 of the whole content and only then
+        renames its partial file into place. ``name`` (default: the file's
+        own name) is the relative path the receivers store it under.
+        Restarted with the same ``transfer_id`` after an interruption, the
+        transfer continues from what each receiver already holds (checked
+        against this file's SHA-256 prefix); the default id is random, so a
+        transfer without one starts from zero. ``progress(offset)`` is called
+        after each chunk is acknowledged. Never raises for a failed target:
+        see :class:`FileResult`'s ``rc`` and ``targets``.
+
+        Raises:
+            OSError: the file cannot be read.
+            ValueError: a bad ``name``, ``chunk_size`` or ``timeout``.
+            UnknownTargetError, SiteClosedError: as :meth:`stream_objects`.
+        """
+        return await _streamers.stream_file(
+            self,
+            channel,
+            topic,
+            targets,
+            path,
+            name=name,
+            transfer_id=transfer_id,
+            chunk_size=chunk_size,
+            object_timeout=object_timeout,
+            progress=progress,
+            fl_ctx=fl_ctx,
+        )
+
+    async def stream_directory(
+        self,
+        channel: str,
+        topic: str,
+        targets: Sequence[str],
+        path: str | os.PathLike[str],
+        *,
+        transfer_id: str | None = None,
+        chunk_size: int = _streamers.DEFAULT_FILE_CHUNK,
+        object_timeout: float = _streamers.DEFAULT_OBJECT_TIMEOUT,
+        progress: Callable[[int], Any] | None = None,
+        fl_ctx: FLContext | None = None,
+    ) -> list[_streamers.FileResult]:
+        """Stream every regular file under ``path``, one :meth:`stream_file` each.
+
+        Names are relative paths that start with the directory's own name
+        (``data/a/b.bin``); files go in sorted order. ``progress`` gets the
+        bytes done over all files.
+        """
+        return await _streamers.stream_directory(
+            self,
+            channel,
+            topic,
+            targets,
+            path,
+            transfer_id=transfer_id,
+            chunk_size=chunk_size,
+            object_timeout=object_timeout,
+            progress=progress,
+            fl_ctx=fl_ctx,
+        )
+
+    def register_file_receiver(
+        self,
+        channel: str,
+        topic: str,
+        directory: str | os.PathLike[str],
+        *,
+        on_file: Callable[[_streamers.ReceivedFile], Any] | None = None,
+        name_policy: _streamers.NamePolicy | str = _streamers.NamePolicy.OVERWRITE,
+        on_progress: Callable[[str, str, int, int], Any] | None = None,
+    ) -> None:
+        """Receive file streams into ``directory`` (created if missing).
+
+        Names that would leave ``directory`` (``..``, absolute paths, symbolic
+        links pointing outside) are refused with ``BAD_REQUEST_DATA``.
+        ``on_file(ReceivedFile)`` runs once per stream, however it ended.
+        ``name_policy`` says what happens when the final name exists
+        (:class:`NamePolicy`). ``on_progress(peer, name, received, size)``
+        runs after each chunk is written.
+        """
+        _streamers.register_file_receiver(
+            self,
+            channel,
+            topic,
+            directory,
+            on_file=on_file,
+            name_policy=name_policy,
+            on_progress=on_progress,
+        )
+
+    async def stream_container(
+        self,
+        channel: str,
+        topic: str,
+        targets: Sequence[str],
+        container: dict[Any, Any] | list[Any] | set[Any],
+        *,
+        object_timeout: float = _streamers.DEFAULT_OBJECT_TIMEOUT,
+        fl_ctx: FLContext | None = None,
+    ) -> _streamers.ContainerResult:
+        """Stream a ``dict``, ``list`` or ``set`` one entry per object.
+
+        Keys and values must be CBOR-encodable (see the README); the
+        receivers rebuild the container with :meth:`register_container_receiver`.
+        """
+        return await _streamers.stream_container(
+            self, channel, topic, targets, container, object_timeout=object_timeout, fl_ctx=fl_ctx
+        )
+
+    def register_container_receiver(
+        self,
+        channel: str,
+        topic: str,
+        on_container: Callable[[_streamers.ReceivedContainer], Any],
+        *,
+        max_entries: int = 10_000_000,
+    ) -> None:
+        """Rebuild streamed containers; ``on_container`` runs once per stream.
+
+        It gets the container only when the stream ended ``OK``. A stream
+        with more than ``max_entries`` entries ends with ``BAD_REQUEST_DATA``.
+        """
+        _streamers.register_container_receiver(
+            self, channel, topic, on_container, max_entries=max_entries
+        )
 
     # ----------------------------------------------------------- shutdown
 
