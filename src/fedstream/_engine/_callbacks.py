@@ -7,7 +7,6 @@ import enum
 import functools
 import inspect
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +43,7 @@ class CallbackRunner:
     ``finalize`` never overlaps ``consume``.
     """
 
-    def __init__(self, mode: SyncMode = SyncMode.THREAD, max_threads: float = math.inf) -> None:
+    def __init__(self, mode: SyncMode = SyncMode.THREAD, max_threads: float = 40) -> None:
         self.mode = SyncMode(mode)
         self._limiter = trio.CapacityLimiter(max_threads)
         # Whether each callback is a coroutine function, keyed by the function

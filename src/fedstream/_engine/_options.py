@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_MAX_OBJECT_SIZE",
     "DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER",
     "DEFAULT_MAX_STREAMS_PER_PEER",
+    "DEFAULT_MAX_THREADS",
     "DEFAULT_PEER_TIMEOUT",
     "DEFAULT_WINDOW",
     "SiteOptions",
@@ -34,6 +35,9 @@ DEFAULT_HEARTBEAT_INTERVAL: Final = 5.0
 DEFAULT_PEER_TIMEOUT: Final = 20.0
 #: Time allowed for the HELLO exchange.
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
+#: Worker threads a site runs plain callbacks in at once (trio's own default
+#: thread limit). A session waiting for a thread holds none.
+DEFAULT_MAX_THREADS: Final = 40
 #: Receiving sessions one peer may have open at once on this site.
 DEFAULT_MAX_STREAMS_PER_PEER: Final = 4096
 #: Bytes of objects one peer may have under reassembly or waiting for their
@@ -57,7 +61,7 @@ class SiteOptions:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     finalize_timeout: float = DEFAULT_FINALIZE_TIMEOUT
     sync_callbacks: SyncMode = SyncMode.THREAD
-    max_threads: float = math.inf
+    max_threads: float = DEFAULT_MAX_THREADS
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
     max_receive_buffer_per_peer: int = DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER
 
@@ -73,10 +77,10 @@ class SiteOptions:
         for name in ("heartbeat_interval", "peer_timeout", "handshake_timeout", "finalize_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
+        if self.max_threads != math.inf:
+            _check_positive_int("max_threads", self.max_threads)
         for name in ("max_streams_per_peer", "max_receive_buffer_per_peer"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+            _check_positive_int(name, getattr(self, name))
         if self.peer_timeout <= self.heartbeat_interval:
             raise ValueError("peer_timeout must be longer than heartbeat_interval")
         object.__setattr__(self, "sync_callbacks", SyncMode(self.sync_callbacks))
@@ -96,3 +100,8 @@ class SiteOptions:
             "credit_step": self.credit_step,
             "heartbeat_ms": int(self.heartbeat_interval * 1000),
         }
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")

@@ -9,7 +9,6 @@ caller's cancel scopes apply to it as well.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -38,6 +37,7 @@ from ._options import (
     DEFAULT_MAX_OBJECT_SIZE,
     DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
     DEFAULT_MAX_STREAMS_PER_PEER,
+    DEFAULT_MAX_THREADS,
     DEFAULT_PEER_TIMEOUT,
     DEFAULT_WINDOW,
     SiteOptions,
@@ -497,7 +497,7 @@ async def open_site(
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     finalize_timeout: float = DEFAULT_FINALIZE_TIMEOUT,
     sync_callbacks: SyncMode | str = SyncMode.THREAD,
-    max_threads: float = math.inf,
+    max_threads: float = DEFAULT_MAX_THREADS,
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
     max_receive_buffer_per_peer: int = DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
 ) -> AsyncIterator[Site]:
@@ -518,7 +518,9 @@ async def open_site(
             sender's wait for receivers to finalize.
         sync_callbacks: ``"thread"`` (default) runs plain user callbacks in
             worker threads; ``"inline"`` runs them in the trio task.
-        max_threads: most worker threads used at once for sync callbacks.
+        max_threads: most worker threads used at once for plain callbacks
+            (default 40, trio's own limit; ``math.inf`` for none); a session
+            waiting for a thread holds none, whatever peers open.
         max_streams_per_peer: most receiving sessions one peer may have open
             on this site at once. A stream beyond it is refused with a
             ``SERVICE_UNAVAILABLE`` reply before any consumer is made; the
