@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import os
 import threading
+import tracemalloc
 from typing import Any
 
 import trio
 
+from engine_helpers import AcceptingFactory
 from fedstream import (
     ConsumerFactory,
     FLContext,
@@ -31,8 +33,11 @@ from fedstream import (
     open_site,
 )
 from fedstream._engine._options import DEFAULT_MAX_THREADS
+from fedstream._wire import encode_object
 from test_engine_hostile import CH, LOOP, RawPeer, data_frame, wait_until
 
+KIB = 1024
+MIB = 1024 * KIB
 SCALE = max(1, int(os.environ.get("FEDSTREAM_HOSTILE_SCALE", "1")))
 
 
@@ -93,3 +98,50 @@ async def test_threads_stay_within_max_threads_whatever_the_peer_opens() -> None
             await peer.stream.aclose()
     assert factory.entered <= streams
     assert peak - baseline <= DEFAULT_MAX_THREADS + 2, (peak, baseline)
+
+
+# ================================================================ memory
+
+
+def _object_prefix(size: int, prefix: int) -> tuple[int, bytes]:
+    """A real encoded object of about ``size`` bytes: its full size and its first bytes."""
+    encoded = encode_object(Shareable({"blob": b"x" * size})).to_bytes()
+    return len(encoded), encoded[:prefix]
+
+
+async def test_objects_waiting_for_the_budget_allocate_nothing_for_their_claim() -> None:
+    """Many streams announce objects the budget cannot admit yet: no buffer is made for them.
+
+    The first object takes the whole (shrunk) budget and stays unfinished;
+    every later one waits. Before the fix each waiting object got its
+    zero-filled buffer at its first frame.
+    """
+    streams = 40 * SCALE
+    claim = 900 * KIB
+    size, prefix = _object_prefix(claim, KIB)
+    opts: dict[str, Any] = {
+        "max_receive_buffer_per_peer": MIB,
+        "chunk_size": 64 * KIB,
+        "window": 128 * KIB,
+    }
+    async with open_site("hub", listen=LOOP, **opts) as hub:
+        hub.register_stream_processing(CH, "*", AcceptingFactory())
+        peer = await connect_raw(hub.address)
+        try:
+            conn = hub._connections["evil"]
+            await peer.send(data_frame(1, 0, body=prefix, size=size))
+            await wait_until(lambda: conn.receive_budget.held == size)
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                for i in range(1, streams + 1):
+                    await peer.send(data_frame(2 * i + 1, 0, body=prefix, size=size))
+                await wait_until(lambda: conn.receive_budget.waiting == streams)
+                grown = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+        finally:
+            await peer.stream.aclose()
+    # Sessions, their contexts and the 1 KiB each sent cost a few KiB per
+    # stream; one buffer for a claim alone would be 900 KiB.
+    assert grown < streams * 40 * KIB, grown

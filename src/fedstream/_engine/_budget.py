@@ -128,10 +128,17 @@ class ObjectHolds:
         tickets = self._tickets
         return bool(tickets) and not tickets[-1].admitted
 
-    def add(self, size: int) -> None:
-        """The first DATA frame of a new object of ``size`` bytes arrived."""
-        if size <= self._max_size:
-            self._tickets.append(self._budget.open(size, self))
+    def add(self, size: int) -> bool:
+        """The first DATA frame of a new object of ``size`` bytes arrived.
+
+        Returns whether the object is admitted (an object over ``max_size``,
+        which the session refuses, counts as admitted: it is never held).
+        """
+        if size > self._max_size:
+            return True
+        ticket = self._budget.open(size, self)
+        self._tickets.append(ticket)
+        return ticket.admitted
 
     def take(self) -> None:
         """The oldest object went to the consumer."""

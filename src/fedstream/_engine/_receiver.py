@@ -132,6 +132,11 @@ class ReceiverSession:
         self._assembler: ObjectAssembler | None = None
         self._assembling_seq = -1
         self._discard_left = 0
+        #: Bytes received so far of an object that waits for the receive
+        #: budget (its buffer is made only once it is admitted), and its size.
+        self._staged: list[bytes] | None = None
+        self._staged_len = 0
+        self._staged_size = 0
         self._inbox: collections.deque[tuple[int, RawObject]] = collections.deque()
         self._inbox_event = trio.Event()
         self._end_received = False
@@ -140,9 +145,7 @@ class ReceiverSession:
         self._ungranted = 0
         self._grant_threshold = conn.options.credit_step
         #: This session's objects in the connection's receive budget.
-        self._holds = ObjectHolds(
-            conn.receive_budget, conn.options.max_object_size, functools.partial(self._grant, 0)
-        )
+        self._holds = ObjectHolds(conn.receive_budget, conn.options.max_object_size, self._admitted)
         #: True while consume or consumed_cb runs.
         self._busy = False
         #: rc passed to END_STREAM from inside consume, applied when it returns.
@@ -173,7 +176,11 @@ class ReceiverSession:
     def on_data(self, frame: Data) -> None:
         if self.rc is not None:
             return
-        if frame.seq != self._expected_seq or self._assembler is not None:
+        if (
+            frame.seq != self._expected_seq
+            or self._assembler is not None
+            or self._staged is not None
+        ):
             self.conn.reject(
                 self.sid,
                 frame.seq,
@@ -184,7 +191,7 @@ class ReceiverSession:
             return
         self._expected_seq += 1
         self._assembling_seq = frame.seq
-        self._holds.add(frame.size)
+        admitted = self._holds.add(frame.size)
         if frame.size == len(frame.body) and frame.size <= self.conn.options.max_object_size:
             # The whole object came in this one frame: no reassembly needed.
             body = frame.body
@@ -195,6 +202,15 @@ class ReceiverSession:
             # (A head starting with 0x80 has no out-of-band buffers: no copy.)
             has_buffers = len(body) > 4 and body[4] != 0x80
             self._deliver(bytearray(body) if has_buffers else body)
+            return
+        if not admitted:
+            # Nothing sized by the peer's claim before the budget admits the
+            # object: keep only the bytes that actually arrive (what the
+            # stream's credit allows), and grant no credit meanwhile.
+            self._staged = [bytes(frame.body)]
+            self._staged_len = len(frame.body)
+            self._staged_size = frame.size
+            self._grant(len(frame.body))
             return
         try:
             self._assembler = ObjectAssembler(
@@ -217,6 +233,9 @@ class ReceiverSession:
         return self._assembler.target(frame.offset, nbytes)
 
     def on_chunk(self, frame: Chunk) -> None:
+        if self._staged is not None and frame.seq == self._assembling_seq:
+            self._stage(frame)
+            return
         if self._assembler is None or frame.seq != self._assembling_seq:
             if self._discard_left and frame.seq == self._assembling_seq:
                 self._discard_left -= len(frame.body)
@@ -227,6 +246,57 @@ class ReceiverSession:
                 )
             return
         self._feed(frame.offset, frame.body)
+
+    def _stage(self, frame: Chunk) -> None:
+        """Keep a CHUNK of an object that waits for admission."""
+        assert self._staged is not None
+        if frame.offset != self._staged_len:
+            raise RemoteProtocolError(
+                f"chunk at offset {frame.offset}, expected {self._staged_len}"
+            )
+        if self._staged_len + len(frame.body) > self._staged_size:
+            raise RemoteProtocolError(f"chunk overruns the object size {self._staged_size}")
+        self._staged.append(bytes(frame.body))
+        self._staged_len += len(frame.body)
+        self._grant(len(frame.body))
+        if self._staged_len == self._staged_size:
+            # All of it came within the credit the stream had: assemble it
+            # now, while it still waits its turn in the budget.
+            self._assemble_staged()
+
+    def _admitted(self) -> None:
+        """The budget let our waiting object in (or nothing of ours waits any more)."""
+        if self._staged is not None and self.rc is None:
+            self._assemble_staged()
+        self._grant(0)
+
+    def _assemble_staged(self) -> None:
+        """Make the object's buffer and move the staged bytes into it.
+
+        Runs from the reader, or from whichever task freed the budget: a
+        malformed object ends this session only.
+        """
+        pieces, self._staged = self._staged or [], None
+        try:
+            assembler = ObjectAssembler(
+                self._staged_size, max_size=self.conn.options.max_object_size, buffer=self._spare
+            )
+            self._spare = None
+            offset = 0
+            complete = False
+            for piece in pieces:
+                complete = assembler.feed(offset, piece)
+                offset += len(piece)
+            del pieces
+        except (RemoteProtocolError, ObjectTooLargeError) as exc:
+            self.conn.reject(self.sid, self._assembling_seq, ReturnCode.BAD_REQUEST_DATA, str(exc))
+            self._discard_left = self._staged_size - self._staged_len
+            self.end(ReturnCode.BAD_REQUEST_DATA)
+            return
+        if complete:
+            self._deliver(assembler.take())
+        else:
+            self._assembler = assembler
 
     def _feed(self, offset: int, body: memoryview | bytes | bytearray) -> None:
         assembler = self._assembler
@@ -438,6 +508,7 @@ class ReceiverSession:
         rc = self.rc or ReturnCode.EXECUTION_EXCEPTION
         self.rc = rc
         self._assembler = None  # release what the session held
+        self._staged = None
         self._inbox.clear()
         self._holds.release()
         self.stream_ctx[StreamContextKey.RC] = rc
