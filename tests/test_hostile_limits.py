@@ -145,3 +145,29 @@ async def test_objects_waiting_for_the_budget_allocate_nothing_for_their_claim()
     # Sessions, their contexts and the 1 KiB each sent cost a few KiB per
     # stream; one buffer for a claim alone would be 900 KiB.
     assert grown < streams * 40 * KIB, grown
+
+
+async def test_the_site_wide_budget_bounds_what_many_peer_names_can_make_a_site_hold() -> None:
+    """Names are free: each raw peer connects as a new site and claims a budget's worth."""
+    peers = 4 * SCALE
+    size, prefix = _object_prefix(900 * KIB, KIB)
+    opts: dict[str, Any] = {
+        "max_receive_buffer_per_peer": MIB,
+        "max_receive_buffer": MIB,
+        "chunk_size": 64 * KIB,
+        "window": 128 * KIB,
+    }
+    async with open_site("hub", listen=LOOP, **opts) as hub:
+        hub.register_stream_processing(CH, "*", AcceptingFactory())
+        raws = [await connect_raw(hub.address, f"evil{i}") for i in range(peers)]
+        try:
+            for raw in raws:
+                await raw.send(data_frame(1, 0, body=prefix, size=size))
+            conns = [hub._connections[f"evil{i}"] for i in range(peers)]
+            await wait_until(lambda: sum(c.receive_budget.waiting for c in conns) == peers - 1)
+            held = sum(c.receive_budget.held for c in conns)
+            assert held == size  # one admitted, alone; every other peer waits
+            assert not any(c.receive_budget.held and c.receive_budget.waiting for c in conns)
+        finally:
+            for raw in raws:
+                await raw.stream.aclose()

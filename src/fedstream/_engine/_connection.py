@@ -61,7 +61,7 @@ from .._wire import (
     Pong,
     Reply,
 )
-from ._budget import ReceiveBudget
+from ._budget import ReceiveBudget, SiteBudget
 from ._stats import ConnectionStats, StreamStats
 
 if TYPE_CHECKING:
@@ -299,6 +299,7 @@ class Connection:
         dialer: bool,
         options: SiteOptions,
         url: str,
+        site_budget: SiteBudget | None = None,
     ) -> None:
         self.stream = stream
         self.protocol = protocol
@@ -314,7 +315,8 @@ class Connection:
         self.receivers: dict[int, ReceiveHandler] = {}
         self._early_aborts: dict[int, str] = {}
         #: Bytes of objects the peer makes us hold, against max_receive_buffer_per_peer.
-        self.receive_budget = ReceiveBudget(options.max_receive_buffer_per_peer)
+        #: Admissions must also fit ``site_budget``, the site's across all peers.
+        self.receive_budget = ReceiveBudget(options.max_receive_buffer_per_peer, site_budget)
         #: Streams refused over max_streams_per_peer since the last warning, and when that was.
         self._refused = 0
         self._refusal_logged = -math.inf

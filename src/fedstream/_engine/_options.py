@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_HEARTBEAT_INTERVAL",
     "DEFAULT_MAX_OBJECT_SIZE",
+    "DEFAULT_MAX_RECEIVE_BUFFER",
     "DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER",
     "DEFAULT_MAX_STREAMS_PER_PEER",
     "DEFAULT_MAX_THREADS",
@@ -43,6 +44,10 @@ DEFAULT_MAX_STREAMS_PER_PEER: Final = 4096
 #: Bytes of objects one peer may have under reassembly or waiting for their
 #: consumers on this site (1 GiB) before its streams stop getting credit.
 DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER: Final = 1024**3
+#: Bytes of objects all peers together may have under reassembly or waiting
+#: for their consumers on this site (2 GiB): site names cost nothing, so the
+#: per-peer budget alone does not bound a site.
+DEFAULT_MAX_RECEIVE_BUFFER: Final = 2 * 1024**3
 #: Bound on each end-of-stream step (finalize, stream_done_cb, return_consumer,
 #: and the sender's wait for receivers to confirm they finalized).
 DEFAULT_FINALIZE_TIMEOUT: Final = 30.0
@@ -64,6 +69,7 @@ class SiteOptions:
     max_threads: float = DEFAULT_MAX_THREADS
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
     max_receive_buffer_per_peer: int = DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER
+    max_receive_buffer: int = DEFAULT_MAX_RECEIVE_BUFFER
 
     def __post_init__(self) -> None:
         if not MIN_MAX_FRAME_SIZE <= self.max_frame_size <= 0xFFFF_FFFF:
@@ -79,7 +85,7 @@ class SiteOptions:
                 raise ValueError(f"{name} must be positive")
         if self.max_threads != math.inf:
             _check_positive_int("max_threads", self.max_threads)
-        for name in ("max_streams_per_peer", "max_receive_buffer_per_peer"):
+        for name in ("max_streams_per_peer", "max_receive_buffer_per_peer", "max_receive_buffer"):
             _check_positive_int(name, getattr(self, name))
         if self.peer_timeout <= self.heartbeat_interval:
             raise ValueError("peer_timeout must be longer than heartbeat_interval")

@@ -27,6 +27,7 @@ from .._errors import (
 from .._shareable import ReturnCode
 from .._transport import get_transport
 from .._wire import DEFAULT_MAX_FRAME_SIZE, Data, Done, ErrorCode, FrameProtocol, GoAway, Hello
+from ._budget import SiteBudget
 from ._callbacks import CallbackRunner, SyncMode, current_session
 from ._connection import Connection, ReceiveHandler, accept_handshake, dial_handshake
 from ._options import (
@@ -35,6 +36,7 @@ from ._options import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_MAX_OBJECT_SIZE,
+    DEFAULT_MAX_RECEIVE_BUFFER,
     DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
     DEFAULT_MAX_STREAMS_PER_PEER,
     DEFAULT_MAX_THREADS,
@@ -78,6 +80,8 @@ class Site:
         self.options = options
         self._nursery = nursery
         self._runner = CallbackRunner(options.sync_callbacks, options.max_threads)
+        #: Bytes of received objects held for all peers together.
+        self._receive_budget = SiteBudget(options.max_receive_buffer)
         self._registrations: dict[tuple[str, str], Registration] = {}
         self._connections: dict[str, Connection] = {}
         self._reserved: set[str] = set()
@@ -269,7 +273,14 @@ class Site:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         conn = Connection(
-            stream, protocol, hello, local=self.name, dialer=dialer, options=self.options, url=url
+            stream,
+            protocol,
+            hello,
+            local=self.name,
+            dialer=dialer,
+            options=self.options,
+            url=url,
+            site_budget=self._receive_budget,
         )
         conn.on_open = self._open_receiver
         conn.on_lost = self._forget
@@ -480,6 +491,7 @@ class SiteKeywords(TypedDict, total=False):
     max_threads: float
     max_streams_per_peer: int
     max_receive_buffer_per_peer: int
+    max_receive_buffer: int
 
 
 @asynccontextmanager
@@ -500,6 +512,7 @@ async def open_site(
     max_threads: float = DEFAULT_MAX_THREADS,
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
     max_receive_buffer_per_peer: int = DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
+    max_receive_buffer: int = DEFAULT_MAX_RECEIVE_BUFFER,
 ) -> AsyncIterator[Site]:
     """Run a site for the duration of the ``async with`` block.
 
@@ -535,6 +548,10 @@ async def open_site(
             allowed (one ``window`` at most), so the bytes actually held
             stay within this (or one larger object) plus one ``window`` per
             waiting stream.
+        max_receive_buffer: the same budget for all peers together (default
+            2 GiB; site names cost nothing, so the per-peer budget alone does
+            not bound a site). An object is admitted only when it fits both,
+            or when the site holds nothing else.
 
     Resource handling:
         On exit (normal, error or cancellation) the site shuts down as by
@@ -554,6 +571,7 @@ async def open_site(
         max_threads=max_threads,
         max_streams_per_peer=max_streams_per_peer,
         max_receive_buffer_per_peer=max_receive_buffer_per_peer,
+        max_receive_buffer=max_receive_buffer,
     )
     _check_name(name)
     error: Exception | None = None
