@@ -17,11 +17,14 @@ issue's findings (thousands of streams or connections), set
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import threading
 import tracemalloc
 from typing import Any
 
+import pytest
 import trio
 
 from engine_helpers import AcceptingFactory
@@ -30,10 +33,12 @@ from fedstream import (
     FLContext,
     ObjectConsumer,
     Shareable,
+    Site,
     open_site,
 )
-from fedstream._engine._options import DEFAULT_MAX_THREADS
-from fedstream._wire import encode_object
+from fedstream._engine._connection import Connection
+from fedstream._engine._options import DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_THREADS
+from fedstream._wire import FrameProtocol, encode_object
 from test_engine_hostile import CH, LOOP, RawPeer, data_frame, wait_until
 
 KIB = 1024
@@ -71,6 +76,24 @@ async def connect_raw(address: str | None, name: str = "evil", **limits: int) ->
     return peer
 
 
+async def connection_of(site: Site, name: str) -> Connection:
+    """The site's connection to ``name`` (registered just after the site's HELLO went out)."""
+    await wait_until(lambda: name in site._connections)
+    return site._connections[name]
+
+
+def traced_memory() -> int:
+    """Bytes traced by tracemalloc, without what logging and pytest keep of log records."""
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        [
+            tracemalloc.Filter(False, logging.__file__),
+            tracemalloc.Filter(False, "*/_pytest/*"),
+            tracemalloc.Filter(False, tracemalloc.__file__),
+        ]
+    )
+    return sum(stat.size for stat in snapshot.statistics("filename"))
+
+
 # ================================================================ threads
 
 
@@ -86,7 +109,7 @@ async def test_threads_stay_within_max_threads_whatever_the_peer_opens() -> None
         try:
             for i in range(streams):
                 await peer.send(data_frame(2 * i + 1, 0))
-            conn = hub._connections["evil"]
+            conn = await connection_of(hub, "evil")
             await wait_until(lambda: len(conn.receivers) == streams, limit=10)
             await wait_until(lambda: factory.entered >= DEFAULT_MAX_THREADS, limit=10)
             # Give surplus threads (if any) every chance to start.
@@ -128,7 +151,7 @@ async def test_objects_waiting_for_the_budget_allocate_nothing_for_their_claim()
         hub.register_stream_processing(CH, "*", AcceptingFactory())
         peer = await connect_raw(hub.address)
         try:
-            conn = hub._connections["evil"]
+            conn = await connection_of(hub, "evil")
             await peer.send(data_frame(1, 0, body=prefix, size=size))
             await wait_until(lambda: conn.receive_budget.held == size)
             tracemalloc.start()
@@ -163,7 +186,7 @@ async def test_the_site_wide_budget_bounds_what_many_peer_names_can_make_a_site_
         try:
             for raw in raws:
                 await raw.send(data_frame(1, 0, body=prefix, size=size))
-            conns = [hub._connections[f"evil{i}"] for i in range(peers)]
+            conns = [await connection_of(hub, f"evil{i}") for i in range(peers)]
             await wait_until(lambda: sum(c.receive_budget.waiting for c in conns) == peers - 1)
             held = sum(c.receive_budget.held for c in conns)
             assert held == size  # one admitted, alone; every other peer waits
@@ -171,3 +194,85 @@ async def test_the_site_wide_budget_bounds_what_many_peer_names_can_make_a_site_
         finally:
             for raw in raws:
                 await raw.stream.aclose()
+
+
+# ================================================================ handshakes
+
+
+async def _silent_dialers(address: str | None, count: int) -> list[trio.SocketStream]:
+    assert address is not None
+    port = int(address.rsplit(":", 1)[1])
+    return [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(count)]
+
+
+async def test_pending_handshakes_are_few_small_and_give_their_memory_back() -> None:
+    """Connections that never send HELLO: bounded in number and in memory each.
+
+    Beyond ``max_pending_handshakes`` a connection is refused at once; each
+    pending one holds a few KiB until its HELLO is valid (it held a 256 KiB
+    receive buffer before), and the memory returns once they are gone.
+    """
+    count = 400 * SCALE
+    tracemalloc.start()
+    try:
+        async with open_site("hub", listen=LOOP, handshake_timeout=30) as hub:
+            await trio.sleep(0.05)
+            before = traced_memory()
+            dialers = await _silent_dialers(hub.address, count)
+            await trio.sleep(0.5)  # the site accepts them all
+            during = traced_memory() - before
+            pending = hub._pending_handshakes
+            for dialer in dialers:
+                await dialer.aclose()
+            del dialers
+            await wait_until(lambda: hub._pending_handshakes == 0)
+            await trio.sleep(0.1)
+            after = traced_memory() - before
+            # The site still takes a well-behaved peer.
+            peer = await connect_raw(hub.address, "late")
+            await peer.stream.aclose()
+    finally:
+        tracemalloc.stop()
+    assert pending == DEFAULT_MAX_PENDING_HANDSHAKES
+    assert during < DEFAULT_MAX_PENDING_HANDSHAKES * 24 * KIB, during
+    assert after < 2 * MIB, after  # a 256 KiB buffer each would be 100 MiB
+
+
+async def test_a_dialer_that_gave_up_is_never_registered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A HELLO whose dialer closed before the site answered: the name is never taken.
+
+    (Registered even for a moment, it made the dialer's retry a DUPLICATE_SITE.)
+    """
+    caplog.set_level(logging.INFO, logger="fedstream")
+    async with open_site("hub", listen=LOOP) as hub:
+        assert hub.address is not None
+        port = int(hub.address.rsplit(":", 1)[1])
+        sock = trio.socket.socket()
+        await sock.connect(("127.0.0.1", port))
+        # HELLO then FIN, before the site has read anything.
+        await sock.send(FrameProtocol().send(FrameProtocol().hello("ghost", limits={})))
+        sock.shutdown(trio.socket.SHUT_WR)
+        await trio.sleep(0.3)
+        sock.close()
+        assert not [r for r in caplog.records if "connected to ghost" in r.getMessage()]
+        peer = await connect_raw(hub.address, "ghost")  # the retry is not a duplicate
+        await peer.stream.aclose()
+
+
+async def test_accept_failures_are_logged_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """trio retries accept() every 0.1 s when descriptors run out, logging a traceback each time."""
+    caplog.set_level(logging.ERROR, logger="trio.serve_listeners")
+    async with open_site("hub", listen=LOOP):
+        trio_logger = logging.getLogger("trio.serve_listeners")
+        for _ in range(50):
+            try:
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            except OSError:
+                trio_logger.exception("accept returned %s; retrying", "EMFILE")
+    records = [r for r in caplog.records if r.name == "trio.serve_listeners"]
+    assert len(records) == 1
+    assert records[0].exc_info is None

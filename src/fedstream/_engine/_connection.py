@@ -77,6 +77,9 @@ __all__ = ["Connection", "ReceiveHandler", "SendHandler", "accept_handshake", "d
 logger = logging.getLogger(__name__)
 
 _RECEIVE_SIZE = 256 * 1024
+#: Bytes read at a time until the peer's HELLO is in: a pending handshake
+#: holds a few KiB, not a whole receive buffer.
+_HANDSHAKE_RECEIVE_SIZE = 4 * 1024
 #: Frames smaller than this are copied into one coalesced ``send_all``.
 _COALESCE_BODY = 64 * 1024
 #: Bytes of small frames gathered into one ``send_all``.
@@ -211,7 +214,29 @@ async def _read_frame(stream: trio.abc.Stream, protocol: FrameProtocol) -> Frame
             return None
         if event is not NEED_DATA:
             return event
-        protocol.receive_data(await stream.receive_some(_RECEIVE_SIZE))
+        protocol.receive_data(await stream.receive_some(_HANDSHAKE_RECEIVE_SIZE))
+
+
+def _dialer_gone(stream: trio.abc.Stream) -> bool:
+    """Whether the peer of a TCP stream has already closed or reset it.
+
+    A dial that waited in the listen backlog (say while file descriptors ran
+    out) may be accepted after its dialer gave up: its HELLO is still in the
+    kernel, followed by EOF. Registering its name would refuse the dialer's
+    retry as a duplicate. Peeks without consuming or blocking; streams that
+    are not plain sockets are taken as alive.
+    """
+    if not isinstance(stream, trio.SocketStream):
+        return False
+    sock = socket.socket(fileno=stream.socket.fileno())
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.detach()
 
 
 async def dial_handshake(
@@ -258,6 +283,8 @@ async def accept_handshake(
             raise HandshakeError(f"connection broke during handshake: {exc}") from exc
         if not isinstance(frame, Hello):
             raise HandshakeError("peer closed the connection during the handshake")
+        if _dialer_gone(stream):
+            raise HandshakeError(f"{frame.site!r} closed the connection before it was accepted")
         answer = make_hello(frame)
         if isinstance(answer, GoAway):
             await _refuse(stream, protocol, answer)

@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_HEARTBEAT_INTERVAL",
     "DEFAULT_MAX_OBJECT_SIZE",
+    "DEFAULT_MAX_PENDING_HANDSHAKES",
     "DEFAULT_MAX_RECEIVE_BUFFER",
     "DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER",
     "DEFAULT_MAX_STREAMS_PER_PEER",
@@ -39,6 +40,8 @@ DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
 #: Worker threads a site runs plain callbacks in at once (trio's own default
 #: thread limit). A session waiting for a thread holds none.
 DEFAULT_MAX_THREADS: Final = 40
+#: Incoming connections whose HELLO is not in yet, at once; more are refused.
+DEFAULT_MAX_PENDING_HANDSHAKES: Final = 128
 #: Receiving sessions one peer may have open at once on this site.
 DEFAULT_MAX_STREAMS_PER_PEER: Final = 4096
 #: Bytes of objects one peer may have under reassembly or waiting for their
@@ -70,6 +73,7 @@ class SiteOptions:
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
     max_receive_buffer_per_peer: int = DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER
     max_receive_buffer: int = DEFAULT_MAX_RECEIVE_BUFFER
+    max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES
 
     def __post_init__(self) -> None:
         if not MIN_MAX_FRAME_SIZE <= self.max_frame_size <= 0xFFFF_FFFF:
@@ -85,7 +89,12 @@ class SiteOptions:
                 raise ValueError(f"{name} must be positive")
         if self.max_threads != math.inf:
             _check_positive_int("max_threads", self.max_threads)
-        for name in ("max_streams_per_peer", "max_receive_buffer_per_peer", "max_receive_buffer"):
+        for name in (
+            "max_streams_per_peer",
+            "max_receive_buffer_per_peer",
+            "max_receive_buffer",
+            "max_pending_handshakes",
+        ):
             _check_positive_int(name, getattr(self, name))
         if self.peer_timeout <= self.heartbeat_interval:
             raise ValueError("peer_timeout must be longer than heartbeat_interval")

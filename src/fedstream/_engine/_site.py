@@ -9,9 +9,11 @@ caller's cancel scopes apply to it as well.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Final, TypedDict
 
 import trio
 
@@ -26,7 +28,16 @@ from .._errors import (
 )
 from .._shareable import ReturnCode
 from .._transport import get_transport
-from .._wire import DEFAULT_MAX_FRAME_SIZE, Data, Done, ErrorCode, FrameProtocol, GoAway, Hello
+from .._wire import (
+    DEFAULT_MAX_FRAME_SIZE,
+    Data,
+    Done,
+    ErrorCode,
+    FrameProtocol,
+    GoAway,
+    Hello,
+    encode_frame,
+)
 from ._budget import SiteBudget
 from ._callbacks import CallbackRunner, SyncMode, current_session
 from ._connection import Connection, ReceiveHandler, accept_handshake, dial_handshake
@@ -36,6 +47,7 @@ from ._options import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_MAX_OBJECT_SIZE,
+    DEFAULT_MAX_PENDING_HANDSHAKES,
     DEFAULT_MAX_RECEIVE_BUFFER,
     DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
     DEFAULT_MAX_STREAMS_PER_PEER,
@@ -90,6 +102,8 @@ class Site:
         self._closing = False
         self._closed = trio.Event()
         self._addresses: list[str] = []
+        #: Incoming connections whose handshake is under way.
+        self._pending_handshakes = 0
 
     # ------------------------------------------------------------- state
 
@@ -179,6 +193,7 @@ class Site:
         """Accept connections on ``url``; return the URL actually bound."""
         self._check_open()
         transport = get_transport(url)
+        _rate_limit_accept_errors()
         bound: str = await self._nursery.start(transport.serve, url, self._handle_incoming)
         self._addresses.append(bound)
         logger.info("site %s listening on %s", self.name, bound)
@@ -236,6 +251,29 @@ class Site:
             logger.exception("site %s: error while serving an incoming connection", self.name)
 
     async def _accept(self, stream: trio.abc.Stream) -> None:
+        limit = self.options.max_pending_handshakes
+        if self._pending_handshakes >= limit:
+            # Refused at once rather than queued: a queued connection would
+            # still hold its descriptor, which is what such a flood exhausts.
+            logger.debug("refusing a connection: %d handshakes pending", limit)
+            with trio.move_on_after(1):
+                try:
+                    await stream.send_all(_TOO_MANY_HANDSHAKES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            await trio.aclose_forcefully(stream)
+            return
+        self._pending_handshakes += 1
+        try:
+            accepted = await self._handshake(stream)
+        finally:
+            self._pending_handshakes -= 1
+        if accepted is not None:
+            await self._run_connection(stream, *accepted, False, "")
+
+    async def _handshake(self, stream: trio.abc.Stream) -> tuple[FrameProtocol, Hello] | None:
+        """The acceptor's handshake: the peer's protocol state and HELLO, or
+        ``None`` (the stream closed) if it failed."""
         protocol = FrameProtocol(max_frame_size=self.options.max_frame_size)
         reserved: list[str] = []
 
@@ -259,8 +297,8 @@ class Site:
                 self._reserved.discard(name)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
-            return
-        await self._run_connection(stream, protocol, hello, False, "")
+            return None
+        return protocol, hello
 
     async def _run_connection(
         self,
@@ -492,6 +530,7 @@ class SiteKeywords(TypedDict, total=False):
     max_streams_per_peer: int
     max_receive_buffer_per_peer: int
     max_receive_buffer: int
+    max_pending_handshakes: int
 
 
 @asynccontextmanager
@@ -513,6 +552,7 @@ async def open_site(
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
     max_receive_buffer_per_peer: int = DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
     max_receive_buffer: int = DEFAULT_MAX_RECEIVE_BUFFER,
+    max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES,
 ) -> AsyncIterator[Site]:
     """Run a site for the duration of the ``async with`` block.
 
@@ -552,6 +592,10 @@ async def open_site(
             2 GiB; site names cost nothing, so the per-peer budget alone does
             not bound a site). An object is admitted only when it fits both,
             or when the site holds nothing else.
+        max_pending_handshakes: incoming connections whose HELLO is not in
+            yet, at once (default 128); each holds a few KiB until then. One
+            more is refused at once (GOAWAY ``NO_ERROR``, "try again") and
+            closed, so a flood of silent connections holds no descriptors.
 
     Resource handling:
         On exit (normal, error or cancellation) the site shuts down as by
@@ -572,6 +616,7 @@ async def open_site(
         max_streams_per_peer=max_streams_per_peer,
         max_receive_buffer_per_peer=max_receive_buffer_per_peer,
         max_receive_buffer=max_receive_buffer,
+        max_pending_handshakes=max_pending_handshakes,
     )
     _check_name(name)
     error: Exception | None = None
@@ -594,6 +639,43 @@ async def open_site(
             await site.shutdown_streamer()
     if error is not None:
         raise error
+
+
+_TOO_MANY_HANDSHAKES: Final = encode_frame(
+    GoAway(ErrorCode.NO_ERROR, "too many connections waiting for their HELLO; try again")
+)[0]
+
+#: At most one log record per this many seconds about accept() failing for
+#: lack of resources (trio logs and retries every 0.1 s).
+_ACCEPT_ERROR_LOG_INTERVAL = 10.0
+
+
+class _AcceptErrorFilter(logging.Filter):
+    """Passes one of trio's accept-retry records per interval, without its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = -math.inf
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self._last < _ACCEPT_ERROR_LOG_INTERVAL:
+            self._suppressed += 1
+            return False
+        record.msg = f"{record.msg} ({self._suppressed} more since the last such message)"
+        record.exc_info = None
+        record.exc_text = None
+        self._last = now
+        self._suppressed = 0
+        return True
+
+
+def _rate_limit_accept_errors() -> None:
+    """Rate-limit trio's log of accept() failures such as EMFILE (installed once)."""
+    trio_logger = logging.getLogger("trio.serve_listeners")
+    if not any(isinstance(f, _AcceptErrorFilter) for f in trio_logger.filters):
+        trio_logger.addFilter(_AcceptErrorFilter())
 
 
 async def _run_services(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
