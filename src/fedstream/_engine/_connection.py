@@ -61,6 +61,7 @@ from .._wire import (
     Pong,
     Reply,
 )
+from .._wire._frames import OPENER_ABORT_RCS
 from ._budget import ReceiveBudget, SiteBudget
 from ._stats import ConnectionStats, StreamStats
 
@@ -783,7 +784,16 @@ class Connection:
                 # An ABORT may arrive before the stream's first object (frames
                 # of different priority can pass each other): remember it, so
                 # that object opens no session.
-                self._early_aborts[sid] = frame.rc[:64]
+                rc = frame.rc
+                if rc not in OPENER_ABORT_RCS:
+                    logger.warning(
+                        "protocol error from %s: ABORT of stream %d with rc %.80r",
+                        self.peer,
+                        sid,
+                        rc,
+                    )
+                    rc = "BAD_REQUEST_DATA"
+                self._early_aborts[sid] = rc
                 if len(self._early_aborts) > _MAX_EARLY_ABORTS:
                     del self._early_aborts[next(iter(self._early_aborts))]
                 return

@@ -47,6 +47,7 @@ from .._wire import (
     decode_object,
     encode_object,
 )
+from .._wire._frames import OPENER_ABORT_RCS
 from ._budget import ObjectHolds
 from ._callbacks import current_session
 from ._stats import StreamStats
@@ -332,11 +333,29 @@ class ReceiverSession:
         self._inbox_event.set()
 
     def on_end(self, frame: End) -> None:
-        self._end_received = True
-        self._inbox_event.set()
+        if self.rc is not None:
+            return
+        if self._assembler is not None or self._staged is not None:
+            self._violation(f"END in the middle of object {self._assembling_seq}")
+        elif frame.count != self._expected_seq:
+            self._violation(f"END after {frame.count} objects, but {self._expected_seq} were sent")
+        else:
+            self._end_received = True
+            self._inbox_event.set()
 
     def on_abort(self, frame: Abort) -> None:
-        self.end(frame.rc, tell_sender=False)
+        if frame.rc not in OPENER_ABORT_RCS:
+            self._violation(
+                f"ABORT with rc {frame.rc!r:.80}, not one of {sorted(OPENER_ABORT_RCS)}"
+            )
+        else:
+            self.end(frame.rc, tell_sender=False)
+
+    def _violation(self, message: str) -> None:
+        """The sender broke this stream's rules: end it (only it) with BAD_REQUEST_DATA."""
+        error = RemoteProtocolError(f"stream {self.sid}: {message}")
+        logger.warning("protocol error from %s: %s", self.conn.peer, error)
+        self.end(ReturnCode.BAD_REQUEST_DATA, tell_sender=False)
 
     def on_connection_lost(self) -> None:
         self.end(ReturnCode.COMMUNICATION_ERROR, tell_sender=False)
