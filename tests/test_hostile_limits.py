@@ -18,6 +18,7 @@ issue's findings (thousands of streams or connections), set
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import threading
@@ -27,22 +28,32 @@ from typing import Any
 import pytest
 import trio
 
-from engine_helpers import AcceptingFactory
+from engine_helpers import AcceptingFactory, blackhole
 from fedstream import (
     ConsumerFactory,
     FLContext,
     ObjectConsumer,
+    ReturnCode,
     Shareable,
     Site,
     open_site,
 )
 from fedstream._engine._connection import Connection
 from fedstream._engine._options import DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_THREADS
-from fedstream._wire import FrameProtocol, encode_object
-from test_engine_hostile import CH, LOOP, RawPeer, data_frame, wait_until
+from fedstream._wire import Abort, FrameProtocol, Ping, encode_object
+from test_engine_hostile import (
+    CH,
+    LOOP,
+    RawPeer,
+    attacked_hub,
+    data_frame,
+    raw_peer,
+    wait_until,
+)
 
 KIB = 1024
 MIB = 1024 * KIB
+_ids = itertools.count()
 SCALE = max(1, int(os.environ.get("FEDSTREAM_HOSTILE_SCALE", "1")))
 
 
@@ -276,3 +287,58 @@ async def test_accept_failures_are_logged_once_per_interval(
     records = [r for r in caplog.records if r.name == "trio.serve_listeners"]
     assert len(records) == 1
     assert records[0].exc_info is None
+
+
+# ================================================================ time bounds
+
+
+async def test_an_object_that_makes_no_progress_is_reaped_while_the_peer_stays_alive() -> None:
+    """A partial object, then only PONGs: the session ends with TIMEOUT after its bound."""
+    bound = 0.5
+    opts: dict[str, Any] = {
+        "receive_progress_timeout": bound,
+        "heartbeat_interval": 0.1,
+        "peer_timeout": 5.0,
+    }
+    async with attacked_hub(**opts) as hub, raw_peer(hub) as peer:
+        await peer.handshake()
+        full = encode_object(Shareable({"blob": b"s" * 100_000})).to_bytes()
+        await peer.send(data_frame(1, 0, topic="stalled", body=full[:1024], size=len(full)))
+        start = trio.current_time()
+        # Reading answers the hub's PINGs, so the connection stays alive.
+        abort = await peer.expect(Abort, limit=5)
+        elapsed = trio.current_time() - start
+        assert (abort.sid, abort.rc) == (1, ReturnCode.TIMEOUT)
+        assert bound <= elapsed < bound + 1.0, elapsed
+        await peer.expect_done(1, ReturnCode.TIMEOUT)
+        (session,) = hub.rec.topic("stalled")
+        assert (session.rc, session.finalized) == (ReturnCode.TIMEOUT, 1)
+        assert "evil" in hub.site.peers
+        await peer.stream_ok(3, "after-stalled")
+
+
+async def test_peer_loss_is_declared_within_peer_timeout_of_the_last_frame(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    timeout = 20.0
+    url = f"memory://hostile-limits-{next(_ids)}"
+    async with (
+        open_site("rx", listen=url, heartbeat_interval=5.0, peer_timeout=timeout) as rx,
+        open_site("tx", connect=[url], heartbeat_interval=5.0, peer_timeout=timeout) as tx,
+    ):
+        await rx.wait_for_peers(["tx"])
+        rx_conn = await connection_of(rx, "tx")
+        tx_conn = await connection_of(tx, "rx")
+        # The last frame rx gets comes off its heartbeat's beat.
+        await trio.sleep(2.5)
+        before = rx_conn._last_receive
+        tx_conn.send_control(Ping(7))
+        while rx_conn._last_receive == before:
+            await trio.sleep(0.001)
+        blackhole(tx_conn)
+        last = rx_conn._last_receive
+        with trio.fail_after(3 * timeout):
+            while "tx" in rx.peers:
+                await trio.sleep(0.01)
+        lost_after = trio.current_time() - last
+    assert timeout - 0.1 <= lost_after <= timeout + 0.1, lost_after

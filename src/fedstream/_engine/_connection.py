@@ -107,6 +107,8 @@ class ReceiveHandler(Protocol):
     def on_abort(self, frame: Abort) -> None: ...
     def on_connection_lost(self) -> None: ...
     def body_target(self, frame: Chunk, nbytes: int) -> memoryview | None: ...
+    def progress_deadline(self) -> float: ...
+    def reap(self) -> None: ...
     def stats(self) -> StreamStats: ...
 
 
@@ -877,17 +879,36 @@ class Connection:
     # ---------------------------------------------------------------- lifecycle
 
     async def _heartbeat(self) -> None:
+        """PING when idle, declare the peer lost exactly ``peer_timeout`` after
+        the last received byte, and reap receiving sessions whose object
+        stopped making progress.
+
+        It sleeps until the earliest of those deadlines (never longer than
+        ``heartbeat_interval``, so a session's reaping is late by at most
+        that), instead of polling on a fixed beat.
+        """
         interval = self.options.heartbeat_interval
         timeout = self.options.peer_timeout
+        last_ping = -math.inf
         while True:
-            await trio.sleep(min(interval, timeout / 2))
-            silent = trio.current_time() - self._last_receive
+            now = trio.current_time()
+            last = self._last_receive
+            silent = now - last
             if silent >= timeout:
                 message = f"nothing received from {self.peer} for {silent:.1f} s"
                 self.lose(message, goaway=GoAway(ErrorCode.HEARTBEAT_TIMEOUT, message))
                 return
-            if silent >= interval:
+            if silent >= interval and now - last_ping >= interval:
                 self.send_control(Ping(next(self._pings)))
+                last_ping = now
+            wake = min(last + timeout, max(last, last_ping) + interval, now + interval)
+            for receiver in list(self.receivers.values()):
+                deadline = receiver.progress_deadline()
+                if deadline <= now:
+                    receiver.reap()
+                elif deadline < wake:
+                    wake = deadline
+            await trio.sleep_until(wake)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the connection until it is lost or closed; always closes the stream."""

@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_MAX_STREAMS_PER_PEER",
     "DEFAULT_MAX_THREADS",
     "DEFAULT_PEER_TIMEOUT",
+    "DEFAULT_RECEIVE_PROGRESS_TIMEOUT",
     "DEFAULT_WINDOW",
     "SiteOptions",
 ]
@@ -35,6 +36,9 @@ DEFAULT_WINDOW: Final = 8 * 1024 * 1024
 DEFAULT_HEARTBEAT_INTERVAL: Final = 5.0
 #: Silence after which the peer counts as lost (COMMUNICATION_ERROR).
 DEFAULT_PEER_TIMEOUT: Final = 20.0
+#: Time a partly received object may go without a byte of it arriving (while
+#: it has credit) before its session ends with TIMEOUT.
+DEFAULT_RECEIVE_PROGRESS_TIMEOUT: Final = 60.0
 #: Time allowed for the HELLO exchange.
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
 #: Worker threads a site runs plain callbacks in at once (trio's own default
@@ -68,6 +72,7 @@ class SiteOptions:
     peer_timeout: float = DEFAULT_PEER_TIMEOUT
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     finalize_timeout: float = DEFAULT_FINALIZE_TIMEOUT
+    receive_progress_timeout: float = DEFAULT_RECEIVE_PROGRESS_TIMEOUT
     sync_callbacks: SyncMode = SyncMode.THREAD
     max_threads: float = DEFAULT_MAX_THREADS
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
@@ -84,7 +89,13 @@ class SiteOptions:
             raise ValueError("chunk_size must be in [1024, max_frame_size - 4096]")
         if self.window < self.chunk_size:
             raise ValueError("window must be at least chunk_size")
-        for name in ("heartbeat_interval", "peer_timeout", "handshake_timeout", "finalize_timeout"):
+        for name in (
+            "heartbeat_interval",
+            "peer_timeout",
+            "handshake_timeout",
+            "finalize_timeout",
+            "receive_progress_timeout",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_threads != math.inf:

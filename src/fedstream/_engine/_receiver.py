@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import math
 import mmap
 import sys
 from collections.abc import Callable
@@ -138,6 +139,8 @@ class ReceiverSession:
         self._staged: list[bytes] | None = None
         self._staged_len = 0
         self._staged_size = 0
+        #: When a byte of the object being received last arrived.
+        self._progressed = trio.current_time()
         self._inbox: collections.deque[tuple[int, RawObject]] = collections.deque()
         self._inbox_event = trio.Event()
         self._end_received = False
@@ -192,6 +195,7 @@ class ReceiverSession:
             return
         self._expected_seq += 1
         self._assembling_seq = frame.seq
+        self._progressed = trio.current_time()
         admitted = self._holds.add(frame.size)
         if frame.size == len(frame.body) and frame.size <= self.conn.options.max_object_size:
             # The whole object came in this one frame: no reassembly needed.
@@ -259,6 +263,7 @@ class ReceiverSession:
             raise RemoteProtocolError(f"chunk overruns the object size {self._staged_size}")
         self._staged.append(bytes(frame.body))
         self._staged_len += len(frame.body)
+        self._progressed = trio.current_time()
         self._grant(len(frame.body))
         if self._staged_len == self._staged_size:
             # All of it came within the credit the stream had: assemble it
@@ -303,10 +308,33 @@ class ReceiverSession:
         assembler = self._assembler
         assert assembler is not None
         complete = assembler.feed(offset, body)
+        self._progressed = trio.current_time()
         self._grant(len(body))
         if complete:
             self._assembler = None
             self._deliver(assembler.take())
+
+    def progress_deadline(self) -> float:
+        """When the object being received times out if no more of it arrives
+        (``inf`` when nothing is expected from the sender: no object under
+        way, or its credit withheld by the receive budget)."""
+        if self.rc is not None or self._holds.withholding:
+            return math.inf
+        if self._assembler is None and self._staged is None:
+            return math.inf
+        return self._progressed + self.conn.options.receive_progress_timeout
+
+    def reap(self) -> None:
+        """The object under way made no progress for its bound: end with TIMEOUT."""
+        bound = self.conn.options.receive_progress_timeout
+        logger.warning(
+            "object %d of stream %d from %s made no progress for %s s: ending the session",
+            self._assembling_seq,
+            self.sid,
+            self.conn.peer,
+            bound,
+        )
+        self.end(ReturnCode.TIMEOUT, tell_sender=True)
 
     def _grant(self, nbytes: int) -> None:
         # Credit goes back in steps of credit_step (announced in our HELLO,

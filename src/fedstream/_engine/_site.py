@@ -53,6 +53,7 @@ from ._options import (
     DEFAULT_MAX_STREAMS_PER_PEER,
     DEFAULT_MAX_THREADS,
     DEFAULT_PEER_TIMEOUT,
+    DEFAULT_RECEIVE_PROGRESS_TIMEOUT,
     DEFAULT_WINDOW,
     SiteOptions,
 )
@@ -525,6 +526,7 @@ class SiteKeywords(TypedDict, total=False):
     peer_timeout: float
     handshake_timeout: float
     finalize_timeout: float
+    receive_progress_timeout: float
     sync_callbacks: SyncMode | str
     max_threads: float
     max_streams_per_peer: int
@@ -547,6 +549,7 @@ async def open_site(
     peer_timeout: float = DEFAULT_PEER_TIMEOUT,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     finalize_timeout: float = DEFAULT_FINALIZE_TIMEOUT,
+    receive_progress_timeout: float = DEFAULT_RECEIVE_PROGRESS_TIMEOUT,
     sync_callbacks: SyncMode | str = SyncMode.THREAD,
     max_threads: float = DEFAULT_MAX_THREADS,
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
@@ -569,6 +572,10 @@ async def open_site(
         handshake_timeout: seconds allowed for the HELLO exchange.
         finalize_timeout: bound on each end-of-stream step and on the
             sender's wait for receivers to finalize.
+        receive_progress_timeout: seconds a partly received object may go
+            without a byte of it arriving, while it has credit, before its
+            session ends with ``TIMEOUT`` (default 60), however alive the
+            connection is otherwise.
         sync_callbacks: ``"thread"`` (default) runs plain user callbacks in
             worker threads; ``"inline"`` runs them in the trio task.
         max_threads: most worker threads used at once for plain callbacks
@@ -611,6 +618,7 @@ async def open_site(
         peer_timeout=peer_timeout,
         handshake_timeout=handshake_timeout,
         finalize_timeout=finalize_timeout,
+        receive_progress_timeout=receive_progress_timeout,
         sync_callbacks=SyncMode(sync_callbacks),
         max_threads=max_threads,
         max_streams_per_peer=max_streams_per_peer,
