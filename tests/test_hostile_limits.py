@@ -36,8 +36,10 @@ from fedstream import (
     ReturnCode,
     Shareable,
     Site,
+    StreamContextKey,
     open_site,
 )
+from fedstream._engine._callbacks import CallbackRunner, SyncMode
 from fedstream._engine._connection import Connection
 from fedstream._engine._options import DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_THREADS
 from fedstream._wire import Abort, FrameProtocol, Ping, encode_object
@@ -54,6 +56,8 @@ from test_engine_hostile import (
 KIB = 1024
 MIB = 1024 * KIB
 _ids = itertools.count()
+#: Leaving a site takes at most this many finalize_timeouts (docs/semantics.md).
+EXIT_BOUND_TIMEOUTS = 4
 SCALE = max(1, int(os.environ.get("FEDSTREAM_HOSTILE_SCALE", "1")))
 
 
@@ -342,3 +346,73 @@ async def test_peer_loss_is_declared_within_peer_timeout_of_the_last_frame(
                 await trio.sleep(0.01)
         lost_after = trio.current_time() - last
     assert timeout - 0.1 <= lost_after <= timeout + 0.1, lost_after
+
+
+class StuckConsumer(ObjectConsumer):
+    """A plain ``consume`` that blocks and ignores the abort signal (capped for the test's sake)."""
+
+    def __init__(self, entered: threading.Event, release: threading.Event) -> None:
+        self.entered = entered
+        self.release = release
+        self.finalized: list[str] = []
+
+    def consume(
+        self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[bool, Shareable | None]:
+        self.entered.set()
+        self.release.wait(15)
+        return True, None
+
+    def finalize(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> None:
+        self.finalized.append(stream_ctx[StreamContextKey.RC])
+
+
+class StuckFactory(ConsumerFactory):
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.consumers: list[StuckConsumer] = []
+
+    def get_consumer(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> ObjectConsumer:
+        consumer = StuckConsumer(self.entered, self.release)
+        self.consumers.append(consumer)
+        return consumer
+
+
+async def test_leaving_a_site_whose_consume_never_returns_is_bounded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``consume`` blocks in its thread and ignores the abort signal: the site
+    abandons the thread after ``finalize_timeout`` and finalizes anyway."""
+    finalize_timeout = 0.5
+    factory = StuckFactory()
+    try:
+        async with open_site("hub", listen=LOOP, finalize_timeout=finalize_timeout) as hub:
+            hub.register_stream_processing(CH, "*", factory)
+            peer = await connect_raw(hub.address)
+            await peer.send(data_frame(1, 0))
+            await trio.to_thread.run_sync(factory.entered.wait, 5)
+            start = trio.current_time()
+        elapsed = trio.current_time() - start
+        await peer.stream.aclose()
+    finally:
+        factory.release.set()
+    assert elapsed < EXIT_BOUND_TIMEOUTS * finalize_timeout + 1.0, elapsed
+    (consumer,) = factory.consumers
+    assert consumer.finalized == [ReturnCode.SERVICE_UNAVAILABLE]
+    assert any("abandon" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
+async def test_a_callback_cancelled_while_waiting_for_a_thread_never_runs_nor_delays() -> None:
+    runner = CallbackRunner(SyncMode.THREAD, max_threads=1, grace=30.0)
+    release = threading.Event()
+    ran: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner, release.wait, 10)  # holds the only thread
+        await trio.sleep(0.05)
+        with trio.move_on_after(0.1):
+            await runner(ran.append, "late")
+        start = trio.current_time()
+        release.set()
+    assert trio.current_time() - start < 5
+    assert ran == []

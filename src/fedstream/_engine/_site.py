@@ -92,7 +92,9 @@ class Site:
         self.name = _check_name(name)
         self.options = options
         self._nursery = nursery
-        self._runner = CallbackRunner(options.sync_callbacks, options.max_threads)
+        self._runner = CallbackRunner(
+            options.sync_callbacks, options.max_threads, grace=options.finalize_timeout
+        )
         #: Bytes of received objects held for all peers together.
         self._receive_budget = SiteBudget(options.max_receive_buffer)
         self._registrations: dict[tuple[str, str], Registration] = {}
