@@ -57,7 +57,7 @@ KIB = 1024
 MIB = 1024 * KIB
 _ids = itertools.count()
 #: Leaving a site takes at most this many finalize_timeouts (docs/semantics.md).
-EXIT_BOUND_TIMEOUTS = 4
+EXIT_BOUND_TIMEOUTS = 5
 SCALE = max(1, int(os.environ.get("FEDSTREAM_HOSTILE_SCALE", "1")))
 
 
