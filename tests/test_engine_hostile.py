@@ -475,7 +475,6 @@ async def test_chunk_for_an_object_not_being_sent_closes_the_connection() -> Non
         pytest.param(data_frame(2, 0), id="data-on-even-sid"),
         pytest.param(End(4, 1), id="end-on-even-sid"),
         pytest.param(Reply(1, 0, 3, False, b"abc"), id="reply-on-odd-sid"),
-        pytest.param(Credit(3, 1000), id="credit-on-odd-sid"),
         pytest.param(Done(5, "OK", None), id="done-on-odd-sid"),
         pytest.param(data_frame(0, 0), id="data-on-reserved-sid-0"),
     ],

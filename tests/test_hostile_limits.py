@@ -42,13 +42,27 @@ from fedstream import (
 from fedstream._engine._callbacks import CallbackRunner, SyncMode
 from fedstream._engine._connection import Connection
 from fedstream._engine._options import DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_THREADS
-from fedstream._wire import Abort, FrameProtocol, Ping, encode_object
+from fedstream._wire import (
+    PROTOCOL_VERSION,
+    Abort,
+    Chunk,
+    Data,
+    Done,
+    ErrorCode,
+    FrameProtocol,
+    GoAway,
+    Ping,
+    Reply,
+    encode_object,
+)
 from test_engine_hostile import (
     CH,
     LOOP,
+    Producer,
     RawPeer,
     attacked_hub,
     data_frame,
+    framed,
     raw_peer,
     wait_until,
 )
@@ -416,3 +430,131 @@ async def test_a_callback_cancelled_while_waiting_for_a_thread_never_runs_nor_de
         release.set()
     assert trio.current_time() - start < 5
     assert ran == []
+
+
+# ================================================================ protocol version 2
+
+
+async def test_a_version_1_hello_is_refused_with_a_clear_goaway() -> None:
+    async with open_site("hub", listen=LOOP) as hub:
+        assert hub.address is not None
+        port = int(hub.address.rsplit(":", 1)[1])
+        peer = RawPeer(await trio.open_tcp_stream("127.0.0.1", port))
+        try:
+            await peer.send_raw(framed([1, 1, "old", {}, []]))
+            frames = await peer.expect_closed()
+        finally:
+            await peer.stream.aclose()
+    (goaway,) = [f for f in frames if isinstance(f, GoAway)]
+    assert goaway.code == ErrorCode.VERSION_MISMATCH
+    assert "version 1" in goaway.message
+    assert f"speak {PROTOCOL_VERSION}" in goaway.message
+    assert "old" not in hub.peers
+
+
+async def _first_frames(peer: RawPeer, count: int) -> list[Data]:
+    """The DATA frames that open ``count`` streams (their CHUNKs skipped)."""
+    opened: list[Data] = []
+    while len(opened) < count:
+        frame = await peer.next_frame()
+        if isinstance(frame, Data):
+            opened.append(frame)
+    return opened
+
+
+async def _stream_to(hub: Site, target: str, results: list[tuple[str, Any]]) -> None:
+    results.append(await hub.stream_objects(CH, "replies", {}, [target], Producer(1), None))
+
+
+async def test_a_target_cannot_send_reply_bytes_beyond_its_credit() -> None:
+    """A reply that waits for the receive budget gets no credit: a target that
+    keeps sending anyway is stopped at the window, not at what it sends."""
+    window = 128 * KIB
+    opts: dict[str, Any] = {
+        "window": window,
+        "chunk_size": 64 * KIB,
+        "max_receive_buffer_per_peer": MIB,
+    }
+    results: list[tuple[str, Any]] = []
+    size = 900 * KIB
+    piece = b"r" * (32 * KIB)
+    async with open_site("hub", listen=LOOP, **opts) as hub:
+        peer = await connect_raw(hub.address)
+        conn = await connection_of(hub, "evil")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stream_to, hub, "evil", results)
+            nursery.start_soon(_stream_to, hub, "evil", results)
+            first, second = await _first_frames(peer, 2)
+            await peer.send(Reply(first.sid, 0, size, False, piece))  # takes the budget
+            await peer.send(Reply(second.sid, 0, size, False, piece))  # waits for it
+            await wait_until(lambda: conn.receive_budget.waiting == 1)
+            sent = len(piece)
+            with trio.move_on_after(5):
+                while sent < 4 * MIB:  # stops once the hub closes the connection
+                    try:
+                        await peer.send(Chunk(second.sid, 0, sent, piece))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        break
+                    sent += len(piece)
+            frames = await peer.expect_closed()
+        await peer.stream.aclose()
+    goaways = [f for f in frames if isinstance(f, GoAway)]
+    assert goaways, frames
+    assert goaways[0].code == ErrorCode.PROTOCOL_ERROR
+    assert "credit" in goaways[0].message
+    assert results == [(ReturnCode.COMMUNICATION_ERROR, None)] * 2
+
+
+async def test_a_large_reply_counts_in_the_senders_receive_budget() -> None:
+    results: list[tuple[str, Any]] = []
+    async with open_site("hub", listen=LOOP, window=128 * KIB, chunk_size=64 * KIB) as hub:
+        peer = await connect_raw(hub.address)
+        conn = await connection_of(hub, "evil")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stream_to, hub, "evil", results)
+            (data,) = await _first_frames(peer, 1)
+            reply = encode_object(Shareable({"blob": b"r" * 900 * KIB})).to_bytes()
+            await peer.send(Reply(data.sid, 0, len(reply), True, reply[: 32 * KIB]))
+            await wait_until(lambda: conn.receive_budget.held == len(reply))
+            # The rest, within the credit the hub grants as it takes bytes in.
+            offset = 32 * KIB
+            while offset < len(reply):
+                await peer.send(Chunk(data.sid, 0, offset, reply[offset : offset + 32 * KIB]))
+                offset += 32 * KIB
+            await wait_until(lambda: conn.receive_budget.held == 0)
+            await peer.send(Done(data.sid, ReturnCode.OK, None))
+        await peer.stream.aclose()
+    assert results == [(ReturnCode.OK, None)]
+
+
+class BigReplies(ConsumerFactory):
+    def get_consumer(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> ObjectConsumer:
+        return _BigReplier()
+
+
+class _BigReplier(ObjectConsumer):
+    def consume(
+        self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[bool, Shareable | None]:
+        reply = Shareable({"echo": b"e" * (MIB + 17)})
+        reply.set_return_code(ReturnCode.OK)
+        return True, reply
+
+
+async def test_replies_larger_than_the_window_flow_with_credit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    url = f"memory://hostile-limits-{next(_ids)}"
+    opts: dict[str, Any] = {"window": 128 * KIB, "chunk_size": 32 * KIB, "sync_callbacks": "inline"}
+    producer = Producer(3)
+    async with (
+        open_site("rx", listen=url, **opts) as rx,
+        open_site("tx", connect=[url], **opts) as tx,
+    ):
+        rx.register_stream_processing(CH, "*", BigReplies())
+        rc, _ = await tx.stream_objects(CH, "big-replies", {}, ["rx"], producer, None)
+        (tx_conn,) = tx._connections.values()
+        assert tx_conn.receive_budget.held == 0
+        assert tx_conn.receive_budget.peak >= MIB
+    assert rc == ReturnCode.OK
+    assert [len(r["rx"]["echo"]) for r in producer.replies] == [MIB + 17] * 3

@@ -20,7 +20,7 @@ import logging
 import math
 import mmap
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -48,7 +48,7 @@ from .._wire import (
     decode_object,
     encode_object,
 )
-from .._wire._frames import OPENER_ABORT_RCS
+from .._wire._frames import FREE_REPLY_MAX, OPENER_ABORT_RCS
 from ._budget import ObjectHolds
 from ._callbacks import current_session
 from ._stats import StreamStats
@@ -82,12 +82,22 @@ async def send_object(
     sid: int,
     seq: int,
     obj: Shareable,
+    reserve: Callable[[int], Awaitable[None]] | None = None,
 ) -> None:
-    """Send ``obj`` as a first frame (built by ``make_first(size, body)``) plus CHUNKs."""
+    """Send ``obj`` as a first frame (built by ``make_first(size, body)``) plus CHUNKs.
+
+    With ``reserve``, each frame's tail first waits for that much credit,
+    unless the whole object is small enough to go free in one frame
+    (:data:`FREE_REPLY_MAX`).
+    """
     # Most replies are the plain OK acknowledgement: encode that one once.
     encoded = _PLAIN_OK_ENCODED if obj == _PLAIN_OK else encode_object(obj)
+    if encoded.size <= FREE_REPLY_MAX and encoded.size <= conn.max_body:
+        reserve = None
     offset = 0
     for view in encoded.chunks(conn.max_body):
+        if reserve is not None:
+            await reserve(len(view))
         if offset == 0:
             await conn.send_data(make_first(encoded.size, view))
         else:
@@ -141,6 +151,9 @@ class ReceiverSession:
         self._staged_size = 0
         #: When a byte of the object being received last arrived.
         self._progressed = trio.current_time()
+        #: Reply bytes the opener lets us send (its window, plus its CREDITs).
+        self._reply_credit = conn.peer_window
+        self._reply_credit_changed = trio.Event()
         self._inbox: collections.deque[tuple[int, RawObject]] = collections.deque()
         self._inbox_event = trio.Event()
         self._end_received = False
@@ -388,6 +401,17 @@ class ReceiverSession:
     def on_connection_lost(self) -> None:
         self.end(ReturnCode.COMMUNICATION_ERROR, tell_sender=False)
 
+    def on_credit(self, frame: Credit) -> None:
+        """The opener lets us send ``increment`` more reply bytes."""
+        self._reply_credit += frame.increment
+        self._reply_credit_changed.set()
+
+    async def _reserve_reply(self, nbytes: int) -> None:
+        while self._reply_credit < nbytes:
+            self._reply_credit_changed = trio.Event()
+            await self._reply_credit_changed.wait()
+        self._reply_credit -= nbytes
+
     # ------------------------------------------------------------ ending
 
     def end(self, rc: str, *, tell_sender: bool = False) -> None:
@@ -531,7 +555,12 @@ class ReceiverSession:
         sid = self.sid
         try:
             await send_object(
-                self.conn, lambda size, body: Reply(sid, seq, size, last, body), sid, seq, reply
+                self.conn,
+                lambda size, body: Reply(sid, seq, size, last, body),
+                sid,
+                seq,
+                reply,
+                self._reserve_reply,
             )
         except LocalProtocolError as exc:
             logger.error("reply to object %d of stream %d cannot be encoded: %s", seq, sid, exc)
@@ -548,6 +577,7 @@ class ReceiverSession:
                 self.sid,
                 seq,
                 reply,
+                self._reserve_reply,
             )
 
     async def _finish(self, consumer: ObjectConsumer | None) -> None:

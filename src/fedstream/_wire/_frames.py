@@ -39,8 +39,12 @@ __all__ = [
     "Reply",
 ]
 
-#: The wire protocol version this implementation speaks.
-PROTOCOL_VERSION: Final = 1
+#: The wire protocol version this implementation speaks (2: replies are
+#: flow-controlled like objects; version 1 peers are refused).
+PROTOCOL_VERSION: Final = 2
+#: A REPLY whose encoded reply is at most this long and travels whole in that
+#: one frame uses no reply credit (acknowledgements, error replies).
+FREE_REPLY_MAX: Final = 4096
 
 Body = bytes | bytearray | memoryview
 
