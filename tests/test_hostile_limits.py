@@ -165,8 +165,8 @@ async def test_objects_waiting_for_the_budget_allocate_nothing_for_their_claim()
     """Many streams announce objects the budget cannot admit yet: no buffer is made for them.
 
     The first object takes the whole (shrunk) budget and stays unfinished;
-    every later one waits. Before the fix each waiting object got its
-    zero-filled buffer at its first frame.
+    every later one waits, holding only the bytes it sent, not a buffer of
+    the size it claims.
     """
     streams = 40 * SCALE
     claim = 900 * KIB
@@ -238,8 +238,8 @@ async def test_pending_handshakes_are_few_small_and_give_their_memory_back() -> 
     """Connections that never send HELLO: bounded in number and in memory each.
 
     Beyond ``max_pending_handshakes`` a connection is refused at once; each
-    pending one holds a few KiB until its HELLO is valid (it held a 256 KiB
-    receive buffer before), and the memory returns once they are gone.
+    pending one holds a few KiB until its HELLO is valid (not a whole
+    receive buffer), and the memory returns once they are gone.
     """
     count = 400 * SCALE
     tracemalloc.start()
