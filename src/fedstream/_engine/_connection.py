@@ -897,17 +897,21 @@ class Connection:
         timeout = self.options.peer_timeout
         last_ping = -math.inf
         while True:
+            # Deadlines are compared as computed, never as differences, so
+            # that rounding cannot leave a deadline that is due but not met.
             now = trio.current_time()
             last = self._last_receive
-            silent = now - last
-            if silent >= timeout:
-                message = f"nothing received from {self.peer} for {silent:.1f} s"
+            lost_at = last + timeout
+            if now >= lost_at:
+                message = f"nothing received from {self.peer} for {now - last:.1f} s"
                 self.lose(message, goaway=GoAway(ErrorCode.HEARTBEAT_TIMEOUT, message))
                 return
-            if silent >= interval and now - last_ping >= interval:
+            ping_at = max(last, last_ping) + interval
+            if now >= ping_at:
                 self.send_control(Ping(next(self._pings)))
                 last_ping = now
-            wake = min(last + timeout, max(last, last_ping) + interval, now + interval)
+                ping_at = now + interval
+            wake = min(lost_at, ping_at)
             for receiver in list(self.receivers.values()):
                 deadline = receiver.progress_deadline()
                 if deadline <= now:
