@@ -194,7 +194,9 @@ class _ParkingConn:
     def __init__(self, window: int) -> None:
         import itertools
         import math
-        from types import SimpleNamespace
+
+        from fedstream import SiteOptions
+        from fedstream._engine._budget import ReceiveBudget
 
         self._sids = itertools.count(1, 2)
         self.senders: dict[int, Any] = {}
@@ -204,7 +206,8 @@ class _ParkingConn:
         self.max_body = 1024 * 1024
         self.bytes_queued = self.bytes_sent = 0
         self.last_write = 0.0
-        self.options = SimpleNamespace(finalize_timeout=1.0)
+        self.options = SiteOptions(finalize_timeout=1.0)
+        self.receive_budget = ReceiveBudget(self.options.max_receive_buffer_per_peer)
         self.closed = trio.Event()
         self.calls = 0
 

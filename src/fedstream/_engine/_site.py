@@ -13,9 +13,10 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Final, TypedDict
 
 import trio
 
@@ -32,7 +33,17 @@ from .._errors import (
 from .._shareable import ReturnCode
 from .._tls import TLSConfig, describe_tls_error, proven_names
 from .._transport import Transport, TransportConfig, make_transport, split_url
-from .._wire import DEFAULT_MAX_FRAME_SIZE, Data, Done, ErrorCode, FrameProtocol, GoAway, Hello
+from .._wire import (
+    DEFAULT_MAX_FRAME_SIZE,
+    Data,
+    Done,
+    ErrorCode,
+    FrameProtocol,
+    GoAway,
+    Hello,
+    encode_frame,
+)
+from ._budget import SiteBudget
 from ._callbacks import CallbackRunner, SyncMode, current_session
 from ._connection import Connection, ReceiveHandler, accept_handshake, dial_handshake
 from ._options import (
@@ -41,9 +52,13 @@ from ._options import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_MAX_OBJECT_SIZE,
+    DEFAULT_MAX_PENDING_HANDSHAKES,
+    DEFAULT_MAX_RECEIVE_BUFFER,
     DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
     DEFAULT_MAX_STREAMS_PER_PEER,
+    DEFAULT_MAX_THREADS,
     DEFAULT_PEER_TIMEOUT,
+    DEFAULT_RECEIVE_PROGRESS_TIMEOUT,
     DEFAULT_RECONNECT_MAX_DELAY,
     DEFAULT_RECONNECT_MIN_DELAY,
     DEFAULT_WINDOW,
@@ -84,7 +99,11 @@ class Site:
         self.name = _check_name(name)
         self.options = options
         self._nursery = nursery
-        self._runner = CallbackRunner(options.sync_callbacks, options.max_threads)
+        self._runner = CallbackRunner(
+            options.sync_callbacks, options.max_threads, grace=options.finalize_timeout
+        )
+        #: Bytes of received objects held for all peers together.
+        self._receive_budget = SiteBudget(options.max_receive_buffer)
         self._registrations: dict[tuple[str, str], Registration] = {}
         self._connections: dict[str, Connection] = {}
         self._reserved: set[str] = set()
@@ -99,6 +118,8 @@ class Site:
         self._mutual: set[Connection] = set()
         #: Links this site dialed and keeps re-dialing, by URL.
         self._dialers: dict[str, _Dialer] = {}
+        #: Incoming connections whose handshake is under way.
+        self._pending_handshakes = 0
 
     # ------------------------------------------------------------- state
 
@@ -206,6 +227,7 @@ class Site:
         """Accept connections on ``url``; return the URL actually bound."""
         self._check_open()
         transport = self._transport(url)
+        _rate_limit_accept_errors()
         bound: str = await self._nursery.start(transport.serve, url, self._handle_incoming)
         self._addresses.append(bound)
         logger.info("site %s listening on %s", self.name, bound)
@@ -411,6 +433,30 @@ class Site:
             logger.exception("site %s: error while serving an incoming connection", self.name)
 
     async def _accept(self, stream: trio.abc.Stream) -> None:
+        limit = self.options.max_pending_handshakes
+        if self._pending_handshakes >= limit:
+            # Refused at once rather than queued: a queued connection would
+            # still hold its descriptor, which is what such a flood exhausts.
+            logger.debug("refusing a connection: %d handshakes pending", limit)
+            with trio.move_on_after(1):
+                try:
+                    await stream.send_all(_TOO_MANY_HANDSHAKES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            await trio.aclose_forcefully(stream)
+            return
+        self._pending_handshakes += 1
+        try:
+            accepted = await self._handshake(stream)
+        finally:
+            self._pending_handshakes -= 1
+        if accepted is not None:
+            await self._run_connection(stream, *accepted, False, "")
+
+    async def _handshake(self, stream: trio.abc.Stream) -> tuple[FrameProtocol, Hello, bool] | None:
+        """The acceptor's handshake: the peer's protocol state, its HELLO and
+        whether the link is mutually authenticated, or ``None`` (the stream
+        closed) if it failed."""
         protocol = FrameProtocol(max_frame_size=self.options.max_frame_size)
         reserved: list[str] = []
         proven = proven_names(stream)
@@ -455,10 +501,8 @@ class Site:
                 self._reserved.discard(name)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
-            return
-        await self._run_connection(
-            stream, protocol, hello, self._is_mutual(hello, proven), False, ""
-        )
+            return None
+        return protocol, hello, self._is_mutual(hello, proven)
 
     async def _run_connection(
         self,
@@ -472,7 +516,14 @@ class Site:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         conn = Connection(
-            stream, protocol, hello, local=self.name, dialer=dialer, options=self.options, url=url
+            stream,
+            protocol,
+            hello,
+            local=self.name,
+            dialer=dialer,
+            options=self.options,
+            url=url,
+            site_budget=self._receive_budget,
         )
         conn.on_open = self._open_receiver
         conn.on_lost = self._forget
@@ -861,6 +912,7 @@ class SiteKeywords(TypedDict, total=False):
     peer_timeout: float
     handshake_timeout: float
     finalize_timeout: float
+    receive_progress_timeout: float
     sync_callbacks: SyncMode | str
     max_threads: float
     max_streams_per_peer: int
@@ -869,6 +921,8 @@ class SiteKeywords(TypedDict, total=False):
     reconnect: bool
     reconnect_min_delay: float
     reconnect_max_delay: float
+    max_receive_buffer: int
+    max_pending_handshakes: int
 
 
 @asynccontextmanager
@@ -885,14 +939,17 @@ async def open_site(
     peer_timeout: float = DEFAULT_PEER_TIMEOUT,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     finalize_timeout: float = DEFAULT_FINALIZE_TIMEOUT,
+    receive_progress_timeout: float = DEFAULT_RECEIVE_PROGRESS_TIMEOUT,
     sync_callbacks: SyncMode | str = SyncMode.THREAD,
-    max_threads: float = math.inf,
+    max_threads: float = DEFAULT_MAX_THREADS,
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
     max_receive_buffer_per_peer: int = DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
     tls: TLSConfig | None = None,
     reconnect: bool = True,
     reconnect_min_delay: float = DEFAULT_RECONNECT_MIN_DELAY,
     reconnect_max_delay: float = DEFAULT_RECONNECT_MAX_DELAY,
+    max_receive_buffer: int = DEFAULT_MAX_RECEIVE_BUFFER,
+    max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES,
 ) -> AsyncIterator[Site]:
     """Run a site for the duration of the ``async with`` block.
 
@@ -909,9 +966,15 @@ async def open_site(
         handshake_timeout: seconds allowed for the HELLO exchange.
         finalize_timeout: bound on each end-of-stream step and on the
             sender's wait for receivers to finalize.
+        receive_progress_timeout: seconds a partly received object may go
+            without a byte of it arriving, while it has credit, before its
+            session ends with ``TIMEOUT`` (default 60), however alive the
+            connection is otherwise.
         sync_callbacks: ``"thread"`` (default) runs plain user callbacks in
             worker threads; ``"inline"`` runs them in the trio task.
-        max_threads: most worker threads used at once for sync callbacks.
+        max_threads: most worker threads used at once for plain callbacks
+            (default 40, trio's own limit; ``math.inf`` for none); a session
+            waiting for a thread holds none, whatever peers open.
         max_streams_per_peer: most receiving sessions one peer may have open
             on this site at once. A stream beyond it is refused with a
             ``SERVICE_UNAVAILABLE`` reply before any consumer is made; the
@@ -935,6 +998,14 @@ async def open_site(
             doubles after each failed one (each delay jittered down by up
             to half).
         reconnect_max_delay: the longest delay between two re-dials.
+        max_receive_buffer: the same budget for all peers together (default
+            2 GiB; site names cost nothing, so the per-peer budget alone does
+            not bound a site). An object is admitted only when it fits both,
+            or when the site holds nothing else.
+        max_pending_handshakes: incoming connections whose HELLO is not in
+            yet, at once (default 128); each holds a few KiB until then. One
+            more is refused at once (GOAWAY ``NO_ERROR``, "try again") and
+            closed, so a flood of silent connections holds no descriptors.
 
     Resource handling:
         On exit (normal, error or cancellation) the site shuts down as by
@@ -950,6 +1021,7 @@ async def open_site(
         peer_timeout=peer_timeout,
         handshake_timeout=handshake_timeout,
         finalize_timeout=finalize_timeout,
+        receive_progress_timeout=receive_progress_timeout,
         sync_callbacks=SyncMode(sync_callbacks),
         max_threads=max_threads,
         max_streams_per_peer=max_streams_per_peer,
@@ -958,6 +1030,8 @@ async def open_site(
         reconnect=reconnect,
         reconnect_min_delay=reconnect_min_delay,
         reconnect_max_delay=reconnect_max_delay,
+        max_receive_buffer=max_receive_buffer,
+        max_pending_handshakes=max_pending_handshakes,
     )
     _check_name(name)
     error: Exception | None = None
@@ -980,6 +1054,43 @@ async def open_site(
             await site.shutdown_streamer()
     if error is not None:
         raise error
+
+
+_TOO_MANY_HANDSHAKES: Final = encode_frame(
+    GoAway(ErrorCode.NO_ERROR, "too many connections waiting for their HELLO; try again")
+)[0]
+
+#: At most one log record per this many seconds about accept() failing for
+#: lack of resources (trio logs and retries every 0.1 s).
+_ACCEPT_ERROR_LOG_INTERVAL = 10.0
+
+
+class _AcceptErrorFilter(logging.Filter):
+    """Passes one of trio's accept-retry records per interval, without its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = -math.inf
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self._last < _ACCEPT_ERROR_LOG_INTERVAL:
+            self._suppressed += 1
+            return False
+        record.msg = f"{record.msg} ({self._suppressed} more since the last such message)"
+        record.exc_info = None
+        record.exc_text = None
+        self._last = now
+        self._suppressed = 0
+        return True
+
+
+def _rate_limit_accept_errors() -> None:
+    """Rate-limit trio's log of accept() failures such as EMFILE (installed once)."""
+    trio_logger = logging.getLogger("trio.serve_listeners")
+    if not any(isinstance(f, _AcceptErrorFilter) for f in trio_logger.filters):
+        trio_logger.addFilter(_AcceptErrorFilter())
 
 
 async def _run_services(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
