@@ -9,14 +9,17 @@ EXPECTED = {
     "ConsumerFactory",
     "ObjectConsumer",
     "ObjectProducer",
+    "StreamContext",
     "StreamContextKey",
     "StreamableEngine",
+    "stream_done_cb_signature",
     # the data model
     "FLContext",
     "ReservedHeaderKey",
     "ReturnCode",
     "Shareable",
     "Signal",
+    "make_copy",
     "make_reply",
     # the trio engine
     "END_RESULT",

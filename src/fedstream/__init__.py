@@ -9,7 +9,9 @@ from ._api import (
     ObjectConsumer,
     ObjectProducer,
     StreamableEngine,
+    StreamContext,
     StreamContextKey,
+    stream_done_cb_signature,
 )
 from ._context import FLContext, Signal
 from ._engine import (
@@ -34,7 +36,7 @@ from ._errors import (
     SiteClosedError,
     UnknownTargetError,
 )
-from ._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
+from ._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_copy, make_reply
 from ._version import __version__
 
 __all__ = [
@@ -59,13 +61,16 @@ __all__ = [
     "Site",
     "SiteClosedError",
     "SiteOptions",
+    "StreamContext",
     "StreamContextKey",
     "StreamStats",
     "StreamableEngine",
     "SyncMode",
     "UnknownTargetError",
     "__version__",
+    "make_copy",
     "make_reply",
     "open_site",
     "serve_site",
+    "stream_done_cb_signature",
 ]

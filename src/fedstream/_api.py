@@ -61,9 +61,14 @@ __all__ = [
     "ConsumerFactory",
     "ObjectConsumer",
     "ObjectProducer",
+    "StreamContext",
     "StreamContextKey",
     "StreamableEngine",
+    "stream_done_cb_signature",
 ]
+
+#: The type of ``stream_ctx``: FLARE spells it ``StreamContext``, an alias of ``dict``.
+StreamContext = dict
 
 
 class StreamContextKey:
@@ -186,6 +191,22 @@ class ObjectProducer(ABC):
             ``None`` to keep streaming. Anything else ends the stream, and
             ``stream_objects`` returns it as the stream's result.
         """
+
+
+def stream_done_cb_signature(stream_ctx: dict[str, Any], fl_ctx: FLContext, **kwargs: Any) -> None:
+    """Document the signature of a ``stream_done_cb``; it is never called.
+
+    Args:
+        stream_ctx: the context of the stream that ended; ``stream_ctx[StreamContextKey.RC]``
+            says how.
+        fl_ctx: the context of that stream on the receiving site (the same
+            object its consumer's ``finalize`` got).
+        kwargs: the ``cb_kwargs`` given to ``register_stream_processing``.
+
+    Returns:
+        Anything; a truthy result is sent to the sender (see ``END_RESULT``).
+    """
+    return None
 
 
 class StreamableEngine(ABC):

@@ -112,7 +112,7 @@ class _DemoProducer(ObjectProducer):
     ) -> tuple[Shareable | None, float]:
         if self.sent == self.count:
             return None, 0
-        obj = Shareable(seq=self.sent, data=self.payload)
+        obj = Shareable({"seq": self.sent, "data": self.payload})
         self.digest.update(self.payload)
         self.sent += 1
         return obj, 30.0
@@ -272,7 +272,7 @@ class _FileProducer(ObjectProducer):
         if not data and self.offset:
             return None, 0
         self.done = len(data) < self.chunk
-        obj = Shareable(file=self.path.name, offset=self.offset, data=data)
+        obj = Shareable({"file": self.path.name, "offset": self.offset, "data": data})
         self.offset += len(data)
         return obj, self.timeout
 
