@@ -22,6 +22,7 @@ EXPECTED = {
     "make_copy",
     "make_reply",
     # the trio engine
+    "BlockingSite",
     "END_RESULT",
     "END_RESULTS",
     "Site",

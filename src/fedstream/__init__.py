@@ -13,6 +13,7 @@ from ._api import (
     StreamContextKey,
     stream_done_cb_signature,
 )
+from ._blocking import BlockingSite
 from ._context import FLContext, Signal
 from ._engine import (
     END_RESULT,
@@ -42,6 +43,7 @@ from ._version import __version__
 __all__ = [
     "END_RESULT",
     "END_RESULTS",
+    "BlockingSite",
     "ConnectionLostError",
     "ConnectionStats",
     "ConsumerFactory",

@@ -376,8 +376,12 @@ class ReceiverSession:
                 )
                 keep_going, reply = _check_consume_result(result)
                 if reg.consumed_cb is not None:
-                    await self.runner(
-                        reg.consumed_cb, self.stream_ctx, self.fl_ctx, **reg.cb_kwargs
+                    await self.runner(  # FLARE's convention: the consume result first
+                        reg.consumed_cb,
+                        (keep_going, reply),
+                        self.stream_ctx,
+                        self.fl_ctx,
+                        **reg.cb_kwargs,
                     )
             except Exception as exc:
                 if self.rc is not None:  # already ending; the error is a consequence
@@ -468,9 +472,9 @@ class ReceiverSession:
                         "return_consumer",
                         timeout,
                         reg.factory.return_consumer,
-                        consumer,
-                        self.stream_ctx,
-                        self.fl_ctx,
+                        consumer=consumer,  # by keyword, as FLARE calls it
+                        stream_ctx=self.stream_ctx,
+                        fl_ctx=self.fl_ctx,
                     )
                 await self._send_done(rc, result)
         finally:

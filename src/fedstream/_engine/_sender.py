@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 #: Reply header carrying a target's truthy ``stream_done_cb`` result, on the
 #: last reply of a session the receiver ended itself.
 END_RESULT: Final = "__end_result__"
+#: The same result under the header FLARE's ``ObjectStreamer`` uses.
+FLARE_END_RESULT: Final = "ObjectStreamer.END_RESULT"
 #: Sender ``stream_ctx`` key: ``{target: stream_done_cb result}`` for every
 #: target whose result was truthy, filled in before ``stream_objects`` returns.
 END_RESULTS: Final = "__end_results__"
@@ -372,6 +374,7 @@ class TargetLink:
             await self.done.wait()
         if self.done_result:
             reply.set_header(END_RESULT, self.done_result)
+            reply.set_header(FLARE_END_RESULT, self.done_result)
 
 
 class StreamSession:
