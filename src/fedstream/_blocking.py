@@ -241,6 +241,11 @@ class BlockingSite(StreamableEngine):
         """A fresh context for this site: ``get_engine()`` is this site, identity set."""
         return FLContext(identity_name=self._name, engine=self)
 
+    def fire_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        """Drop an event: FLARE components fire events (log events, mostly) through
+        their engine, and fedstream has no event bus. Logged at debug level."""
+        logger.debug("site %s: event %r dropped (no event bus)", self._name, event_type)
+
     # ------------------------------------------------------------ streaming
 
     def register_stream_processing(
