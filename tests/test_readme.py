@@ -38,3 +38,14 @@ def test_readme_quick_start_has_exactly_two_commands() -> None:
     assert all(len(c.strip().splitlines()) == 1 for c in commands)
     assert "fedstream demo" in commands[0]
     assert "pytest" in commands[1]
+
+
+def test_coming_from_flare_names_are_all_exported() -> None:
+    import fedstream
+
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Coming from FLARE", 1)[1].split("\n## ", 1)[0]
+    imports = re.findall(r"`from nvflare\.[\w.]+ import ([\w, ]+)`", section)
+    names = {n.strip() for line in imports for n in line.split(",")}
+    assert len(names) >= 12
+    assert sorted(n for n in names if not hasattr(fedstream, n)) == []
