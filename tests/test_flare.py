@@ -414,3 +414,85 @@ def test_a_flare_style_user_pair_runs_unchanged(sites: tuple[BlockingSite, Block
     ends = [e for e in factory.log if e[0] != "consume"]
     assert [e[:2] for e in ends] == [("finalize", OK), ("done", OK), ("return_consumer", OK)]
     assert ends[0][2] == ends[1][2]  # one context for finalize and stream_done_cb
+
+
+# ------------------------------------------------- across two processes
+
+
+@pytest.mark.slow
+def test_flare_streamers_and_retrievers_across_two_processes(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    source_dir = tmp_path / "owner"
+    source_dir.mkdir()
+    (source_dir / "shard.bin").write_bytes(os.urandom(2 * 1024 * 1024 + 5))
+    dest_dir = tmp_path / "received"
+    dest_dir.mkdir()
+    mine = tmp_path / "mine.bin"
+    mine.write_bytes(os.urandom(3 * 1024 * 1024 + 1))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "flare_proc_site.py"),
+            str(source_dir),
+            str(dest_dir),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    watchdog = threading.Timer(120, proc.kill)  # a hang guard for the blocking reads below
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        first = proc.stdout.readline()
+        assert first.startswith("listening "), first
+        with BlockingSite("site-1", connect=[first.split()[1]], finalize_timeout=5.0) as client:
+            rc, _ = FileStreamer.stream_file(
+                channel=CH,
+                topic="file",
+                stream_ctx={},
+                targets=["server"],
+                file_name=str(mine),
+                fl_ctx=client.new_context(),
+            )
+            assert rc == OK
+            record = json.loads(proc.stdout.readline())
+            assert record["rc"] == OK
+            assert record["peer"] == "site-1"
+            assert Path(record["file"]).read_bytes() == mine.read_bytes()
+
+            rc, ok = ContainerStreamer.stream_container(
+                channel=CH,
+                topic="container",
+                stream_ctx={},
+                targets=["server"],
+                container={"a": 1, "b": [2, 3]},
+                fl_ctx=client.new_context(),
+            )
+            assert (rc, ok) == (OK, True)
+            assert json.loads(proc.stdout.readline()) == {"container": [["a", 1], ["b", [2, 3]]]}
+
+            files = FileRetriever(source_dir=str(tmp_path), dest_dir=str(dest_dir))
+            containers = ContainerRetriever()
+            files.handle_event(EventType.START_RUN, client.new_context())
+            containers.handle_event(EventType.START_RUN, client.new_context())
+            rc, location = files.retrieve_file(
+                from_site="server", fl_ctx=client.new_context(), timeout=20.0, file_name="shard.bin"
+            )
+            assert rc == OK
+            assert Path(location).read_bytes() == (source_dir / "shard.bin").read_bytes()
+            rc, params = containers.retrieve_container(
+                from_site="server", fl_ctx=client.new_context(), timeout=20.0, name="params"
+            )
+            assert (rc, params) == (OK, {"lr": 0.5, "rounds": 3})
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
