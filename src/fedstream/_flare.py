@@ -64,8 +64,8 @@ _classes: dict[str, type] = {}
 
 def nvflare_installed() -> bool:
     """Whether ``nvflare`` can be imported (without importing it)."""
-    if "nvflare" in sys.modules:
-        return True
+    if "nvflare" in sys.modules:  # None there means imports of it are blocked
+        return sys.modules["nvflare"] is not None
     try:
         return importlib.util.find_spec("nvflare") is not None
     except (ImportError, ValueError):
