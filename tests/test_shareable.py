@@ -86,7 +86,7 @@ def test_copy_is_independent() -> None:
     s.set_header("h", 1)
     s.add_cookie("c", 1)
     c = s.copy()
-    assert type(c) is Shareable
+    assert type(c) is type(Shareable())
     assert c == s
     c.set_header("h", 2)
     c.add_cookie("c", 2)

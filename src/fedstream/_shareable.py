@@ -127,7 +127,9 @@ class Shareable(dict[str, Any]):
         """
         if data is not None and not isinstance(data, Mapping):
             raise TypeError(f"Shareable data must be a mapping, not {type(data).__name__}")
-        super().__init__()
+        # dict's own __init__, not the next class in the MRO: with nvflare's
+        # Shareable mixed in, that one would put the headers first.
+        dict.__init__(self)
         if data:
             self.update(data)
         if kwargs:

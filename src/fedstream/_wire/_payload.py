@@ -209,6 +209,10 @@ def encode_object(obj: Mapping[str, Any]) -> EncodedObject:
         Shareable: encode_shareable,
         dict: encode_map,
     }
+    # cbor2 matches a subclass to the first base in its table, and dict comes
+    # first there: name Shareable's subclasses (nvflare's mix-in among them).
+    for sub in _subclasses(Shareable):
+        encoders[sub] = encode_shareable
     default: Callable[[cbor2.CBOREncoder, Any], None] | None = None
     # No array can be in the object unless the caller has imported NumPy.
     np = sys.modules.get("numpy")
@@ -224,6 +228,16 @@ def encode_object(obj: Mapping[str, Any]) -> EncodedObject:
     first = memoryview(_LEN.pack(len(head)) + head)
     parts = (first, *buffers)
     return EncodedObject(parts, sum(len(p) for p in parts))
+
+
+def _subclasses(cls: type) -> list[type]:
+    found: list[type] = []
+    pending: list[type] = cls.__subclasses__()
+    while pending:
+        sub = pending.pop()
+        found.append(sub)
+        pending.extend(sub.__subclasses__())
+    return found
 
 
 def _encode_ndarray(np: ModuleType, encoder: cbor2.CBOREncoder, array: Any) -> None:
