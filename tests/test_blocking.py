@@ -408,3 +408,33 @@ def test_blocking_site_keeps_the_finalize_guarantee(
             assert ends == ["stream_done_cb"]
         else:
             assert ends == ["finalize", "stream_done_cb", "return_consumer"]
+
+
+def test_a_callback_may_shut_its_own_site_down() -> None:
+    closed = threading.Event()
+
+    class Closer(ObjectConsumer):
+        def consume(self, shareable: Shareable, stream_ctx: Any, fl_ctx: FLContext) -> Any:
+            return False, None
+
+    class CloserFactory(ConsumerFactory):
+        def get_consumer(self, stream_ctx: Any, fl_ctx: Any) -> ObjectConsumer:
+            return Closer()
+
+    def done(stream_ctx: Any, fl_ctx: FLContext) -> None:
+        fl_ctx.get_engine().shutdown_streamer()  # from a worker thread of that very site
+        closed.set()
+
+    with BlockingSite("server", listen="tcp://127.0.0.1:0", finalize_timeout=2.0) as server:
+        assert server.address is not None
+        with BlockingSite("site-1", connect=[server.address]) as client:
+            server.register_stream_processing(CHANNEL, TOPIC, CloserFactory(), done)
+            client.wait_for_peers(["server"], timeout=10.0)
+            rc, _ = client.stream_objects(CHANNEL, TOPIC, {}, ["server"], _Counter(3), None)  # type: ignore[arg-type]
+            assert closed.wait(10)
+            assert server.closed
+            server._thread.join(10)
+            assert not server._thread.is_alive()
+            assert rc == OK
+            with pytest.raises(SiteClosedError):
+                server.register_stream_processing(CHANNEL, TOPIC, CloserFactory())

@@ -496,3 +496,59 @@ def test_flare_streamers_and_retrievers_across_two_processes(tmp_path: Path) -> 
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+# ------------------------------------------------- the tensor streamer
+
+
+def test_flares_tensor_streamer_runs_unchanged(sites: tuple[BlockingSite, BlockingSite]) -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    from nvflare.app_opt.tensor_stream.consumer import TensorConsumerFactory
+    from nvflare.app_opt.tensor_stream.producer import TensorProducer
+    from nvflare.app_opt.tensor_stream.types import TENSORS_CHANNEL, TensorCustomKeys, TensorTopics
+
+    from fedstream import FLContext
+
+    server, client = sites
+    got: list[Any] = []
+
+    def done(stream_ctx: Any, fl_ctx: Any) -> None:
+        got.append(
+            (
+                stream_ctx[NvKey.RC],
+                fl_ctx.get_custom_prop(TensorCustomKeys.SAFE_TENSORS_PROP_KEY),
+                fl_ctx.get_custom_prop(TensorCustomKeys.TASK_ID),
+            )
+        )
+
+    server.register_stream_processing(
+        TENSORS_CHANNEL, TensorTopics.TASK_RESULT, TensorConsumerFactory(), stream_done_cb=done
+    )
+    tensors = {
+        "encoder": {
+            "weight": torch.randn(256, 128),
+            "bias": torch.zeros(128, dtype=torch.bfloat16),
+        },
+        "head": torch.arange(1000, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+    }
+    ctx = client.new_context()
+    ctx.set_peer_context(FLContext(identity_name="server"))  # as a FLARE task context has
+    rc, _ = client.stream_objects(
+        TENSORS_CHANNEL,
+        TensorTopics.TASK_RESULT,
+        {},
+        ["server"],
+        TensorProducer(tensors, "task-1", 10.0),
+        ctx,
+    )
+    assert rc == OK
+    _wait(lambda: got, "stream_done_cb")
+    ((done_rc, params, task_id),) = got
+    assert (done_rc, task_id) == (OK, "task-1")
+    assert torch.equal(params["encoder"]["weight"], tensors["encoder"]["weight"])
+    assert params["encoder"]["bias"].dtype == torch.bfloat16
+    assert torch.equal(params["encoder"]["bias"], tensors["encoder"]["bias"])
+    assert torch.equal(params["head"], tensors["head"])
+    assert torch.equal(params["mask"], tensors["mask"])
