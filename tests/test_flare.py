@@ -552,3 +552,41 @@ def test_flares_tensor_streamer_runs_unchanged(sites: tuple[BlockingSite, Blocki
     assert torch.equal(params["encoder"]["bias"], tensors["encoder"]["bias"])
     assert torch.equal(params["head"], tensors["head"])
     assert torch.equal(params["mask"], tensors["mask"])
+
+
+def test_fedstream_classes_may_produce_and_reply_with_nvflare_shareables(
+    sites: tuple[BlockingSite, BlockingSite],
+) -> None:
+    import fedstream
+
+    server, client = sites
+
+    class Producer(fedstream.ObjectProducer):
+        def __init__(self) -> None:
+            self.replies: list[Any] = []
+
+        def produce(self, stream_ctx: Any, fl_ctx: Any) -> Any:
+            if self.replies:
+                return None, 1.0
+            obj = NvShareable({"x": 1})
+            obj.set_header("h", "kept")
+            return obj, 5.0
+
+        def process_replies(self, replies: Any, stream_ctx: Any, fl_ctx: Any) -> Any:
+            self.replies.append(replies)
+            return None
+
+    class Consumer(fedstream.ObjectConsumer):
+        def consume(self, shareable: Any, stream_ctx: Any, fl_ctx: Any) -> Any:
+            reply = nv_make_reply(ReturnCode.OK, {"saw": shareable.get_header("h")})
+            return True, reply
+
+    class Factory(fedstream.ConsumerFactory):
+        def get_consumer(self, stream_ctx: Any, fl_ctx: Any) -> Any:
+            return Consumer()
+
+    server.register_stream_processing(CH, "mixed", Factory())
+    producer = Producer()
+    rc, _ = client.stream_objects(CH, "mixed", {}, ["server"], producer, client.new_context())
+    assert rc == OK
+    assert producer.replies[0]["server"].get_header("saw") == "kept"

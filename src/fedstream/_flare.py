@@ -48,6 +48,7 @@ __all__ = [
     "bridge_abort_signal",
     "flare_context_class",
     "flare_shareable_class",
+    "from_flare",
     "nvflare_installed",
     "register_engine_class",
     "to_shareable",
@@ -127,6 +128,15 @@ def to_shareable(value: Any) -> Any:
     if value is None or isinstance(value, Shareable) or not isinstance(value, dict):
         return value
     return Shareable(value)
+
+
+def from_flare(value: Any) -> Any:
+    """Return an nvflare ``Shareable`` as a fedstream one (headers kept); anything else as is."""
+    mod = sys.modules.get("nvflare.apis.shareable")
+    flare_cls = getattr(mod, "Shareable", None) if mod is not None else None
+    if flare_cls is not None and isinstance(value, flare_cls):
+        return to_shareable(value)
+    return value
 
 
 def _is_foreign(obj: object, ours: type, methods: tuple[str, ...]) -> bool:

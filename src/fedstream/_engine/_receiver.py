@@ -33,6 +33,7 @@ from .._errors import (
     ObjectTooLargeError,
     RemoteProtocolError,
 )
+from .._flare import from_flare
 from .._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
 from .._wire import (
     Abort,
@@ -530,6 +531,7 @@ def _check_consume_result(result: Any) -> tuple[bool, Shareable | None]:
     if not isinstance(result, tuple) or len(result) != 2:
         raise TypeError(f"consume must return (continue, reply), not {result!r:.100}")
     keep_going, reply = result
+    reply = from_flare(reply)  # an nvflare Shareable, headers kept
     if reply is not None and not isinstance(reply, Shareable):
         raise TypeError(f"consume reply must be a Shareable or None, not {type(reply).__name__}")
     return bool(keep_going), reply

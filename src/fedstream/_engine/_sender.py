@@ -29,6 +29,7 @@ import trio
 from .._api import ObjectProducer, StreamContextKey
 from .._context import FLContext
 from .._errors import ConnectionLostError, LocalProtocolError, RemoteProtocolError
+from .._flare import from_flare
 from .._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
 from .._wire import (
     Abort,
@@ -593,6 +594,7 @@ def _check_produced(produced: Any) -> tuple[Shareable | None, float]:
     shareable, timeout = produced
     if shareable is None:
         return None, 0.0
+    shareable = from_flare(shareable)  # an nvflare Shareable, headers kept
     if not isinstance(shareable, Shareable):
         raise ValueError(f"produce returned {type(shareable).__name__}, not a Shareable")
     if (
