@@ -408,15 +408,22 @@ async def test_already_triggered_abort_signal_sends_nothing() -> None:
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_consumed_cb_runs_after_each_consume_with_kwargs(kind: str) -> None:
+    # FLARE's convention: consumed_cb((keep_going, reply), stream_ctx, fl_ctx, **cb_kwargs).
     calls: list[tuple[int, Any, str]] = []
+    results: list[Any] = []
     rec = Recorder() if kind == "sync" else AsyncRecorder()
 
-    def consumed_sync(stream_ctx: dict[str, Any], fl_ctx: FLContext, *, tag: str) -> None:
+    def consumed_sync(
+        result: Any, stream_ctx: dict[str, Any], fl_ctx: FLContext, *, tag: str
+    ) -> None:
+        results.append(result)
         calls.append((len(rec.only.items), stream_ctx[StreamContextKey.TOPIC], tag))
 
-    async def consumed_async(stream_ctx: dict[str, Any], fl_ctx: FLContext, *, tag: str) -> None:
+    async def consumed_async(
+        result: Any, stream_ctx: dict[str, Any], fl_ctx: FLContext, *, tag: str
+    ) -> None:
         await trio.sleep(0)
-        consumed_sync(stream_ctx, fl_ctx, tag=tag)
+        consumed_sync(result, stream_ctx, fl_ctx, tag=tag)
 
     cb = consumed_sync if kind == "sync" else consumed_async
     with trio.fail_after(10):
@@ -425,6 +432,7 @@ async def test_consumed_cb_runs_after_each_consume_with_kwargs(kind: str) -> Non
             rc, _ = await tx.stream_objects(CH, TOPIC, {}, ["rx"], Producer(4), FLContext())
     assert rc == OK
     assert calls == [(1, TOPIC, "t1"), (2, TOPIC, "t1"), (3, TOPIC, "t1"), (4, TOPIC, "t1")]
+    assert all(keep_going is True for keep_going, _ in results)
 
 
 async def test_stream_done_cb_gets_kwargs_and_its_truthy_result_reaches_the_sender() -> None:

@@ -106,3 +106,12 @@ trio.run(main)
     assert lines[1].endswith("0 {'site-1': 'OK'}")
     assert lines[2] == "{'lr': 0.1, 'layers': [1, 2]}"
     assert (tmp_path / "received" / "model.bin").read_bytes() == b"m" * 100_000
+def test_coming_from_flare_names_are_all_exported() -> None:
+    import fedstream
+
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Coming from FLARE", 1)[1].split("\n## ", 1)[0]
+    imports = re.findall(r"`from nvflare\.[\w.]+ import ([\w, ]+)`", section)
+    names = {n.strip() for line in imports for n in line.split(",")}
+    assert len(names) >= 12
+    assert sorted(n for n in names if not hasattr(fedstream, n)) == []

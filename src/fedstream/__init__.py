@@ -11,8 +11,11 @@ from ._api import (
     ObjectConsumer,
     ObjectProducer,
     StreamableEngine,
+    StreamContext,
     StreamContextKey,
+    stream_done_cb_signature,
 )
+from ._blocking import BlockingSite
 from ._context import FLContext, Signal
 from ._engine import (
     END_RESULT,
@@ -36,7 +39,7 @@ from ._errors import (
     SiteClosedError,
     UnknownTargetError,
 )
-from ._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
+from ._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_copy, make_reply
 from ._streamers import (
     ContainerResult,
     FileResult,
@@ -54,6 +57,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 __all__ = [
     "END_RESULT",
     "END_RESULTS",
+    "BlockingSite",
     "ConnectionLostError",
     "ConnectionStats",
     "ConsumerFactory",
@@ -78,6 +82,7 @@ __all__ = [
     "Site",
     "SiteClosedError",
     "SiteOptions",
+    "StreamContext",
     "StreamContextKey",
     "StreamStats",
     "StreamableEngine",
@@ -85,7 +90,9 @@ __all__ = [
     "TLSConfig",
     "UnknownTargetError",
     "__version__",
+    "make_copy",
     "make_reply",
     "open_site",
     "serve_site",
+    "stream_done_cb_signature",
 ]

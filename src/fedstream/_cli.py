@@ -202,7 +202,7 @@ class _DemoProducer(ObjectProducer):
     ) -> tuple[Shareable | None, float]:
         if self.sent == self.count:
             return None, 0
-        obj = Shareable(seq=self.sent, data=self.payload)
+        obj = Shareable({"seq": self.sent, "data": self.payload})
         self.digest.update(self.payload)
         self.sent += 1
         return obj, 30.0

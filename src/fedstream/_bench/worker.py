@@ -308,7 +308,7 @@ class _Producer(ObjectProducer):
         if self.sent >= self._count:
             return None, self._timeout
         self.sent += 1
-        shareable = Shareable(data=self._payload)
+        shareable = Shareable({"data": self._payload})
         self.produced_at = time.perf_counter()
         return shareable, self._timeout
 
@@ -441,7 +441,7 @@ class _SmallProducer(ObjectProducer):
     ) -> tuple[Shareable | None, float]:
         if self._stopped:
             return None, self._timeout
-        shareable = Shareable(data=self._payload)
+        shareable = Shareable({"data": self._payload})
         self._produced_at = time.perf_counter()
         return shareable, self._timeout
 

@@ -33,6 +33,7 @@ from .._errors import (
     ObjectTooLargeError,
     RemoteProtocolError,
 )
+from .._flare import from_flare
 from .._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
 from .._wire import (
     Abort,
@@ -516,8 +517,12 @@ class ReceiverSession:
                 )
                 keep_going, reply = _check_consume_result(result)
                 if reg.consumed_cb is not None:
-                    await self.runner(
-                        reg.consumed_cb, self.stream_ctx, self.fl_ctx, **reg.cb_kwargs
+                    await self.runner(  # FLARE's convention: the consume result first
+                        reg.consumed_cb,
+                        (keep_going, reply),
+                        self.stream_ctx,
+                        self.fl_ctx,
+                        **reg.cb_kwargs,
                     )
             except Exception as exc:
                 if self.rc is not None:  # already ending; the error is a consequence
@@ -615,9 +620,9 @@ class ReceiverSession:
                         "return_consumer",
                         timeout,
                         reg.factory.return_consumer,
-                        consumer,
-                        self.stream_ctx,
-                        self.fl_ctx,
+                        consumer=consumer,  # by keyword, as FLARE calls it
+                        stream_ctx=self.stream_ctx,
+                        fl_ctx=self.fl_ctx,
                     )
                 await self._send_done(rc, result)
         finally:
@@ -666,6 +671,7 @@ def _check_consume_result(result: Any) -> tuple[bool, Shareable | None]:
     if not isinstance(result, tuple) or len(result) != 2:
         raise TypeError(f"consume must return (continue, reply), not {result!r:.100}")
     keep_going, reply = result
+    reply = from_flare(reply)  # an nvflare Shareable, headers kept
     if reply is not None and not isinstance(reply, Shareable):
         raise TypeError(f"consume reply must be a Shareable or None, not {type(reply).__name__}")
     return bool(keep_going), reply

@@ -29,6 +29,7 @@ import trio
 from .._api import ObjectProducer, StreamContextKey
 from .._context import FLContext
 from .._errors import ConnectionLostError, LocalProtocolError, RemoteProtocolError
+from .._flare import from_flare
 from .._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
 from .._wire import (
     Abort,
@@ -60,6 +61,8 @@ logger = logging.getLogger(__name__)
 #: Reply header carrying a target's truthy ``stream_done_cb`` result, on the
 #: last reply of a session the receiver ended itself.
 END_RESULT: Final = "__end_result__"
+#: The same result under the header FLARE's ``ObjectStreamer`` uses.
+FLARE_END_RESULT: Final = "ObjectStreamer.END_RESULT"
 #: Sender ``stream_ctx`` key: ``{target: stream_done_cb result}`` for every
 #: target whose result was truthy, filled in before ``stream_objects`` returns.
 END_RESULTS: Final = "__end_results__"
@@ -479,6 +482,7 @@ class TargetLink:
             await self.done.wait()
         if self.done_result:
             reply.set_header(END_RESULT, self.done_result)
+            reply.set_header(FLARE_END_RESULT, self.done_result)
 
 
 class StreamSession:
@@ -699,6 +703,7 @@ def _check_produced(produced: Any) -> tuple[Shareable | None, float]:
     shareable, timeout = produced
     if shareable is None:
         return None, 0.0
+    shareable = from_flare(shareable)  # an nvflare Shareable, headers kept
     if not isinstance(shareable, Shareable):
         raise ValueError(f"produce returned {type(shareable).__name__}, not a Shareable")
     if (

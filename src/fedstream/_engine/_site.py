@@ -22,7 +22,7 @@ import trio
 
 from .. import _streamers
 from .._api import ConsumerFactory, ObjectProducer, StreamContextKey
-from .._context import FLContext
+from .._context import FLContext, Signal
 from .._errors import (
     ConnectionLostError,
     FedstreamError,
@@ -30,7 +30,8 @@ from .._errors import (
     SiteClosedError,
     UnknownTargetError,
 )
-from .._shareable import ReturnCode
+from .._flare import adapt_factory, adapt_producer, bridge_abort_signal
+from .._shareable import ReturnCode, Shareable
 from .._tls import TLSConfig, describe_tls_error, proven_names
 from .._transport import Transport, TransportConfig, make_transport, split_url
 from .._wire import (
@@ -43,6 +44,7 @@ from .._wire import (
     Hello,
     encode_frame,
 )
+from ._aux import AUX_CHANNEL, AuxEndpoint
 from ._budget import SiteBudget
 from ._callbacks import CallbackRunner, SyncMode, current_session
 from ._connection import Connection, ReceiveHandler, accept_handshake, dial_handshake
@@ -76,6 +78,8 @@ __all__ = ["Site", "SiteKeywords", "open_site", "serve_site"]
 logger = logging.getLogger(__name__)
 
 _WILDCARD = "*"
+#: FLARE's ``ReservedKey.ENGINE``: the ``fl_ctx`` property ``get_engine`` reads.
+_ENGINE = "__engine__"
 
 
 def _check_name(name: object) -> str:
@@ -120,6 +124,10 @@ class Site:
         self._dialers: dict[str, _Dialer] = {}
         #: Incoming connections whose handshake is under way.
         self._pending_handshakes = 0
+        #: What ``fl_ctx.get_engine()`` returns in this site's callbacks.
+        self._engine: Any = self
+        self._aux = AuxEndpoint(self)
+        self._registrations[(AUX_CHANNEL, _WILDCARD)] = Registration(self._aux.factory)
 
     # ------------------------------------------------------------- state
 
@@ -187,13 +195,21 @@ class Site:
         ``"*"`` matches any channel or topic; an exact match wins over a
         wildcard, and registering the same pair again replaces it.
         ``stream_done_cb(stream_ctx, fl_ctx, **cb_kwargs)`` runs after each
-        session's ``finalize``; ``consumed_cb(stream_ctx, fl_ctx, **cb_kwargs)``
-        after each ``consume``. Either may be ``async``.
+        session's ``finalize``; ``consumed_cb((keep_going, reply), stream_ctx,
+        fl_ctx, **cb_kwargs)`` after each ``consume``, as in FLARE. Either may
+        be ``async``. A factory written against nvflare's base classes (or
+        any object with ``get_consumer``) is accepted.
+
+        Raises:
+            ValueError: ``channel`` is the reserved aux channel.
         """
+        factory = adapt_factory(factory)
         if not isinstance(factory, ConsumerFactory):
             raise TypeError(f"factory must be a ConsumerFactory, not {type(factory).__name__}")
         if not isinstance(channel, str) or not isinstance(topic, str):
             raise TypeError("channel and topic must be strings")
+        if channel == AUX_CHANNEL:
+            raise ValueError(f"channel {AUX_CHANNEL!r} is reserved for aux messages")
         self._registrations[(channel, topic)] = Registration(
             factory, stream_done_cb, consumed_cb, dict(cb_kwargs)
         )
@@ -583,6 +599,7 @@ class Site:
             runner=self._runner,
             on_finished=self._receiver_finished,
         )
+        self._set_engine(session.fl_ctx)
         conn.nursery.start_soon(self._guard, session.run, conn)
         logger.info("stream %s/%s from %s started", frame.channel, frame.topic, conn.peer)
         return session
@@ -635,7 +652,25 @@ class Site:
             ValueError: the producer returned something invalid.
             Exception: whatever ``produce`` or ``process_replies`` raised.
         """
+        if channel == AUX_CHANNEL:
+            raise ValueError(f"channel {AUX_CHANNEL!r} is reserved for aux messages")
+        return await self._stream_objects(
+            channel, topic, stream_ctx, targets, producer, fl_ctx, optional, secure
+        )
+
+    async def _stream_objects(
+        self,
+        channel: str,
+        topic: str,
+        stream_ctx: dict[str, Any] | None,
+        targets: Sequence[str],
+        producer: ObjectProducer,
+        fl_ctx: FLContext | None,
+        optional: bool = False,
+        secure: bool = False,
+    ) -> tuple[str, Any]:
         self._check_open()
+        producer = adapt_producer(producer)
         if not isinstance(producer, ObjectProducer):
             raise TypeError(f"producer must be an ObjectProducer, not {type(producer).__name__}")
         if isinstance(targets, str) or not targets:
@@ -651,7 +686,10 @@ class Site:
         if secure:
             self._check_secure([t for t in names if t not in missing])
         stream_ctx = {} if stream_ctx is None else stream_ctx
-        fl_ctx = FLContext(identity_name=self.name) if fl_ctx is None else fl_ctx
+        if fl_ctx is None:
+            fl_ctx = FLContext(identity_name=self.name, engine=self._engine)
+        elif not isinstance(fl_ctx.get_run_abort_signal(), Signal):
+            bridge_abort_signal(fl_ctx)  # an nvflare FLContext's poll-only signal
         stream_ctx[StreamContextKey.CHANNEL] = channel
         stream_ctx[StreamContextKey.TOPIC] = topic
         links = [
@@ -837,6 +875,51 @@ class Site:
         _streamers.register_container_receiver(
             self, channel, topic, on_container, max_entries=max_entries
         )
+
+    def _set_engine(self, fl_ctx: FLContext) -> None:
+        if fl_ctx.get_engine() is None:
+            fl_ctx.set_prop(_ENGINE, self._engine, private=True, sticky=False)
+
+    # ---------------------------------------------------------- aux messages
+
+    def register_aux_message_handler(
+        self, topic: str, message_handle_func: Callable[..., Any]
+    ) -> None:
+        """Answer aux requests on ``topic`` with ``message_handle_func``.
+
+        The handler is called as ``message_handle_func(topic, request,
+        fl_ctx)`` (plain or ``async``) and returns the reply Shareable
+        (``None`` means an ``OK`` reply; an exception, an
+        ``EXECUTION_EXCEPTION`` reply). ``fl_ctx.get_peer_context()`` names
+        the requesting site. Topic ``"*"`` catches topics with no handler of
+        their own; a request for an unknown topic gets ``TOPIC_UNKNOWN``.
+        Registering a topic again replaces its handler.
+        """
+        self._aux.register(topic, message_handle_func)
+
+    async def send_aux_request(
+        self,
+        targets: Sequence[str],
+        topic: str,
+        request: Shareable,
+        timeout: float,  # noqa: ASYNC109 - FLARE's signature; a no-progress bound
+        fl_ctx: FLContext | None,
+        optional: bool = False,
+        secure: bool = False,
+    ) -> dict[str, Shareable]:
+        """Send ``request`` to each target's aux handler for ``topic``; return ``{site: reply}``.
+
+        The request travels as a one-object stream on the reserved aux
+        channel, so ``timeout`` is its no-progress timeout and every stream
+        limit applies. A target that failed is answered by a reply with the
+        failure's return code (``TIMEOUT``, ``TOPIC_UNKNOWN``, ...). A
+        ``timeout`` of 0 or less sends in the background and returns ``{}``
+        at once (FLARE's fire-and-forget form).
+
+        Raises:
+            UnknownTargetError, SiteClosedError, FedstreamError: as ``stream_objects``.
+        """
+        return await self._aux.send(targets, topic, request, timeout, fl_ctx, optional, secure)
 
     # ----------------------------------------------------------- shutdown
 
