@@ -439,3 +439,27 @@ def test_a_callback_may_shut_its_own_site_down() -> None:
             assert rc == OK
             with pytest.raises(SiteClosedError):
                 server.register_stream_processing(CHANNEL, TOPIC, CloserFactory())
+
+
+def test_files_and_containers_through_the_blocking_site(
+    pair: tuple[BlockingSite, BlockingSite], tmp_path: Any
+) -> None:
+    server, client = pair
+    received: list[fedstream.ReceivedFile] = []
+    containers: list[fedstream.ReceivedContainer] = []
+    client.register_file_receiver("files", "*", tmp_path / "in", on_file=received.append)
+    client.register_container_receiver("state", "*", containers.append)
+    source = tmp_path / "model.bin"
+    source.write_bytes(bytes(range(256)) * 5000)
+    result = server.stream_file("files", "up", [client.name], source, chunk_size=64 * 1024)
+    assert result.ok
+    assert (tmp_path / "in" / "model.bin").read_bytes() == source.read_bytes()
+    assert [(r.name, r.rc) for r in received] == [("model.bin", ReturnCode.OK)]
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "a.txt").write_bytes(b"a")
+    results = server.stream_directory("files", "up", [client.name], tmp_path / "tree")
+    assert [r.ok for r in results] == [True]
+    assert (tmp_path / "in" / "tree" / "sub" / "a.txt").read_bytes() == b"a"
+    sent = server.stream_container("state", "t", [client.name], {"lr": 0.1, "layers": [1, 2]})
+    assert sent.ok
+    assert [c.container for c in containers] == [{"lr": 0.1, "layers": [1, 2]}]

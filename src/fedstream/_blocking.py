@@ -18,6 +18,7 @@ import concurrent.futures
 import contextvars
 import functools
 import logging
+import os
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -30,6 +31,7 @@ from ._engine import Site, open_site
 from ._errors import FedstreamError, SiteClosedError
 from ._flare import register_engine_class
 from ._shareable import Shareable
+from ._streamers import ContainerResult, FileResult, ReceivedContainer
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -362,6 +364,68 @@ class BlockingSite(StreamableEngine):
         """As :meth:`fedstream.Site.send_aux_request`, blocking; returns ``{site: reply}``."""
         return self._call(
             self.site.send_aux_request, targets, topic, request, timeout, fl_ctx, optional, secure
+        )
+
+    # ------------------------------------------------ files and containers
+    #
+    # Each takes the same options as its async counterpart on Site (keyword
+    # only there too), so they are passed through unchanged.
+
+    def stream_file(
+        self,
+        channel: str,
+        topic: str,
+        targets: Sequence[str],
+        path: str | os.PathLike[str],
+        **options: Any,
+    ) -> FileResult:
+        """As :meth:`fedstream.Site.stream_file`, blocking."""
+        return self._call(self.site.stream_file, channel, topic, targets, path, **options)
+
+    def stream_directory(
+        self,
+        channel: str,
+        topic: str,
+        targets: Sequence[str],
+        path: str | os.PathLike[str],
+        **options: Any,
+    ) -> list[FileResult]:
+        """As :meth:`fedstream.Site.stream_directory`, blocking."""
+        return self._call(self.site.stream_directory, channel, topic, targets, path, **options)
+
+    def register_file_receiver(
+        self, channel: str, topic: str, directory: str | os.PathLike[str], **options: Any
+    ) -> None:
+        """As :meth:`fedstream.Site.register_file_receiver` (callbacks run in worker threads)."""
+        self._call_sync(
+            functools.partial(
+                self.site.register_file_receiver, channel, topic, directory, **options
+            )
+        )
+
+    def stream_container(
+        self,
+        channel: str,
+        topic: str,
+        targets: Sequence[str],
+        container: dict[Any, Any] | list[Any] | set[Any],
+        **options: Any,
+    ) -> ContainerResult:
+        """As :meth:`fedstream.Site.stream_container`, blocking."""
+        return self._call(self.site.stream_container, channel, topic, targets, container, **options)
+
+    def register_container_receiver(
+        self,
+        channel: str,
+        topic: str,
+        on_container: Callable[[ReceivedContainer], Any],
+        **options: Any,
+    ) -> None:
+        """As :meth:`fedstream.Site.register_container_receiver`."""
+        self._call_sync(
+            functools.partial(
+                self.site.register_container_receiver, channel, topic, on_container, **options
+            )
         )
 
     # ------------------------------------------------------------ closing
