@@ -488,6 +488,7 @@ class Outcome:
     returned: tuple[str, Any] | None = None
     raised: BaseException | None = None
     cancelled: bool = False
+    elapsed: float = 0.0
     #: Session logs (event names) at the moment stream_objects ended.
     at_return: dict[str, list[str]] = field(default_factory=dict)
 
@@ -730,6 +731,7 @@ async def run_schedule(schedule: Schedule, tcp: bool, exp: Expectation) -> Resul
                         streams.start_soon(hold)
                         await holders_consuming[t].wait()
 
+                start = trio.current_time()
                 with caller_scope:
                     try:
                         outcome.returned = await sites["S"].stream_objects(
@@ -743,6 +745,7 @@ async def run_schedule(schedule: Schedule, tcp: bool, exp: Expectation) -> Resul
                     except Exception as exc:
                         outcome.raised = exc
                 outcome.cancelled = caller_scope.cancelled_caught
+                outcome.elapsed = trio.current_time() - start
                 outcome.at_return = {
                     site: log.names()
                     for (site, tag), log in recorder.sessions.items()
@@ -824,6 +827,11 @@ def check(schedule: Schedule, exp: Expectation, result: Result, *, mock: bool) -
         assert outcome.cancelled, (outcome.returned, outcome.raised)
         assert outcome.returned is None
         assert outcome.raised is None
+
+    # ---- nothing waited on a timer but the slow consumers' object timeouts
+    if mock:
+        slow = {f.step for f in exp.fired if f.kind == "slow"}
+        assert outcome.elapsed <= len(slow) * OBJECT_TIMEOUT + 0.5, outcome.elapsed
 
     # ---- the replies process_replies saw
     replies = result.producer.replies
