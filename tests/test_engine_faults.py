@@ -942,6 +942,7 @@ TCP_KINDS = tuple(k for k in ALL_FAULTS if k != "caller_cancel")
 @given(schedule=schedules(kinds=TCP_KINDS))
 def test_combined_faults_tcp_threads(schedule: Schedule) -> None:
     exp = expect(schedule, threads=True)
+    describe(schedule, exp)
     result = trio.run(run_schedule, schedule, True, exp)
     check(schedule, exp, result, mock=False)
 
