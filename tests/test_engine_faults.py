@@ -1040,16 +1040,6 @@ def test_the_model_reads_the_docs_table() -> None:
     assert dead.stream == ("returns", (OK, None))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "engine bug: StreamSession._loop (_engine/_sender.py) does not check whether the "
-        "session was stopped after produce returns, so after an async produce awaits "
-        "shutdown_streamer() of its own site and returns an object (no checkpoint in "
-        "between) the engine still calls process_replies, and its exception escapes "
-        "stream_objects instead of the documented (SERVICE_UNAVAILABLE, None)"
-    ),
-)
 async def test_no_producer_callback_after_shutdown_from_inside_produce(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -598,6 +598,11 @@ class StreamSession:
             produced = await self.runner(self.producer.produce, self.stream_ctx, self.fl_ctx)
             if signal.triggered:  # produce itself may have fired it
                 return ReturnCode.TASK_ABORTED, None, False
+            if self._stop_rc is not None:
+                # Stopped while produce ran (it may have shut its own site
+                # down without a checkpoint since): no producer callback
+                # runs after a stop.
+                return self._stop_rc, None, False
             shareable, timeout = _check_produced(produced)
             if shareable is None:
                 return ReturnCode.OK, None, True
@@ -623,6 +628,8 @@ class StreamSession:
             for name in self.missing:
                 replies[name] = make_reply(ReturnCode.COMMUNICATION_ERROR)
             seq += 1
+            if self._stop_rc is not None:
+                return self._stop_rc, None, False
             outcome = await self.runner(
                 self.producer.process_replies, replies, self.stream_ctx, self.fl_ctx
             )
