@@ -12,6 +12,7 @@ over ``ws`` and ``wss`` (tests parametrized by ``net``/``scheme``), and
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -390,3 +391,11 @@ async def test_a_certificate_for_another_name_is_refused_over_wss(
             await still_serves(server, recorder, "after")
     assert "certificate proves 'site-2'" in caplog.text
     assert [key for key in recorder.sessions if key[1] != "after"] == []
+
+
+def test_the_protocol_document_states_the_message_bound() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    section = doc.split("### WebSocket", 1)[1].split("\n## ", 1)[0]
+    assert f"at most **{MESSAGE_SIZE} bytes**" in section
+    assert "1003" in section
+    assert "1009" in section
