@@ -32,7 +32,7 @@ from fedstream import (
 )
 from fedstream._transport import TransportConfig, WebSocketStream, make_transport
 from fedstream._transport._ws import MESSAGE_SIZE
-from tls_certs import deployment
+from tls_certs import deployment, foreign
 
 WS = "ws://127.0.0.1:0/fedstream"
 WSS = "wss://127.0.0.1:0/fedstream"
@@ -390,6 +390,33 @@ async def test_a_certificate_for_another_name_is_refused_over_wss(
             assert server.peers == []
             await still_serves(server, recorder, "after")
     assert "certificate proves 'site-2'" in caplog.text
+    assert [key for key in recorder.sessions if key[1] != "after"] == []
+
+
+@pytest.mark.parametrize(
+    ("who", "listener_log"),
+    [("foreign", "unable to get local issuer"), ("expired", "certificate has expired")],
+)
+async def test_a_certificate_the_wss_listener_cannot_trust_is_refused(
+    who: str, listener_log: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TLS 1.3: the refusal reaches the dialer during the upgrade; it says why."""
+    if who == "foreign":
+        cert, key = foreign().files("site-1")
+        config = TLSConfig(cert, key, deployment().ca_path)
+    else:
+        config = deployment().config("site-1", expired=True)
+    recorder = Recorder()
+    with trio.fail_after(15):
+        async with open_site("server", listen=WSS, tls=tls("server")) as server:
+            serve(recorder, server)
+            async with open_site("site-1", tls=config) as site1:
+                with pytest.raises(HandshakeError, match="may not trust our certificate"):
+                    await site1.connect(server.address or "")
+                assert site1.peers == []
+            assert server.peers == []
+            await still_serves(server, recorder, "after")
+    assert listener_log in caplog.text
     assert [key for key in recorder.sessions if key[1] != "after"] == []
 
 

@@ -46,6 +46,7 @@ from trio_websocket import (
 )
 
 from .._errors import HandshakeError, RemoteProtocolError
+from .._tls import describe_tls_error
 from ._base import ConnectionHandler, Transport, TransportConfig, register_transport, split_url
 from ._tcp import TcpTransport
 from ._tls import TlsTransport
@@ -252,6 +253,36 @@ def _describe(exc: ConnectionClosed) -> str:
     return f"{text}: {reason.reason}" if reason.reason else text
 
 
+class _Watched(trio.abc.Stream):
+    """The dialer's stream as trio-websocket sees it: the same bytes, but the
+    error that broke it is kept (trio-websocket drops it), so a failed upgrade
+    can say why."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.error: trio.BrokenResourceError | None = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self.stream.send_all(data)
+        except trio.BrokenResourceError as exc:
+            self.error = exc
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            return await self.stream.receive_some(max_bytes)
+        except trio.BrokenResourceError as exc:
+            self.error = exc
+            raise
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
 class _Reader:
     """Stands in for the nursery trio-websocket starts its reader task in.
 
@@ -350,10 +381,11 @@ class WebSocketTransport(Transport):
             reader = _Reader(nursery)
             reader.watch(opening)
             connection: WebSocketConnection | None = None
+            watched = _Watched(stream)
             with opening:
                 connection = await wrap_client_stream(
                     cast(trio.Nursery, reader),
-                    cast(trio.SocketStream, stream),
+                    cast(trio.SocketStream, watched),
                     host,
                     resource,
                     message_queue_size=MESSAGE_QUEUE_SIZE,
@@ -361,7 +393,8 @@ class WebSocketTransport(Transport):
                     receive_buffer_size=RECEIVE_SIZE,
                 )
             if connection is None or reader.ended:
-                error = HandshakeError(f"WebSocket upgrade with {url} failed: {_why(reader)}")
+                why = _why(reader, broken=watched.error, tls=isinstance(stream, trio.SSLStream))
+                error = HandshakeError(f"WebSocket upgrade with {url} failed: {why}")
                 nursery.cancel_scope.cancel()
             else:
                 ws = WebSocketStream(connection, stream, reader, where=f"at {url}")
@@ -436,8 +469,15 @@ class WebSocketTransport(Transport):
                     await ws.aclose()
 
 
-def _why(reader: _Reader, *, server: bool = False) -> str:
-    """Why a WebSocket upgrade did not complete, from how its reader ended."""
+def _why(
+    reader: _Reader,
+    *,
+    server: bool = False,
+    broken: BaseException | None = None,
+    tls: bool = False,
+) -> str:
+    """Why a WebSocket upgrade did not complete, from how its reader ended
+    (and, for a dialer, the error that broke its stream, if one did)."""
     error = reader.error
     if isinstance(error, ConnectionRejected):
         return f"the listener answered HTTP {error.status_code} instead of upgrading"
@@ -447,10 +487,13 @@ def _why(reader: _Reader, *, server: bool = False) -> str:
         return "no WebSocket upgrade within handshake_timeout"
     if server:
         return "malformed WebSocket upgrade request (answered HTTP 400), or the peer hung up"
-    return (
-        "the listener closed the connection during the upgrade "
-        "(not a WebSocket listener, or a wss:// listener that refused our certificate?)"
-    )
+    if broken is not None and tls:
+        # TLS 1.3: a listener that refuses our certificate says so after our
+        # side of the TLS handshake is done, on the first read.
+        return f"the TLS link broke: {describe_tls_error(broken)}"
+    if broken is not None:
+        return f"the connection broke: {broken}"
+    return "the listener closed the connection during the upgrade (not a WebSocket listener?)"
 
 
 def _resource(url: str) -> str:
