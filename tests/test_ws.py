@@ -30,7 +30,7 @@ from fedstream import (
     TLSConfig,
     open_site,
 )
-from fedstream._transport import TransportConfig, WebSocketStream, make_transport
+from fedstream._transport import TcpTransport, TransportConfig, WebSocketStream, make_transport
 from fedstream._transport._ws import MESSAGE_SIZE
 from tls_certs import deployment, foreign
 
@@ -426,3 +426,22 @@ def test_the_protocol_document_states_the_message_bound() -> None:
     assert f"at most **{MESSAGE_SIZE} bytes**" in section
     assert "1003" in section
     assert "1009" in section
+
+
+async def test_a_url_without_a_port_dials_the_http_default() -> None:
+    dialed: list[str] = []
+
+    class Recording(TcpTransport):
+        async def connect(self, url: str) -> trio.abc.Stream:
+            dialed.append(url)
+            raise ConnectionRefusedError("test: not dialing out")
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for scheme in ("ws", "wss"):
+                config = TransportConfig(nursery=nursery, tls=tls("site-1"))
+                transport = make_transport(scheme, config)
+                transport._inner = Recording()  # type: ignore[attr-defined]
+                with pytest.raises(ConnectionRefusedError):
+                    await transport.connect(f"{scheme}://fedstream.invalid/path")
+    assert dialed == ["ws://fedstream.invalid:80", "wss://fedstream.invalid:443"]

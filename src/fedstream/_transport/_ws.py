@@ -343,6 +343,8 @@ class WebSocketTransport(Transport):
     async def connect(self, url: str) -> trio.abc.Stream:
         """Dial ``url``: TCP (and TLS for ``wss://``), then the WebSocket upgrade.
 
+        Without a port, ``ws://`` dials port 80 and ``wss://`` port 443.
+
         Raises:
             OSError: the host cannot be reached.
             HandshakeError: the TLS handshake failed, the listener refused the
@@ -352,10 +354,10 @@ class WebSocketTransport(Transport):
         if self._nursery is None:
             raise RuntimeError("a WebSocket dialer needs TransportConfig.nursery")
         _, host, port = split_url(url)
-        if port is None:
-            raise ValueError(f"{url!r} has no port")
+        if port is None:  # HTTP's defaults
+            port = 443 if self.scheme == "wss" else 80
         resource = _resource(url)
-        stream = await self._inner.connect(url)
+        stream = await self._inner.connect(f"{self.scheme}://{_host_header(host, port)}")
         try:
             ws: WebSocketStream = await self._nursery.start(
                 self._run_dialed, stream, url, _host_header(host, port), resource
