@@ -205,6 +205,27 @@ async def test_ws_and_wss_do_not_mix(caplog: pytest.LogCaptureFixture) -> None:
     assert [key for key in recorder.sessions if key[1] != "after"] == []
 
 
+async def test_tcp_and_ws_do_not_mix(caplog: pytest.LogCaptureFixture) -> None:
+    recorder = Recorder()
+    with trio.fail_after(15):
+        async with (
+            open_site("server", listen=WS) as server,
+            open_site("plain", listen="tcp://127.0.0.1:0") as plain,
+        ):
+            serve(recorder, server)
+            async with open_site("site-1") as site1:
+                with pytest.raises(HandshakeError, match="not a WebSocket upgrade"):
+                    await site1.connect((plain.address or "").replace("tcp://", "ws://"))
+                with pytest.raises(HandshakeError, match="invalid handshake"):
+                    await site1.connect(f"tcp://127.0.0.1:{port_of(server)}")
+                assert site1.peers == []
+            assert server.peers == []
+            assert plain.peers == []
+            await still_serves(server, recorder, "after")
+    assert "malformed WebSocket upgrade request" in caplog.text
+    assert [key for key in recorder.sessions if key[1] != "after"] == []
+
+
 async def test_a_silent_client_does_not_hold_up_the_listener(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -484,7 +484,8 @@ def _why(
     if isinstance(error, ConnectionRejected):
         return f"the listener answered HTTP {error.status_code} instead of upgrading"
     if error is not None:
-        return f"{error!r}"
+        who = "the dialer's request" if server else "the listener's answer"
+        return f"{who} is not a WebSocket upgrade (not a WebSocket peer?): {error!r}"
     if not reader.ended:
         return "no WebSocket upgrade within handshake_timeout"
     if server:
