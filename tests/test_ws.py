@@ -348,6 +348,30 @@ async def test_a_text_or_oversized_message_is_refused_typed_and_logged(
     assert logged in str(errors[0])
 
 
+async def test_a_text_message_on_an_established_link_drops_only_that_link(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    recorder = Recorder()
+    with trio.fail_after(20):
+        async with (
+            open_site("server", listen=WS) as server,
+            open_site("site-1", connect=[server.address or ""], reconnect=False) as site1,
+            open_site("site-2", connect=[server.address or ""]) as site2,
+        ):
+            serve(recorder, server)
+            await server.wait_for_peers(["site-1", "site-2"])
+            stream = site1._connections["server"].stream
+            assert isinstance(stream, WebSocketStream)
+            await stream._ws.send_message("not a frame")
+            while "site-1" in server.peers or site1.peers:
+                await trio.sleep(0.01)
+            assert server.peers == ["site-2"]
+            assert await send(site2, "meanwhile", ["server"]) == (OK, None)
+    assert "protocol error from site-1" in caplog.text
+    assert "sent a text message" in caplog.text
+    assert recorder.sessions[("server", "meanwhile")].seqs == [0, 1, 2]
+
+
 async def test_a_message_of_exactly_message_size_is_accepted() -> None:
     received: list[bytes] = []
 
