@@ -786,3 +786,85 @@ async def test_unsendable_array_fails_the_stream_locally(autojump_clock: trio.ab
 
 def test_payload_module_exports() -> None:
     assert {"TAG_NDARRAY", "TYPED_ARRAY_TAGS", "MAX_ARRAY_DIMS"} <= set(_payload.__all__)
+
+
+# ------------------------------------------------------------ receive buffer reuse
+
+
+def test_decoder_reports_whether_it_handed_out_views() -> None:
+    array = random_array("<f8", (100, 100))
+    with_view = bytearray(encode_object(Shareable({"w": array})).to_bytes())
+    got, views = _payload.decode_object_views(with_view)
+    assert views
+    assert not got["w"].flags.owndata
+    inline = bytearray(encode_object(Shareable({"w": array[:2, :2]})).to_bytes())
+    assert _payload.decode_object_views(inline)[1] is False
+    blob = bytearray(encode_object(Shareable({"b": bytes(2 * OUT_OF_BAND_MIN)})).to_bytes())
+    got, views = _payload.decode_object_views(blob)
+    assert views is False
+    assert type(got["b"]) is bytes
+
+
+def _one_buffer_objects(count: int, with_array: bool) -> list[Shareable]:
+    """Objects of one size that are reassembled in one buffer (their head
+    exceeds what part-by-part reassembly holds), optionally with an
+    out-of-band array that the receiver hands out as a view of that buffer."""
+    objects = []
+    for seq in range(count):
+        obj = Shareable({"text": chr(ord("a") + seq) * (1024 * 1024 + 10)})
+        if with_array:
+            obj["a"] = np.full(OUT_OF_BAND_MIN // 8, seq, dtype="<i8")
+        else:
+            obj["b"] = bytes([seq]) * OUT_OF_BAND_MIN
+        objects.append(obj)
+    return objects
+
+
+class _AssemblerSpy:
+    """Wraps the receiver's ObjectAssembler to record whether it got a spare buffer."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from fedstream._engine import _receiver
+
+        self.spares: list[bool] = []
+        real = _receiver.ObjectAssembler
+
+        def make(size: int, **kwargs: Any) -> Any:
+            self.spares.append(kwargs.get("buffer") is not None)
+            return real(size, **kwargs)
+
+        monkeypatch.setattr(_receiver, "ObjectAssembler", make)
+
+
+@pytest.mark.parametrize("refcount", [2, 1000])
+async def test_arrays_kept_by_a_consumer_survive_the_next_object(
+    refcount: int, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+) -> None:
+    """A buffer that arrays handed to a consumer still view is never reused,
+    whatever ``sys.getrefcount`` reports on this interpreter."""
+    monkeypatch.setattr(sys, "getrefcount", lambda obj: refcount)
+    spy = _AssemblerSpy(monkeypatch)
+    objects = _one_buffer_objects(3, with_array=True)
+    result, got, _ = await _through_sites(objects)
+    assert result == (ReturnCode.OK, None)
+    assert len(got) == 3
+    for seq, received in enumerate(got):
+        assert not received["a"].flags.owndata
+        assert (received["a"] == seq).all(), f"object {seq}'s array was overwritten"
+        assert received["text"] == objects[seq]["text"]
+    assert spy.spares == [False, False, False]
+
+
+@pytest.mark.parametrize("refcount", [2, 1000])
+async def test_buffers_are_reused_when_no_views_were_handed_out(
+    refcount: int, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+) -> None:
+    monkeypatch.setattr(sys, "getrefcount", lambda obj: refcount)
+    spy = _AssemblerSpy(monkeypatch)
+    objects = _one_buffer_objects(3, with_array=False)
+    result, got, _ = await _through_sites(objects)
+    assert result == (ReturnCode.OK, None)
+    for seq, received in enumerate(got):
+        assert received["b"] == bytes([seq]) * OUT_OF_BAND_MIN
+        assert received["text"] == objects[seq]["text"]
+    assert spy.spares == [False, True, True]

@@ -7,7 +7,9 @@ import ctypes
 import gc
 import io
 import itertools
+import os
 import struct
+import sys
 import tracemalloc
 from typing import Any
 
@@ -25,7 +27,7 @@ from fedstream._wire import (
     EncodedObject,
     ObjectAssembler,
     ScatteredObject,
-    _payload,
+    _inplace,
     decode_object,
     encode_object,
 )
@@ -326,7 +328,9 @@ def test_depth_bound_counts_the_top_map() -> None:
 
     ok = Shareable({"a": nested(MAX_OBJECT_DEPTH - 1)})
     assert decode_object(encode_object(ok).to_bytes()) == ok
-    too_deep = encode_object(Shareable({"a": nested(MAX_OBJECT_DEPTH)})).to_bytes()
+    with pytest.raises(LocalProtocolError, match=r"shareable\['a'\](\[0\])+ \(.*depth"):
+        encode_object(Shareable({"a": nested(MAX_OBJECT_DEPTH)}))
+    too_deep = build([], cbor2.dumps({"a": nested(MAX_OBJECT_DEPTH)}))
     with pytest.raises(RemoteProtocolError, match="depth"):
         decode_object(too_deep)
 
@@ -437,7 +441,7 @@ def test_parts_reassemble_at_any_cut(obj: Shareable, data: st.DataObject, in_pla
     assert_same_payload(got, expected_payload(obj))
 
 
-@pytest.mark.skipif(_payload._inplace_bytes is None, reason="needs CPython in-place bytes")
+@pytest.mark.skipif(_inplace._inplace_bytes is None, reason="needs CPython in-place bytes")
 def test_large_bytes_are_delivered_without_a_copy() -> None:
     blob = bytes(range(256)) * 4096  # 1 MiB
     encoding = encode_object(Shareable({"blob": blob})).to_bytes()
@@ -485,7 +489,7 @@ def test_target_view_keeps_its_part_alive() -> None:
     assert not target.readonly
     del assembler
     gc.collect()
-    if _payload._inplace_bytes is not None:
+    if _inplace._inplace_bytes is not None:
         # The memory the view writes to still belongs to a live bytes object.
         start = ctypes.addressof(target.obj)
         reachable = gc.get_referents(target.obj)
@@ -560,17 +564,17 @@ def test_plain_ok_reply_shortcut_matches_the_decoder() -> None:
     assert dict(decoded) == dict(shortcut)
 
 
-@pytest.mark.skipif(_payload._inplace_bytes is None, reason="needs CPython in-place bytes")
+@pytest.mark.skipif(_inplace._inplace_bytes is None, reason="needs CPython in-place bytes")
 def test_distinct_part_sizes_do_not_accumulate_memory() -> None:
     """A peer choosing a new buffer size for every object must not grow what we keep."""
-    assert _payload._inplace_bytes is not None
+    assert _inplace._inplace_bytes is not None
     for size in range(4096, 4096 + 64):  # warm the few size classes used below
-        _payload._inplace_bytes(size)
+        _inplace._inplace_bytes(size)
     gc.collect()
     tracemalloc.start()
     try:
         for size in range(4096, 4096 + 3000):
-            obj, view = _payload._inplace_bytes(size)
+            obj, view = _inplace._inplace_bytes(size)
             assert len(view) == size == len(obj)
             view.release()
             del obj, view
@@ -579,3 +583,182 @@ def test_distinct_part_sizes_do_not_accumulate_memory() -> None:
     finally:
         tracemalloc.stop()
     assert current < 256 * 1024, f"{current} bytes kept after 3000 distinct sizes"
+
+
+# ------------------------------------------------------------ in-place bytes check
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython only")
+def test_inplace_bytes_self_check_passes_on_this_interpreter() -> None:
+    assert _inplace._inplace_bytes_factory() is not None
+
+
+class _NewBytesSpy:
+    """Records calls to ``PyBytes_FromStringAndSize`` made through ctypes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = ctypes.PYFUNCTYPE
+
+        def prototype(*types: Any) -> Any:
+            make = real(*types)
+
+            def bind(*args: Any) -> Any:
+                function = make(*args)
+
+                def call(*call_args: Any) -> Any:
+                    self.calls += 1
+                    return function(*call_args)
+
+                return call
+
+            return bind
+
+        monkeypatch.setattr(ctypes, "PYFUNCTYPE", prototype)
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython only")
+@pytest.mark.parametrize("lie", ["size", "contents", "length field"])
+def test_inplace_bytes_fall_back_when_the_read_only_check_fails(
+    lie: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layout other than expected is found by reading a known ``bytes``
+    object, before any object is made to be written into."""
+    spy = _NewBytesSpy(monkeypatch)
+    if lie == "size":
+        real_getsizeof = sys.getsizeof
+        monkeypatch.setattr(sys, "getsizeof", lambda obj, *a: real_getsizeof(obj, *a) + 8)
+    elif lie == "contents":
+        real_string_at = ctypes.string_at
+        monkeypatch.setattr(
+            ctypes, "string_at", lambda addr, size=-1: b"?" + real_string_at(addr + 1, size - 1)
+        )
+    else:
+        real_ssize_t = ctypes.c_ssize_t
+
+        class WrongSize:
+            @staticmethod
+            def from_address(address: int) -> Any:
+                return real_ssize_t(real_ssize_t.from_address(address).value + 1)
+
+        monkeypatch.setattr(ctypes, "c_ssize_t", WrongSize)
+    assert _inplace._inplace_bytes_factory() is None
+    assert spy.calls == 0
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython only")
+def test_inplace_bytes_check_reads_the_fresh_object_before_writing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The uninitialised object is checked read-only too; on a mismatch
+    nothing is written into it."""
+    real = _inplace._bytes_layout_matches
+    fresh: list[bytes] = []
+
+    def check(ctypes_module: Any, obj: bytes, offset: int, *, contents: bool = True) -> bool:
+        if not contents:
+            fresh.append(obj)
+            return False
+        return real(ctypes_module, obj, offset, contents=contents)
+
+    monkeypatch.setattr(_inplace, "_bytes_layout_matches", check)
+    assert _inplace._inplace_bytes_factory() is None
+    (obj,) = fresh
+    assert obj != b"fedstream in-place bytes", "the probe was written before the check"
+
+
+def test_large_bytes_are_copied_where_in_place_bytes_are_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_inplace, "_inplace_bytes", None)
+    blob = bytes(range(256)) * 512
+    encoding = encode_object(Shareable({"blob": blob})).to_bytes()
+    raw = assemble(encoding, [7, 40_000], in_place=True)
+    assert isinstance(raw, ScatteredObject)
+    assert [type(b) for b in raw.buffers] == [bytearray]
+    got = decode_object(raw)
+    assert type(got["blob"]) is bytes
+    assert got["blob"] == blob
+
+
+# ------------------------------------------------------------ allocation follows arrival
+
+
+def _head_announcing(count: int, length: int, *, arrays: bool) -> tuple[bytes, int]:
+    """The start of an object announcing ``count`` out-of-band parts of
+    ``length`` bytes (uint8 arrays or byte strings); returns it and the size."""
+    refs = [cbor2.CBORTag(TAG_BUFFER, i) for i in range(count)]
+    if arrays:
+        value = {
+            f"a{i}": cbor2.CBORTag(40, [[length], cbor2.CBORTag(64, r)]) for i, r in enumerate(refs)
+        }
+    else:
+        value = {f"b{i}": r for i, r in enumerate(refs)}
+    head = cbor2.dumps([length] * count) + cbor2.dumps(value)
+    start = U32.pack(len(head)) + head
+    return start, len(start) + count * length
+
+
+def _traced_growth(action: Any) -> int:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        action()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return after - before
+
+
+@pytest.mark.parametrize("arrays", [True, False], ids=["array parts", "bytes parts"])
+def test_a_head_alone_allocates_no_parts(arrays: bool) -> None:
+    """A head announcing 200 parts of almost 1 MiB commits at most one part
+    before any of their bytes arrive (not 200 MiB)."""
+    start, size = _head_announcing(200, 1024 * 1024 - 8, arrays=arrays)
+    assembler = ObjectAssembler(size, max_size=size)
+    growth = _traced_growth(lambda: assembler.feed(0, start))
+    assert assembler.received == len(start)
+    assert growth < 2 * 1024 * 1024, f"{growth} bytes allocated for a {len(start)}-byte head"
+
+
+def _statm_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_a_head_alone_does_not_grow_rss() -> None:
+    start, size = _head_announcing(200, 1024 * 1024 - 8, arrays=True)
+    assembler = ObjectAssembler(size, max_size=size)
+    gc.collect()
+    before = _statm_rss()
+    assembler.feed(0, start)
+    growth = _statm_rss() - before
+    assert growth < 16 * 1024 * 1024, f"RSS grew by {growth} bytes for a {len(start)}-byte head"
+
+
+@pytest.mark.parametrize("arrays", [True, False], ids=["array parts", "bytes parts"])
+def test_parts_are_allocated_as_their_bytes_arrive(arrays: bool) -> None:
+    count, length = 40, 200_000
+    start, size = _head_announcing(count, length, arrays=arrays)
+    piece = bytes(range(256)) * 256  # 64 KiB
+    assembler = ObjectAssembler(size, max_size=size)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        assembler.feed(0, start)
+        offset = len(start)
+        while offset < size:
+            n = min(len(piece), size - offset)
+            assembler.feed(offset, piece[:n])
+            offset += n
+            held = tracemalloc.get_traced_memory()[0] - base
+            assert held <= offset - len(start) + length + 64 * 1024, (
+                f"{held} bytes held after {offset - len(start)} payload bytes"
+            )
+    finally:
+        tracemalloc.stop()
+    got = decode_object(assembler.take())
+    assert len(got) == count + 1

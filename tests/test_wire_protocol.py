@@ -12,7 +12,7 @@ from typing import Any
 
 import cbor2
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -406,7 +406,7 @@ def test_second_hello_rejected() -> None:
         p.next_event()
 
 
-@pytest.mark.parametrize("version", [0, 2, 2**64 - 1])
+@pytest.mark.parametrize("version", [0, 1, PROTOCOL_VERSION + 1, 2**64 - 1])
 def test_version_mismatch(version: int) -> None:
     p = FrameProtocol()
     p.receive_data(encode_frame(Hello(version, "future"))[0])
@@ -647,3 +647,127 @@ class SenderReceiver(RuleBasedStateMachine):
 
 SenderReceiver.TestCase.settings = at_most(50, stateful_step_count=20)
 TestSenderReceiver = SenderReceiver.TestCase
+
+
+# ------------------------------------------------------------ receiving in place
+
+
+class _Targets:
+    """A ``body_target`` that declines the frames listed and records the rest."""
+
+    def __init__(self, decline: set[int]) -> None:
+        self.decline = decline
+        self.asked: list[int] = []
+        self.given: dict[int, bytearray] = {}
+
+    def __call__(self, frame: Frame, nbytes: int) -> memoryview | None:
+        seq = frame.seq  # type: ignore[attr-defined]
+        self.asked.append(seq)
+        if seq in self.decline:
+            return None
+        self.given[seq] = bytearray(nbytes)
+        return memoryview(self.given[seq])
+
+
+def _feed_in_two(p: FrameProtocol, wire: bytes, cut: int) -> list[Frame]:
+    """Feed one frame in two pieces, draining after each."""
+    p.receive_data(wire[:cut])
+    first, marker = drain(p)
+    assert marker is NEED_DATA
+    p.receive_data(wire[cut:])
+    rest, marker = drain(p)
+    assert marker is NEED_DATA
+    return first + rest
+
+
+@pytest.mark.parametrize("use_get_buffer", [False, True])
+def test_a_declined_body_target_applies_to_that_frame_only(use_get_buffer: bool) -> None:
+    """After one large frame is staged (its body could not be received in
+    place), the next large frames are received in place again."""
+    p = opened()
+    targets = _Targets(decline={0})
+    p.body_target = targets
+    sender = FrameProtocol()
+    sender.peer_max_frame_size = DEFAULT_MAX_FRAME_SIZE
+    sender.our_state = ProtocolState.OPEN
+    bodies = [bytes([seq + 1]) * (200_000 + seq) for seq in range(3)]
+    frames: list[Frame] = []
+    for seq, body in enumerate(bodies):
+        wire = sender.send(Chunk(7, seq, 0, body))
+        if use_get_buffer:
+            # A transport receiving straight into the protocol's buffers.
+            for start in range(0, len(wire), 70_000):
+                piece = wire[start : start + 70_000]
+                with p.get_buffer(len(piece)) as buf:
+                    n = min(len(buf), len(piece))
+                    buf[:n] = piece[:n]
+                p.buffer_updated(n)
+                if n < len(piece):
+                    p.receive_data(piece[n:])
+                got, marker = drain(p)
+                frames += got
+                assert marker is NEED_DATA
+        else:
+            frames += _feed_in_two(p, wire, 1000)
+    assert [bytes(f.body) for f in frames] == bodies  # type: ignore[attr-defined]
+    assert targets.asked == [0, 1, 2]
+    for seq in (1, 2):
+        body = frames[seq].body  # type: ignore[attr-defined]
+        assert body.obj is targets.given[seq], f"frame {seq} was staged, not received in place"
+    assert p.buffered == 0
+
+
+# ------------------------------------------------------------ fuzzing byte by byte
+
+
+def _accepting_target(frame: Frame, nbytes: int) -> memoryview | None:
+    if nbytes % 3 == 0:
+        event("a body target was declined")
+        return None
+    event("a body target was given")
+    return memoryview(bytearray(nbytes))
+
+
+@st.composite
+def garbage(draw: st.DrawFn, handshaken: bool) -> bytes:
+    """Random bytes, sometimes after a valid HELLO, and sometimes a large
+    frame's valid head followed by garbage (its body goes to a target)."""
+    hello = not handshaken and draw(st.booleans())
+    data = hello_bytes(max_frame_size=DEFAULT_MAX_FRAME_SIZE) if hello else b""
+    if draw(st.booleans()):
+        ftype = draw(st.sampled_from([0x11, 0x12, 0x16]))
+        fields = draw(st.lists(st.integers(0, 2**64 - 1), min_size=3, max_size=3))
+        if ftype == 0x12:
+            fields.append(draw(st.booleans()))
+        data += U32.pack(draw(st.integers(64 * 1024, 1024 * 1024))) + cbor2.dumps([ftype, *fields])
+        return data + draw(st.binary(min_size=64, max_size=300))
+    return data + draw(st.binary(max_size=300))
+
+
+@given(
+    handshaken=st.booleans(), via_buffer=st.booleans(), with_target=st.booleans(), draw=st.data()
+)
+@at_most(300)
+def test_garbage_fed_byte_by_byte_only_raises_remote_errors(
+    handshaken: bool, via_buffer: bool, with_target: bool, draw: st.DataObject
+) -> None:
+    """h11's rule: whatever the peer sends, the protocol raises
+    RemoteProtocolError and nothing else, one byte at a time too."""
+    data = draw.draw(garbage(handshaken), label="data")
+    protocol = opened() if handshaken else FrameProtocol()
+    if with_target:
+        protocol.body_target = _accepting_target
+    for byte in data:
+        if protocol.their_state is ProtocolState.ERROR:
+            return
+        if via_buffer:
+            with protocol.get_buffer(1) as buf:
+                buf[0] = byte
+            protocol.buffer_updated(1)
+        else:
+            protocol.receive_data(bytes([byte]))
+        _pull(protocol)
+    if protocol.their_state is not ProtocolState.ERROR:
+        protocol.receive_data(b"")
+        _pull(protocol)
+        assert protocol.their_state in (ProtocolState.CLOSED, ProtocolState.ERROR)

@@ -4,6 +4,8 @@ Everything public is importable from here; modules whose names start with an
 underscore are internal.
 """
 
+import logging
+
 from ._api import (
     ConsumerFactory,
     ObjectConsumer,
@@ -35,8 +37,19 @@ from ._errors import (
     UnknownTargetError,
 )
 from ._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
+from ._streamers import (
+    ContainerResult,
+    FileResult,
+    NamePolicy,
+    ReceivedContainer,
+    ReceivedFile,
+)
 from ._tls import TLSConfig
 from ._version import __version__
+
+# The library never configures logging; without a handler of the
+# application's, its records go nowhere (rather than to stderr, unformatted).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "END_RESULT",
@@ -44,14 +57,19 @@ __all__ = [
     "ConnectionLostError",
     "ConnectionStats",
     "ConsumerFactory",
+    "ContainerResult",
     "FLContext",
     "FedstreamError",
+    "FileResult",
     "HandshakeError",
     "LocalProtocolError",
+    "NamePolicy",
     "ObjectConsumer",
     "ObjectProducer",
     "ObjectTooLargeError",
     "ProtocolError",
+    "ReceivedContainer",
+    "ReceivedFile",
     "RemoteProtocolError",
     "ReservedHeaderKey",
     "ReturnCode",

@@ -11,13 +11,16 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Final, TypedDict
 
 import trio
 
+from .. import _streamers
 from .._api import ConsumerFactory, ObjectProducer, StreamContextKey
 from .._context import FLContext
 from .._errors import (
@@ -30,7 +33,17 @@ from .._errors import (
 from .._shareable import ReturnCode
 from .._tls import TLSConfig, describe_tls_error, proven_names
 from .._transport import Transport, TransportConfig, make_transport, split_url
-from .._wire import DEFAULT_MAX_FRAME_SIZE, Data, Done, ErrorCode, FrameProtocol, GoAway, Hello
+from .._wire import (
+    DEFAULT_MAX_FRAME_SIZE,
+    Data,
+    Done,
+    ErrorCode,
+    FrameProtocol,
+    GoAway,
+    Hello,
+    encode_frame,
+)
+from ._budget import SiteBudget
 from ._callbacks import CallbackRunner, SyncMode, current_session
 from ._connection import Connection, ReceiveHandler, accept_handshake, dial_handshake
 from ._options import (
@@ -39,9 +52,13 @@ from ._options import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_MAX_OBJECT_SIZE,
+    DEFAULT_MAX_PENDING_HANDSHAKES,
+    DEFAULT_MAX_RECEIVE_BUFFER,
     DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
     DEFAULT_MAX_STREAMS_PER_PEER,
+    DEFAULT_MAX_THREADS,
     DEFAULT_PEER_TIMEOUT,
+    DEFAULT_RECEIVE_PROGRESS_TIMEOUT,
     DEFAULT_RECONNECT_MAX_DELAY,
     DEFAULT_RECONNECT_MIN_DELAY,
     DEFAULT_WINDOW,
@@ -82,7 +99,11 @@ class Site:
         self.name = _check_name(name)
         self.options = options
         self._nursery = nursery
-        self._runner = CallbackRunner(options.sync_callbacks, options.max_threads)
+        self._runner = CallbackRunner(
+            options.sync_callbacks, options.max_threads, grace=options.finalize_timeout
+        )
+        #: Bytes of received objects held for all peers together.
+        self._receive_budget = SiteBudget(options.max_receive_buffer)
         self._registrations: dict[tuple[str, str], Registration] = {}
         self._connections: dict[str, Connection] = {}
         self._reserved: set[str] = set()
@@ -97,13 +118,22 @@ class Site:
         self._mutual: set[Connection] = set()
         #: Links this site dialed and keeps re-dialing, by URL.
         self._dialers: dict[str, _Dialer] = {}
+        #: Incoming connections whose handshake is under way.
+        self._pending_handshakes = 0
 
     # ------------------------------------------------------------- state
 
     @property
-    def address(self) -> str | None:
-        """The first URL this site listens on (port 0 resolved), or ``None``."""
-        return self._addresses[0] if self._addresses else None
+    def address(self) -> str:
+        """The first URL this site listens on (port 0 resolved).
+
+        Raises:
+            FedstreamError: the site listens nowhere (it only dials, or
+                ``listen`` has not returned yet).
+        """
+        if not self._addresses:
+            raise FedstreamError(f"site {self.name!r} is not listening anywhere")
+        return self._addresses[0]
 
     @property
     def addresses(self) -> list[str]:
@@ -199,6 +229,7 @@ class Site:
         """Accept connections on ``url``; return the URL actually bound."""
         self._check_open()
         transport = self._transport(url)
+        _rate_limit_accept_errors()
         bound: str = await self._nursery.start(transport.serve, url, self._handle_incoming)
         self._addresses.append(bound)
         logger.info("site %s listening on %s", self.name, bound)
@@ -404,6 +435,30 @@ class Site:
             logger.exception("site %s: error while serving an incoming connection", self.name)
 
     async def _accept(self, stream: trio.abc.Stream) -> None:
+        limit = self.options.max_pending_handshakes
+        if self._pending_handshakes >= limit:
+            # Refused at once rather than queued: a queued connection would
+            # still hold its descriptor, which is what such a flood exhausts.
+            logger.debug("refusing a connection: %d handshakes pending", limit)
+            with trio.move_on_after(1):
+                try:
+                    await stream.send_all(_TOO_MANY_HANDSHAKES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            await trio.aclose_forcefully(stream)
+            return
+        self._pending_handshakes += 1
+        try:
+            accepted = await self._handshake(stream)
+        finally:
+            self._pending_handshakes -= 1
+        if accepted is not None:
+            await self._run_connection(stream, *accepted, False, "")
+
+    async def _handshake(self, stream: trio.abc.Stream) -> tuple[FrameProtocol, Hello, bool] | None:
+        """The acceptor's handshake: the peer's protocol state, its HELLO and
+        whether the link is mutually authenticated, or ``None`` (the stream
+        closed) if it failed."""
         protocol = FrameProtocol(max_frame_size=self.options.max_frame_size)
         reserved: list[str] = []
         proven = proven_names(stream)
@@ -448,10 +503,8 @@ class Site:
                 self._reserved.discard(name)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
-            return
-        await self._run_connection(
-            stream, protocol, hello, self._is_mutual(hello, proven), False, ""
-        )
+            return None
+        return protocol, hello, self._is_mutual(hello, proven)
 
     async def _run_connection(
         self,
@@ -465,7 +518,14 @@ class Site:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         conn = Connection(
-            stream, protocol, hello, local=self.name, dialer=dialer, options=self.options, url=url
+            stream,
+            protocol,
+            hello,
+            local=self.name,
+            dialer=dialer,
+            options=self.options,
+            url=url,
+            site_budget=self._receive_budget,
         )
         conn.on_open = self._open_receiver
         conn.on_lost = self._forget
@@ -526,6 +586,7 @@ class Site:
             on_finished=self._receiver_finished,
         )
         conn.nursery.start_soon(self._guard, session.run, conn)
+        logger.info("stream %s/%s from %s started", frame.channel, frame.topic, conn.peer)
         return session
 
     async def _guard(self, fn: Callable[[], Any], conn: Connection) -> None:
@@ -538,6 +599,13 @@ class Site:
             conn.lose("internal error")
 
     def _receiver_finished(self, session: ReceiverSession) -> None:
+        logger.info(
+            "stream %s/%s from %s ended: %s",
+            session.channel,
+            session.topic,
+            session.conn.peer,
+            session.rc,
+        )
         if session.conn.receivers.get(session.sid) is session:
             del session.conn.receivers[session.sid]
         self._notify()
@@ -604,9 +672,15 @@ class Site:
             finalize_timeout=self.options.finalize_timeout,
         )
         self._senders.add(session)
+        logger.info("stream %s/%s to %s started", channel, topic, ", ".join(names))
+        rc: str | None = None
         try:
-            return await session.run()
+            rc, result = await session.run()
+            return rc, result
         finally:
+            logger.info(
+                "stream %s/%s to %s ended: %s", channel, topic, ", ".join(names), rc or "raised"
+            )
             for link in links:
                 link.conn.senders.pop(link.sid, None)
             self._senders.discard(session)
@@ -621,6 +695,150 @@ class Site:
                 f"{', '.join(map(repr, exposed))} "
                 f"{'is' if len(exposed) == 1 else 'are'} not on one (see docs/semantics.md)"
             )
+
+    # ------------------------------------------- files and containers
+
+    async def stream_file(
+        self,
+        channel: str,
+        topic: str,
+        targets: Sequence[str],
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        transfer_id: str | None = None,
+        chunk_size: int = _streamers.DEFAULT_FILE_CHUNK,
+        object_timeout: float = _streamers.DEFAULT_OBJECT_TIMEOUT,
+        progress: Callable[[int], Any] | None = None,
+        fl_ctx: FLContext | None = None,
+    ) -> _streamers.FileResult:
+        """Stream one file to sites that run :meth:`register_file_receiver`.
+
+        The receiver checks the SHA-256 of the whole content and only then
+        renames its partial file into place. ``name`` (default: the file's
+        own name) is the relative path the receivers store it under.
+        Restarted with the same ``transfer_id`` after an interruption, the
+        transfer continues from what each receiver already holds (checked
+        against this file's SHA-256 prefix); the default id is random, so a
+        transfer without one starts from zero. ``progress(offset)`` is called
+        after each chunk is acknowledged. Never raises for a failed target:
+        see :class:`FileResult`'s ``rc`` and ``targets``.
+
+        Raises:
+            OSError: the file cannot be read.
+            ValueError: a bad ``name``, ``chunk_size`` or ``timeout``.
+            UnknownTargetError, SiteClosedError: as :meth:`stream_objects`.
+        """
+        return await _streamers.stream_file(
+            self,
+            channel,
+            topic,
+            targets,
+            path,
+            name=name,
+            transfer_id=transfer_id,
+            chunk_size=chunk_size,
+            object_timeout=object_timeout,
+            progress=progress,
+            fl_ctx=fl_ctx,
+        )
+
+    async def stream_directory(
+        self,
+        channel: str,
+        topic: str,
+        targets: Sequence[str],
+        path: str | os.PathLike[str],
+        *,
+        transfer_id: str | None = None,
+        chunk_size: int = _streamers.DEFAULT_FILE_CHUNK,
+        object_timeout: float = _streamers.DEFAULT_OBJECT_TIMEOUT,
+        progress: Callable[[int], Any] | None = None,
+        fl_ctx: FLContext | None = None,
+    ) -> list[_streamers.FileResult]:
+        """Stream every regular file under ``path``, one :meth:`stream_file` each.
+
+        Names are relative paths that start with the directory's own name
+        (``data/a/b.bin``); files go in sorted order. ``progress`` gets the
+        bytes done over all files.
+        """
+        return await _streamers.stream_directory(
+            self,
+            channel,
+            topic,
+            targets,
+            path,
+            transfer_id=transfer_id,
+            chunk_size=chunk_size,
+            object_timeout=object_timeout,
+            progress=progress,
+            fl_ctx=fl_ctx,
+        )
+
+    def register_file_receiver(
+        self,
+        channel: str,
+        topic: str,
+        directory: str | os.PathLike[str],
+        *,
+        on_file: Callable[[_streamers.ReceivedFile], Any] | None = None,
+        name_policy: _streamers.NamePolicy | str = _streamers.NamePolicy.OVERWRITE,
+        on_progress: Callable[[str, str, int, int], Any] | None = None,
+    ) -> None:
+        """Receive file streams into ``directory`` (created if missing).
+
+        Names that would leave ``directory`` (``..``, absolute paths, symbolic
+        links pointing outside) are refused with ``BAD_REQUEST_DATA``.
+        ``on_file(ReceivedFile)`` runs once per stream, however it ended.
+        ``name_policy`` says what happens when the final name exists
+        (:class:`NamePolicy`). ``on_progress(peer, name, received, size)``
+        runs after each chunk is written.
+        """
+        _streamers.register_file_receiver(
+            self,
+            channel,
+            topic,
+            directory,
+            on_file=on_file,
+            name_policy=name_policy,
+            on_progress=on_progress,
+        )
+
+    async def stream_container(
+        self,
+        channel: str,
+        topic: str,
+        targets: Sequence[str],
+        container: dict[Any, Any] | list[Any] | set[Any],
+        *,
+        object_timeout: float = _streamers.DEFAULT_OBJECT_TIMEOUT,
+        fl_ctx: FLContext | None = None,
+    ) -> _streamers.ContainerResult:
+        """Stream a ``dict``, ``list`` or ``set`` one entry per object.
+
+        Keys and values must be CBOR-encodable (see the README); the
+        receivers rebuild the container with :meth:`register_container_receiver`.
+        """
+        return await _streamers.stream_container(
+            self, channel, topic, targets, container, object_timeout=object_timeout, fl_ctx=fl_ctx
+        )
+
+    def register_container_receiver(
+        self,
+        channel: str,
+        topic: str,
+        on_container: Callable[[_streamers.ReceivedContainer], Any],
+        *,
+        max_entries: int = 10_000_000,
+    ) -> None:
+        """Rebuild streamed containers; ``on_container`` runs once per stream.
+
+        It gets the container only when the stream ended ``OK``. A stream
+        with more than ``max_entries`` entries ends with ``BAD_REQUEST_DATA``.
+        """
+        _streamers.register_container_receiver(
+            self, channel, topic, on_container, max_entries=max_entries
+        )
 
     # ----------------------------------------------------------- shutdown
 
@@ -696,6 +914,7 @@ class SiteKeywords(TypedDict, total=False):
     peer_timeout: float
     handshake_timeout: float
     finalize_timeout: float
+    receive_progress_timeout: float
     sync_callbacks: SyncMode | str
     max_threads: float
     max_streams_per_peer: int
@@ -704,6 +923,8 @@ class SiteKeywords(TypedDict, total=False):
     reconnect: bool
     reconnect_min_delay: float
     reconnect_max_delay: float
+    max_receive_buffer: int
+    max_pending_handshakes: int
 
 
 @asynccontextmanager
@@ -720,14 +941,17 @@ async def open_site(
     peer_timeout: float = DEFAULT_PEER_TIMEOUT,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     finalize_timeout: float = DEFAULT_FINALIZE_TIMEOUT,
+    receive_progress_timeout: float = DEFAULT_RECEIVE_PROGRESS_TIMEOUT,
     sync_callbacks: SyncMode | str = SyncMode.THREAD,
-    max_threads: float = math.inf,
+    max_threads: float = DEFAULT_MAX_THREADS,
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
     max_receive_buffer_per_peer: int = DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
     tls: TLSConfig | None = None,
     reconnect: bool = True,
     reconnect_min_delay: float = DEFAULT_RECONNECT_MIN_DELAY,
     reconnect_max_delay: float = DEFAULT_RECONNECT_MAX_DELAY,
+    max_receive_buffer: int = DEFAULT_MAX_RECEIVE_BUFFER,
+    max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES,
 ) -> AsyncIterator[Site]:
     """Run a site for the duration of the ``async with`` block.
 
@@ -744,9 +968,15 @@ async def open_site(
         handshake_timeout: seconds allowed for the HELLO exchange.
         finalize_timeout: bound on each end-of-stream step and on the
             sender's wait for receivers to finalize.
+        receive_progress_timeout: seconds a partly received object may go
+            without a byte of it arriving, while it has credit, before its
+            session ends with ``TIMEOUT`` (default 60), however alive the
+            connection is otherwise.
         sync_callbacks: ``"thread"`` (default) runs plain user callbacks in
             worker threads; ``"inline"`` runs them in the trio task.
-        max_threads: most worker threads used at once for sync callbacks.
+        max_threads: most worker threads used at once for plain callbacks
+            (default 40, trio's own limit; ``math.inf`` for none); a session
+            waiting for a thread holds none, whatever peers open.
         max_streams_per_peer: most receiving sessions one peer may have open
             on this site at once. A stream beyond it is refused with a
             ``SERVICE_UNAVAILABLE`` reply before any consumer is made; the
@@ -770,6 +1000,14 @@ async def open_site(
             doubles after each failed one (each delay jittered down by up
             to half).
         reconnect_max_delay: the longest delay between two re-dials.
+        max_receive_buffer: the same budget for all peers together (default
+            2 GiB; site names cost nothing, so the per-peer budget alone does
+            not bound a site). An object is admitted only when it fits both,
+            or when the site holds nothing else.
+        max_pending_handshakes: incoming connections whose HELLO is not in
+            yet, at once (default 128); each holds a few KiB until then. One
+            more is refused at once (GOAWAY ``NO_ERROR``, "try again") and
+            closed, so a flood of silent connections holds no descriptors.
 
     Resource handling:
         On exit (normal, error or cancellation) the site shuts down as by
@@ -785,6 +1023,7 @@ async def open_site(
         peer_timeout=peer_timeout,
         handshake_timeout=handshake_timeout,
         finalize_timeout=finalize_timeout,
+        receive_progress_timeout=receive_progress_timeout,
         sync_callbacks=SyncMode(sync_callbacks),
         max_threads=max_threads,
         max_streams_per_peer=max_streams_per_peer,
@@ -793,6 +1032,8 @@ async def open_site(
         reconnect=reconnect,
         reconnect_min_delay=reconnect_min_delay,
         reconnect_max_delay=reconnect_max_delay,
+        max_receive_buffer=max_receive_buffer,
+        max_pending_handshakes=max_pending_handshakes,
     )
     _check_name(name)
     error: Exception | None = None
@@ -815,6 +1056,43 @@ async def open_site(
             await site.shutdown_streamer()
     if error is not None:
         raise error
+
+
+_TOO_MANY_HANDSHAKES: Final = encode_frame(
+    GoAway(ErrorCode.NO_ERROR, "too many connections waiting for their HELLO; try again")
+)[0]
+
+#: At most one log record per this many seconds about accept() failing for
+#: lack of resources (trio logs and retries every 0.1 s).
+_ACCEPT_ERROR_LOG_INTERVAL = 10.0
+
+
+class _AcceptErrorFilter(logging.Filter):
+    """Passes one of trio's accept-retry records per interval, without its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = -math.inf
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self._last < _ACCEPT_ERROR_LOG_INTERVAL:
+            self._suppressed += 1
+            return False
+        record.msg = f"{record.msg} ({self._suppressed} more since the last such message)"
+        record.exc_info = None
+        record.exc_text = None
+        self._last = now
+        self._suppressed = 0
+        return True
+
+
+def _rate_limit_accept_errors() -> None:
+    """Rate-limit trio's log of accept() failures such as EMFILE (installed once)."""
+    trio_logger = logging.getLogger("trio.serve_listeners")
+    if not any(isinstance(f, _AcceptErrorFilter) for f in trio_logger.filters):
+        trio_logger.addFilter(_AcceptErrorFilter())
 
 
 async def _run_services(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:

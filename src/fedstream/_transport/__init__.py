@@ -13,6 +13,7 @@ from ._base import (
     make_transport,
     register_transport,
     split_url,
+    transport_schemes,
 )
 from ._memory import MemoryTransport
 from ._tcp import TcpTransport
@@ -31,4 +32,5 @@ __all__ = [
     "make_transport",
     "register_transport",
     "split_url",
+    "transport_schemes",
 ]

@@ -26,6 +26,7 @@ __all__ = [
     "make_transport",
     "register_transport",
     "split_url",
+    "transport_schemes",
 ]
 
 #: Called with each accepted stream; owns it and must close it.
@@ -90,6 +91,11 @@ def register_transport(scheme: str, factory: TransportFactory) -> None:
     _REGISTRY[scheme] = factory
 
 
+def transport_schemes() -> list[str]:
+    """The URL schemes a site can listen on and dial, sorted."""
+    return sorted(_REGISTRY)
+
+
 def split_url(url: str) -> tuple[str, str, int | None]:
     """Split ``scheme://host:port`` into its parts; raise ``ValueError`` if malformed."""
     parts = urlsplit(url)
@@ -112,6 +118,6 @@ def make_transport(scheme: str, config: TransportConfig) -> Transport:
     try:
         factory = _REGISTRY[scheme]
     except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
+        known = ", ".join(transport_schemes())
         raise ValueError(f"no transport for scheme {scheme!r} (known: {known})") from None
     return factory(config)

@@ -4,6 +4,7 @@ Nothing in this package does I/O or imports trio; the transports and the
 engine drive it. See ``docs/protocol.md`` for the format.
 """
 
+from ._assembler import ObjectAssembler
 from ._frames import (
     FRAME_TYPES,
     PROTOCOL_VERSION,
@@ -27,10 +28,10 @@ from ._payload import (
     TAG_BUFFER,
     TAG_SHAREABLE,
     EncodedObject,
-    ObjectAssembler,
     RawObject,
     ScatteredObject,
     decode_object,
+    decode_object_views,
     encode_object,
 )
 from ._protocol import (
@@ -78,6 +79,7 @@ __all__ = [
     "ScatteredObject",
     "decode_head",
     "decode_object",
+    "decode_object_views",
     "encode_frame",
     "encode_object",
 ]

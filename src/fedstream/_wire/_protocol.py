@@ -70,8 +70,11 @@ _U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
 MAX_HEAD_DEPTH: Final = 32
 
 _LEN = struct.Struct(">I")
-#: Initial size of the receive buffer, and the default receive size.
+#: Working size of the receive buffer, and the default receive size.
 _STAGE_SIZE: Final = 256 * 1024
+#: Initial size of the receive buffer: a connection whose HELLO is not in yet
+#: holds no more than this plus what the peer really sent (get_buffer grows it).
+_HANDSHAKE_STAGE_SIZE: Final = 4 * 1024
 #: Bodies at least this large may be received straight into a body target.
 _SINK_MIN: Final = 64 * 1024
 #: Staged bytes needed before a head is parsed early, and the most looked at.
@@ -474,14 +477,16 @@ class FrameProtocol:
         self.max_frame_size = max_frame_size
         # Received bytes not yet returned as frames live in _buf[_pos:_end];
         # _buf[_end:] is free room that get_buffer() hands out.
-        self._buf = bytearray(_STAGE_SIZE)
+        self._buf = bytearray(_HANDSHAKE_STAGE_SIZE)
         self._pos = 0
         self._end = 0
         # A frame whose body is being received straight into a caller's buffer.
         self._sink: memoryview | None = None
         self._sink_filled = 0
         self._sink_head: tuple[type[Frame], dict[str, Any]] | None = None
-        self._no_sink_at = -1
+        # Whether the frame at _pos declined a body target (it is then staged
+        # whole); cleared when that frame is returned.
+        self._sink_declined = False
         self._eof = False
         self._error: RemoteProtocolError | None = None
         #: Called with a frame (its body still empty) and its body length when a
@@ -622,6 +627,7 @@ class FrameProtocol:
         with memoryview(self._buf) as view:
             data = bytes(view[start:end])
         self._consume_stage(end)
+        self._sink_declined = False
         frame = decode_head(data)
         self._after_receive(frame)
         return frame
@@ -638,7 +644,7 @@ class FrameProtocol:
         if (
             self.body_target is None
             or self.their_state is not ProtocolState.OPEN
-            or self._no_sink_at == self._pos
+            or self._sink_declined
         ):
             return False
         start = self._pos + _LEN.size
@@ -651,14 +657,14 @@ class FrameProtocol:
             cls, kwargs, head_len = _parse_head(peek, length)
         except cbor2.CBORDecodeEOF:
             if len(peek) >= _HEAD_PEEK_MAX:
-                self._no_sink_at = self._pos  # a huge head: take the slow path
+                self._sink_declined = True  # a huge head: take the slow path
             return False
         body_len = length - head_len
         target = None
         if cls.HAS_BODY and body_len >= _SINK_MIN:
             target = self.body_target(cls(**kwargs), body_len)
         if target is None:
-            self._no_sink_at = self._pos
+            self._sink_declined = True
             return False
         target = target.cast("B") if target.format != "B" else target
         if len(target) != body_len or target.readonly:
