@@ -26,8 +26,17 @@ EXPECTED_CASES = {
     "memory": ["256 MiB as 1 MiB", "1 x 64 MiB"],
     "latency": ["1 KiB"],
     "hol": ["1 KiB idle", "1 KiB + 64 MiB", "64 MiB beside"],
+    "ws": ["ws 1 MiB", "ws 16 MiB", "wss 1 MiB", "wss 16 MiB"],
 }
-EXPECTED_CEILINGS = {"raw", "pingpong", "pingpong_rtt", "raw_fanout_4", "raw_fanout_16"}
+EXPECTED_CEILINGS = {
+    "raw",
+    "pingpong",
+    "pingpong_rtt",
+    "raw_fanout_4",
+    "raw_fanout_16",
+    "websocket",
+    "websocket_tls",
+}
 
 
 def _is_number(value: Any) -> bool:
@@ -151,3 +160,9 @@ def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
     assert during["min"] == int(during["min"])
     assert _is_number(big["metrics"]["big_mb_per_s"]["median"])
     assert big["metrics"]["big_mb_per_s"]["median"] > 0
+
+    for case in report["scenarios"]["ws"]["cases"]:
+        wss = case["params"]["scheme"] == "wss"
+        assert case["ceiling"] == ("websocket_tls" if wss else "websocket")
+        assert case["target"]["kind"] == "ratio_min"
+        assert case["status"] in {"PASS", "FAIL"}

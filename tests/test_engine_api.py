@@ -219,7 +219,7 @@ async def pair(
     rx_opts, tx_opts = dict(rx_opts or {}), dict(tx_opts or {})
     if net:
         listen = memory_url() if net == "memory" else f"{net}://127.0.0.1:0"
-    if net == "tls":
+    if net in ("tls", "wss"):
         rx_opts["tls"], tx_opts["tls"] = deployment().config("rx"), deployment().config("tx")
     async with (
         open_site("rx", listen=listen, **rx_opts) as rx,
@@ -263,7 +263,7 @@ async def test_open_site_reports_bound_address_and_peers() -> None:
             await wait_until(lambda: a.peers == [])
 
 
-@pytest.mark.parametrize("net", ["memory", "tcp", "tls"])
+@pytest.mark.parametrize("net", ["memory", "tcp", "tls", "ws", "wss"])
 async def test_stream_end_to_end_with_chunking(net: str) -> None:
     """Objects larger than a chunk and a window arrive whole, in order, with the context."""
     rec = Recorder()

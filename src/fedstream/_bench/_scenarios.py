@@ -10,11 +10,15 @@ the run carries on.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 from .._engine._options import DEFAULT_CHUNK_SIZE
@@ -26,13 +30,17 @@ __all__ = ["SCENARIOS", "Plan", "make_plan", "run_plan"]
 
 logger = logging.getLogger(__name__)
 
-SCENARIOS: Final = ("throughput", "fanout", "concurrency", "memory", "latency", "hol")
+SCENARIOS: Final = ("throughput", "fanout", "concurrency", "memory", "latency", "hol", "ws")
 
 #: Size of the ping-pong message.
 PING_SIZE: Final = 64
 #: Ratio targets from the issue, by object size (throughput) or target count (fan-out).
 THROUGHPUT_TARGETS: Final = {KIB: 0.6, MIB: 0.45, 16 * MIB: 0.6}
 FANOUT_TARGETS: Final = {16: 0.5}
+#: Ratio targets of ``ws`` against trio-websocket alone, by object size.
+WS_TARGETS: Final = {MIB: 0.45, 16 * MIB: 0.6}
+#: The ``ws`` receiver's URL (``wss`` over TLS).
+WS_LISTEN: Final = "{scheme}://127.0.0.1:0/fedstream"
 #: Allowed peak-RSS increase while streaming many 1 MiB objects.
 MEMORY_LIMIT_MIB: Final = 100.0
 #: Allowed peak-RSS increase of each side for one large object, in object sizes.
@@ -79,6 +87,10 @@ class Plan:
     #: Small objects timed on the idle connection before the large one starts.
     hol_idle_objects: int = 2000
     hol_big: int = 256 * MIB
+    #: ``ws``: (object size, objects) per case, over ``ws://`` and ``wss://``.
+    ws: tuple[tuple[int, int], ...] = ((MIB, 1024), (16 * MIB, 64))
+    #: Bytes the trio-websocket ceiling sends.
+    ws_total: int = GIB
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,6 +136,8 @@ def make_plan(
         latency_objects=2000,
         hol_idle_objects=500,
         hol_big=64 * MIB,
+        ws=((MIB, 128), (16 * MIB, 8)),
+        ws_total=128 * MIB,
     )
 
 
@@ -158,6 +172,49 @@ def _pingpong(plan: Plan) -> Values:
     }
 
 
+@functools.cache
+def _certificates() -> dict[str, dict[str, str]]:
+    """A CA and mutual-TLS files for the ``wss`` workers, made once per run.
+
+    Raises:
+        ImportError: ``cryptography`` is missing (``pip install 'fedstream[provision]'``).
+    """
+    from .._provision import provision
+
+    folder = Path(tempfile.mkdtemp(prefix="fedstream-bench-tls-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    names = ["sender", "site-0"]
+    provision(folder, names, hosts=["127.0.0.1"])
+    return {
+        name: {
+            "cert": str(folder / f"{name}.crt"),
+            "key": str(folder / f"{name}.key"),
+            "ca": str(folder / "ca.crt"),
+        }
+        for name in names
+    }
+
+
+def _tls_for(scheme: str, name: str) -> dict[str, Any]:
+    return {"tls": _certificates()[name]} if scheme == "wss" else {}
+
+
+def _websocket(plan: Plan, scheme: str) -> Values:
+    sent, _ = run_exchange(
+        "tws-recv",
+        [{"total": plan.ws_total, **_tls_for(scheme, "site-0")}],
+        "tws-send",
+        lambda addresses: {
+            "addresses": addresses,
+            "total": plan.ws_total,
+            **_tls_for(scheme, "sender"),
+        },
+        timeout=plan.timeout,
+        pin=plan.pin,
+    )
+    return {"mb_per_s": sent["bytes"] / sent["elapsed"] / MB}
+
+
 @dataclass
 class _CeilingSpec:
     run: Callable[[], Values]
@@ -183,18 +240,29 @@ def _ceiling_specs(plan: Plan, scenarios: Sequence[str]) -> list[_CeilingSpec]:
                 label = f"raw trio TCP fan-out to {n} receiver processes (aggregate)"
                 ceiling = Ceiling(f"raw_fanout_{n}", label, Series("MB/s"))
                 specs.append(_CeilingSpec(functools.partial(_raw, plan, n), {"mb_per_s": ceiling}))
+    if "ws" in scenarios:
+        for scheme in ("ws", "wss"):
+            over = " over mutual TLS" if scheme == "wss" else ""
+            label = f"trio-websocket alone{over}, 1 MiB messages, {format_size(plan.ws_total)}"
+            ceiling = Ceiling(_WS_CEILINGS[scheme], label, Series("MB/s"))
+            specs.append(
+                _CeilingSpec(functools.partial(_websocket, plan, scheme), {"mb_per_s": ceiling})
+            )
     return specs
+
+
+_WS_CEILINGS: Final = {"ws": "websocket", "wss": "websocket_tls"}
 
 
 # --------------------------------------------------------------------- cases
 
 
 def _fs_exchange(
-    plan: Plan, receivers: int, sender: dict[str, Any]
+    plan: Plan, receivers: int, sender: dict[str, Any], receiver: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     sent, received = run_exchange(
         "fs-recv",
-        [{"name": f"site-{i}", "site": plan.site} for i in range(receivers)],
+        [{"name": f"site-{i}", "site": plan.site, **(receiver or {})} for i in range(receivers)],
         "fs-send",
         lambda addresses: {**sender, "addresses": addresses, "site": plan.site},
         timeout=plan.timeout,
@@ -219,6 +287,14 @@ def _fs_exchange(
 def _throughput(plan: Plan, size: int, objects: int) -> Values:
     config = {"object_size": size, "objects": objects, "warmup_size": size}
     sent, _ = _fs_exchange(plan, 1, config)
+    elapsed = sent["elapsed"]
+    return {"mb_per_s": objects * size / elapsed / MB, "objects_per_s": objects / elapsed}
+
+
+def _ws_throughput(plan: Plan, scheme: str, size: int, objects: int) -> Values:
+    config = {"object_size": size, "objects": objects, "warmup_size": size}
+    receiver = {"listen": WS_LISTEN.format(scheme=scheme), **_tls_for(scheme, "site-0")}
+    sent, _ = _fs_exchange(plan, 1, {**config, **_tls_for(scheme, "sender")}, receiver)
     elapsed = sent["elapsed"]
     return {"mb_per_s": objects * size / elapsed / MB, "objects_per_s": objects / elapsed}
 
@@ -568,6 +644,22 @@ def _case_specs(plan: Plan, scenarios: Sequence[str]) -> list[_CaseSpec]:
                 reps,
             )
         )
+    if "ws" in scenarios:
+        for scheme in ("ws", "wss"):
+            for size, objects in plan.ws:
+                specs.append(
+                    _case(
+                        "ws",
+                        f"{scheme} {format_size(size)}",
+                        {"scheme": scheme, "object_size": size, "objects": objects},
+                        _RATE_UNITS,
+                        "mb_per_s",
+                        functools.partial(_ws_throughput, plan, scheme, size, objects),
+                        reps,
+                        ceiling=_WS_CEILINGS[scheme],
+                        target=_ratio_target(WS_TARGETS.get(size)),
+                    )
+                )
     return specs
 
 

@@ -23,12 +23,19 @@ Roles:
     several addresses it sends to all of them concurrently (fan-out ceiling).
 ``ping-server`` / ``ping-client``
     The round-trip ceiling: a 64-byte message echoed back, one at a time.
+``tws-recv`` / ``tws-send``
+    The WebSocket ceiling: ``trio-websocket`` alone, binary messages of
+    1 MiB (the WebSocket transport's message size, with its limits) counted
+    by the receiver, a one-byte message as acknowledgement; over TLS
+    (mutual, with ``config["tls"]``'s certificates) for ``wss://``.
 ``fs-recv`` / ``fs-send``
     fedstream sites with async (trio-native) producers and consumers and
     ``sync_callbacks="inline"``. The sender streams a few warm-up objects
     first (``warmup_size`` bytes at most, 64 KiB by default), then times from
     the first ``produce`` of the measured streams until every
-    ``stream_objects`` call has returned.
+    ``stream_objects`` call has returned. ``config["listen"]`` picks the
+    receiver's URL (``tcp://127.0.0.1:0`` by default) and ``config["tls"]``
+    (``{"cert", "key", "ca"}`` paths) gives a site its certificates.
 ``fs-recv`` / ``fs-hol``
     Head-of-line blocking on one connection: a stream of small objects runs
     alone for ``idle_objects`` objects, then carries on while a second stream
@@ -39,6 +46,7 @@ Roles:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -60,8 +68,10 @@ from .. import (
     ReturnCode,
     Shareable,
     StreamContextKey,
+    TLSConfig,
     open_site,
 )
+from .._transport import _ws as ws
 from ._common import KIB, MB, MIB, BenchError, current_rss, peak_rss, percentile
 
 __all__ = ["ROLES", "main"]
@@ -224,6 +234,84 @@ async def ping_client(config: Config) -> Result:
     }
 
 
+# ---------------------------------------------------------- trio-websocket
+
+
+def _tls_config(config: Config) -> TLSConfig | None:
+    files = config.get("tls")
+    return None if not files else TLSConfig(files["cert"], files["key"], files.get("ca"))
+
+
+async def tws_recv(config: Config) -> Result:
+    import trio_websocket
+
+    total = int(config["total"])
+    tls = _tls_config(config)
+    finished = trio.Event()
+    counts: Result = {}
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        connection = await request.accept()
+        counts["baseline"] = current_rss()
+        received = 0
+        while received < total:
+            received += len(await connection.get_message())
+        await connection.send_message(b"k")
+        counts["bytes"] = received
+        finished.set()
+        await _stdin_eof()
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            functools.partial(
+                trio_websocket.serve_websocket,
+                handler,
+                "127.0.0.1",
+                0,
+                None if tls is None else tls.server_context(),
+                message_queue_size=ws.MESSAGE_QUEUE_SIZE,
+                max_message_size=ws.MESSAGE_SIZE,
+                receive_buffer_size=ws.RECEIVE_SIZE,
+            )
+        )
+        scheme = "ws" if tls is None else "wss"
+        _emit({"event": "ready", "address": f"{scheme}://127.0.0.1:{server.port}/"})
+        await finished.wait()
+        await _stdin_eof()
+        nursery.cancel_scope.cancel()
+    return {"bytes": counts["bytes"], **_rss_fields("", counts["baseline"])}
+
+
+async def tws_send(config: Config) -> Result:
+    import trio_websocket
+
+    total = int(config["total"])
+    tls = _tls_config(config)
+    message = b"\xa5" * ws.MESSAGE_SIZE
+    (address,) = config["addresses"]
+    host, port = _split(address)
+    baseline = current_rss()
+    async with trio_websocket.open_websocket(
+        host,
+        port,
+        "/",
+        use_ssl=False if tls is None else tls.client_context(),
+        message_queue_size=ws.MESSAGE_QUEUE_SIZE,
+        max_message_size=ws.MESSAGE_SIZE,
+        receive_buffer_size=ws.RECEIVE_SIZE,
+    ) as connection:
+        start = time.perf_counter()
+        left = total
+        while left:
+            n = min(left, len(message))
+            await connection.send_message(message if n == len(message) else message[:n])
+            left -= n
+        if await connection.get_message() != b"k":
+            raise BenchError("receiver did not acknowledge")
+        elapsed = time.perf_counter() - start
+    return {"elapsed": elapsed, "bytes": total, **_rss_fields("", baseline)}
+
+
 # ----------------------------------------------------------------- fedstream
 
 
@@ -328,7 +416,7 @@ class _Producer(ObjectProducer):
 
 
 def _site_options(config: Config) -> dict[str, Any]:
-    options: dict[str, Any] = {"sync_callbacks": "inline"}
+    options: dict[str, Any] = {"sync_callbacks": "inline", "tls": _tls_config(config)}
     options.update(config.get("site", {}))
     return options
 
@@ -342,7 +430,9 @@ async def fs_recv(config: Config) -> Result:
         stats.baseline = current_rss()
 
     async with open_site(
-        str(config["name"]), listen="tcp://127.0.0.1:0", **_site_options(config)
+        str(config["name"]),
+        listen=str(config.get("listen", "tcp://127.0.0.1:0")),
+        **_site_options(config),
     ) as site:
         site.register_stream_processing(
             CHANNEL, WARMUP_TOPIC, _Factory(None), stream_done_cb=warmup_done
@@ -547,6 +637,8 @@ ROLES: Final[dict[str, Callable[[Config], Awaitable[Result]]]] = {
     "raw-send": raw_send,
     "ping-server": ping_server,
     "ping-client": ping_client,
+    "tws-recv": tws_recv,
+    "tws-send": tws_send,
     "fs-recv": fs_recv,
     "fs-send": fs_send,
     "fs-hol": fs_hol,

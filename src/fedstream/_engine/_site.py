@@ -234,7 +234,9 @@ class Site:
         transport = self._transports.get(scheme)
         if transport is None:
             config = TransportConfig(
-                tls=self.options.tls, handshake_timeout=self.options.handshake_timeout
+                tls=self.options.tls,
+                handshake_timeout=self.options.handshake_timeout,
+                nursery=self._nursery,
             )
             transport = self._transports[scheme] = make_transport(scheme, config)
         return transport

@@ -18,6 +18,7 @@ from ._base import (
 from ._memory import MemoryTransport
 from ._tcp import TcpTransport
 from ._tls import TlsTransport
+from ._ws import WebSocketStream, WebSocketTransport
 
 __all__ = [
     "MemoryTransport",
@@ -26,6 +27,8 @@ __all__ = [
     "Transport",
     "TransportConfig",
     "TransportFactory",
+    "WebSocketStream",
+    "WebSocketTransport",
     "make_transport",
     "register_transport",
     "split_url",

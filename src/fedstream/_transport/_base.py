@@ -39,8 +39,12 @@ class TransportConfig:
 
     #: Certificates for ``tls://``; ``None`` when the site has none.
     tls: TLSConfig | None = None
-    #: Bound on a transport-level handshake (TLS), per connection.
+    #: Bound on a transport-level handshake (TLS, WebSocket upgrade), per connection.
     handshake_timeout: float = 10.0
+    #: Where a transport runs the tasks a dialed stream needs for its whole
+    #: life (a WebSocket's reader): the site's nursery. ``None`` for
+    #: transports made outside a site; those cannot dial ``ws://``.
+    nursery: trio.Nursery | None = None
 
 
 class Transport(ABC):
