@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 from typing import Any
@@ -103,9 +104,18 @@ def test_tensors_that_cannot_travel_are_refused_locally() -> None:
     ids=["dtype", "mismatch", "not-an-array", "short", "not-a-list"],
 )
 def test_malformed_tensor_tags_are_remote_protocol_errors(content: Any) -> None:
-    data = encode_object(Shareable({"t": cbor2.CBORTag(TAG_TENSOR, content)})).to_bytes()
+    # The encoder refuses what receivers refuse, so the malformed tag is
+    # spliced into a valid encoding of {"t": content} by hand.
+    raw = encode_object(Shareable({"t": content})).to_bytes()
+    (length,) = struct.unpack(">I", raw[:4])
+    head, rest = raw[4 : 4 + length], raw[4 + length :]
+    key = head.index(b"\xa2\x61t") + 3  # the map's first key, "t"
+    tag = cbor2.dumps(cbor2.CBORTag(TAG_TENSOR, None))[:-1]  # the tag's head alone
+    head = head[:key] + tag + head[key:]
     with pytest.raises(RemoteProtocolError):
-        decode_object(bytearray(data))
+        decode_object(bytearray(struct.pack(">I", len(head)) + head + rest))
+    with pytest.raises(LocalProtocolError):
+        encode_object(Shareable({"t": cbor2.CBORTag(TAG_TENSOR, content)}))
 
 
 def test_without_torch_tensors_arrive_as_numpy_arrays() -> None:

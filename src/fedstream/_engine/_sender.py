@@ -524,6 +524,10 @@ class StreamSession:
             self._stop_reason = reason
         self.scope.cancel()
 
+    def _stopped(self) -> str | None:
+        """The rc :meth:`stop` set, if it was called (possibly while a callback ran)."""
+        return self._stop_rc
+
     def abort_targets_now(self, rc: str, reason: str) -> list[TargetLink]:
         """Tell every live target at once (for a shutdown that cannot wait for
         this session's own ending); return the links whose DONE to wait for."""
@@ -598,11 +602,12 @@ class StreamSession:
             produced = await self.runner(self.producer.produce, self.stream_ctx, self.fl_ctx)
             if signal.triggered:  # produce itself may have fired it
                 return ReturnCode.TASK_ABORTED, None, False
-            if self._stop_rc is not None:
+            stopped = self._stopped()
+            if stopped is not None:
                 # Stopped while produce ran (it may have shut its own site
                 # down without a checkpoint since): no producer callback
                 # runs after a stop.
-                return self._stop_rc, None, False
+                return stopped, None, False
             shareable, timeout = _check_produced(produced)
             if shareable is None:
                 return ReturnCode.OK, None, True
@@ -628,8 +633,9 @@ class StreamSession:
             for name in self.missing:
                 replies[name] = make_reply(ReturnCode.COMMUNICATION_ERROR)
             seq += 1
-            if self._stop_rc is not None:
-                return self._stop_rc, None, False
+            stopped = self._stopped()
+            if stopped is not None:
+                return stopped, None, False
             outcome = await self.runner(
                 self.producer.process_replies, replies, self.stream_ctx, self.fl_ctx
             )
