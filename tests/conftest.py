@@ -2,8 +2,10 @@
 
 Hypothesis profiles: ``ci`` (loaded when the ``CI`` environment variable is
 set) keeps example counts bounded and tolerates a noisy 2-core machine by
-disabling per-example deadlines; ``dev`` explores more. Pick one explicitly
-with ``--hypothesis-profile``.
+disabling per-example deadlines; ``dev`` explores more; ``thorough`` runs
+1,000 examples for every property test (``strategies.at_most`` caps the
+count of slow tests in the other profiles, not in this one). Pick one
+explicitly with ``--hypothesis-profile``.
 """
 
 from __future__ import annotations
@@ -20,5 +22,11 @@ settings.register_profile(
     print_blob=True,
 )
 settings.register_profile("dev", max_examples=100, deadline=None)
-settings.register_profile("thorough", max_examples=1000, deadline=None)
+settings.register_profile(
+    "thorough",
+    max_examples=1000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")

@@ -292,16 +292,33 @@ def assert_same_payload(got: Any, want: Any, path: str = "$") -> None:
 # ---------------------------------------------------------------- helpers
 
 
-def at_most(max_examples: int, **kwargs: Any) -> settings:
-    """Settings that cap the example count without raising the active profile's.
+def _profile_name() -> str:
+    # settings.get_current_profile_name() is recent (pyproject allows 6.100).
+    getter = getattr(settings, "get_current_profile_name", None)
+    if getter is not None:
+        return str(getter())
+    return str(getattr(settings, "_current_profile", ""))
 
-    ``stateful_step_count`` (if given) is capped the same way.
+
+def at_most(max_examples: int, **kwargs: Any) -> settings:
+    """Settings that cap the example count at ``max_examples`` in the everyday profiles.
+
+    In ``ci`` and ``dev`` (and any other profile) the count is
+    ``min(max_examples, profile's)``, so a slow test runs fewer examples than
+    the profile allows but never more. The ``thorough`` profile exists to
+    raise example counts, so there the cap does not apply and every test
+    runs the profile's ``max_examples``. ``stateful_step_count`` (if given)
+    is treated the same way.
     """
+    profile = settings.default
+    if _profile_name() == "thorough":
+        kwargs.pop("stateful_step_count", None)
+        return settings(max_examples=profile.max_examples, **kwargs)
     if "stateful_step_count" in kwargs:
         kwargs["stateful_step_count"] = min(
-            kwargs["stateful_step_count"], settings.default.stateful_step_count
+            kwargs["stateful_step_count"], profile.stateful_step_count
         )
-    return settings(max_examples=min(max_examples, settings.default.max_examples), **kwargs)
+    return settings(max_examples=min(max_examples, profile.max_examples), **kwargs)
 
 
 def normalized(frame: Any) -> Any:

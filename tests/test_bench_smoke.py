@@ -1,15 +1,17 @@
-"""Smoke test of the benchmark harness (``fedstream bench --quick``).
+"""Smoke test of the benchmark harness (``fedstream bench --smoke``).
 
 Runs every scenario end to end in a subprocess (including ``wan`` through
-the relay and ``tls`` with certificates made for the run), exactly as CI
-would, and checks the shape of the JSON report and that every case
+the relay, ``tls`` and ``wss`` with certificates made for the run) on tiny
+totals, and checks the shape of the JSON report and that every case
 completed. There are no timing assertions: the figures belong to the
 machine, not to the test; only the structure (which rows, which ceilings,
-which targets) is checked.
+which targets) is checked. The ``--quick`` and full plans' rows and targets
+are checked without running them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,6 +25,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
+#: Rows of a ``--smoke`` run.
 EXPECTED_CASES = {
     "throughput": [
         "1 KiB",
@@ -40,6 +43,25 @@ EXPECTED_CASES = {
     "fanout": [
         "1 target",
         "1 target async",
+        "2 targets",
+        "2 targets async",
+        "4 targets",
+        "4 targets async",
+    ],
+    "concurrency": ["1 stream", "10 streams", "100 streams"],
+    "memory": ["8 MiB as 1 MiB", "1 x 8 MiB"],
+    "latency": ["1 KiB", "1 KiB async"],
+    "hol": ["1 KiB idle", "1 KiB + 16 MiB", "16 MiB beside"],
+    "wan": ["4 MiB as 1 MiB", "1 x 4 MiB"],
+    "tls": ["1 MiB", "1 MiB async", "16 MiB", "16 MiB async"],
+    "ws": ["ws 1 MiB", "ws 16 MiB", "wss 1 MiB", "wss 16 MiB"],
+}
+#: Rows of a ``--quick`` run where they differ from ``--smoke``.
+QUICK_CASES = {
+    **EXPECTED_CASES,
+    "fanout": [
+        "1 target",
+        "1 target async",
         "4 targets",
         "4 targets async",
         "16 targets",
@@ -47,21 +69,22 @@ EXPECTED_CASES = {
     ],
     "concurrency": ["1 stream", "10 streams", "100 streams", "1000 streams"],
     "memory": ["256 MiB as 1 MiB", "1 x 64 MiB"],
-    "latency": ["1 KiB", "1 KiB async"],
     "hol": ["1 KiB idle", "1 KiB + 64 MiB", "64 MiB beside"],
     "wan": ["32 MiB as 1 MiB", "1 x 32 MiB"],
-    "tls": ["1 MiB", "1 MiB async", "16 MiB", "16 MiB async"],
 }
 EXPECTED_CEILINGS = {
     "raw",
     "pingpong",
     "pingpong_rtt",
     "stop_and_wait_64k",
+    "raw_fanout_2",
     "raw_fanout_4",
-    "raw_fanout_16",
     "relay",
     "tls_raw",
+    "websocket",
+    "websocket_tls",
 }
+QUICK_CEILINGS = EXPECTED_CEILINGS - {"raw_fanout_2"} | {"raw_fanout_16"}
 #: The issue's targets, as the harness encodes them: row -> (ceiling, ratio).
 EXPECTED_RATIO_TARGETS = {
     "throughput/1 KiB": ("pingpong", 0.6),
@@ -71,28 +94,35 @@ EXPECTED_RATIO_TARGETS = {
     "fanout/16 targets": ("raw_fanout_16", 0.6),
     "tls/1 MiB": ("tls_raw", 0.45),
     "tls/16 MiB": ("tls_raw", 0.6),
+    "ws/ws 1 MiB": ("websocket", 0.45),
+    "ws/ws 16 MiB": ("websocket", 0.6),
+    "ws/wss 1 MiB": ("websocket_tls", 0.45),
+    "ws/wss 16 MiB": ("websocket_tls", 0.6),
 }
+#: The fan-out target's row, which a ``--smoke`` run (4 targets at most) lacks.
+QUICK_RATIO_TARGETS = {**EXPECTED_RATIO_TARGETS, "fanout/16 targets": ("raw_fanout_16", 0.6)}
+del EXPECTED_RATIO_TARGETS["fanout/16 targets"]
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _run_quick(tmp_path: Path) -> tuple[dict[str, Any], str]:
+def _run_smoke(tmp_path: Path) -> tuple[dict[str, Any], str]:
     out = tmp_path / "bench.json"
     pythonpath = [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
     code = (
         "import sys\n"
         "from fedstream._bench import main\n"
-        f"sys.exit(main(['--quick', '--quiet', '--json', {str(out)!r}]))\n"
+        f"sys.exit(main(['--smoke', '--quiet', '--json', {str(out)!r}]))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code],
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=600,
         check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
@@ -100,16 +130,18 @@ def _run_quick(tmp_path: Path) -> tuple[dict[str, Any], str]:
 
 
 @pytest.mark.slow
-def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
-    report, table = _run_quick(tmp_path)
+def test_smoke_benchmark_reports_every_scenario(tmp_path: Path) -> None:
+    report, table = _run_smoke(tmp_path)
 
     assert report["schema"] == 2
-    assert report["mode"] == "quick"
+    assert report["mode"] == "smoke"
     assert report["completed"] is True
     assert report["repeat"] >= 1
     for key in ("cpu_count", "cpu_model", "python", "trio", "fedstream", "date"):
         assert key in report["machine"]
     assert report["plan"]["quick"] is True
+    assert report["plan"]["smoke"] is True
+    assert report["plan"]["wan_delay"] == 0.002
 
     assert set(report["ceilings"]) == EXPECTED_CEILINGS
     for ceiling in report["ceilings"].values():
@@ -191,10 +223,14 @@ def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
     )
     for case in report["scenarios"]["wan"]["cases"]:
         assert case["ceiling"] == "relay"
-        assert case["params"]["delay"] == 0.025
-        assert any("scaled down from 1 GiB" in note for note in case["notes"])
+        assert case["params"]["delay"] == 0.002
+        assert any("scaled down from 1 GiB by --smoke" in note for note in case["notes"])
     for case in report["scenarios"]["tls"]["cases"]:
         assert case["ceiling"] == "tls_raw"
+    for case in report["scenarios"]["ws"]["cases"]:
+        wss = case["params"]["scheme"] == "wss"
+        assert case["ceiling"] == ("websocket_tls" if wss else "websocket")
+        assert case["params"]["path"] == "default"
 
     for case in report["scenarios"]["concurrency"]["cases"]:
         assert case["status"] == "PASS"
@@ -218,7 +254,7 @@ def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
         assert case["params"] == {
             "small_size": 1024,
             "idle_objects": report["plan"]["hol_idle_objects"],
-            "big_size": 64 * 1024 * 1024,
+            "big_size": 16 * 1024 * 1024,
             "path": "default",
         }
         assert case["repetitions"] == report["repeat"]
@@ -323,3 +359,39 @@ def test_comparison_row_is_the_median_of_its_per_round_ratios() -> None:
     report.cases[1].error = "worker crashed"
     report.judge()
     assert compare.status == "ERROR"
+
+
+@pytest.mark.parametrize(
+    ("mode", "cases", "ceilings", "targets"),
+    [
+        ("smoke", EXPECTED_CASES, EXPECTED_CEILINGS, EXPECTED_RATIO_TARGETS),
+        ("quick", QUICK_CASES, QUICK_CEILINGS, QUICK_RATIO_TARGETS),
+        ("full", QUICK_CASES, QUICK_CEILINGS, QUICK_RATIO_TARGETS),
+    ],
+)
+def test_plans_build_every_row_and_target(
+    mode: str,
+    cases: dict[str, list[str]],
+    ceilings: set[str],
+    targets: dict[str, tuple[str, float]],
+) -> None:
+    """The rows, ceilings and targets each plan builds, without running them:
+    the smoke run above covers the code that measures them, this covers the
+    rows that only the larger plans have (16-target fan-out, 1000 streams)."""
+    from fedstream._bench._scenarios import SCENARIOS, _build, _Env, make_plan
+
+    plan = make_plan(quick=mode != "full", smoke=mode == "smoke")
+    assert plan.mode == mode
+    with contextlib.ExitStack() as stack:
+        ceiling_specs, case_specs = _build(plan, _Env(stack), SCENARIOS)
+    assert {c.key for spec in ceiling_specs for c in spec.feeds.values()} == ceilings
+    rows = {f"{r.scenario}/{r.case}": r for spec in case_specs for r in spec.results}
+    expected = [f"{name}/{case}" for name, names in cases.items() for case in names]
+    if mode == "full":  # sizes differ; the scenarios and row counts do not
+        assert [row.split("/")[0] for row in rows] == [row.split("/")[0] for row in expected]
+    else:
+        assert list(rows) == expected
+    for row, (ceiling, ratio) in targets.items():
+        assert rows[row].ceiling == ceiling, row
+        assert rows[row].target is not None, row
+        assert (rows[row].target.kind, rows[row].target.value) == ("ratio_min", ratio), row

@@ -61,6 +61,7 @@ from fedstream._wire import (
     encode_frame,
     encode_object,
 )
+from fedstream._wire._frames import OPENER_ABORT_RCS
 
 LOOP = "tcp://127.0.0.1:0"
 CH = "app"
@@ -474,7 +475,6 @@ async def test_chunk_for_an_object_not_being_sent_closes_the_connection() -> Non
         pytest.param(data_frame(2, 0), id="data-on-even-sid"),
         pytest.param(End(4, 1), id="end-on-even-sid"),
         pytest.param(Reply(1, 0, 3, False, b"abc"), id="reply-on-odd-sid"),
-        pytest.param(Credit(3, 1000), id="credit-on-odd-sid"),
         pytest.param(Done(5, "OK", None), id="done-on-odd-sid"),
         pytest.param(data_frame(0, 0), id="data-on-reserved-sid-0"),
     ],
@@ -761,3 +761,69 @@ async def test_abort_from_the_raw_peer_finalizes_with_its_rc() -> None:
         (session,) = hub.rec.topic("aborted")
         assert session.rc == ReturnCode.TASK_ABORTED
         await peer.stream_ok(3, "after-abort")
+
+
+# ============================================================ END and ABORT checked
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 1 << 40], ids=["none", "fewer", "more", "huge"])
+async def test_end_with_the_wrong_object_count_ends_with_bad_request_data(count: int) -> None:
+    async with attacked_hub() as hub, raw_peer(hub) as peer:
+        await peer.handshake()
+        for seq in range(2):
+            await peer.send(data_frame(1, seq, topic="miscounted"))
+            await peer.expect_reply(1, seq)
+        await peer.send(End(1, count))
+        await peer.expect_done(1, BAD)
+        (session,) = hub.rec.topic("miscounted")
+        assert (session.items, session.rc, session.finalized) == ([0, 1], BAD, 1)
+        await peer.stream_ok(3, "after-miscounted")
+
+
+async def test_end_in_the_middle_of_an_object_ends_with_bad_request_data() -> None:
+    async with attacked_hub() as hub, raw_peer(hub) as peer:
+        await peer.handshake()
+        await peer.send(data_frame(1, 0, topic="cut"))
+        await peer.expect_reply(1, 0)
+        full = encoded(1)
+        await peer.send(data_frame(1, 1, topic="cut", body=full[:5], size=len(full)))
+        await peer.send(End(1, 2))
+        await peer.expect_done(1, BAD)
+        (session,) = hub.rec.topic("cut")
+        assert (session.items, session.rc, session.finalized) == ([0], BAD, 1)
+        await peer.stream_ok(3, "after-cut")
+
+
+@pytest.mark.parametrize(
+    "rc", [ReturnCode.OK, "", "NOT_A_CODE", "X" * 10_000, ReturnCode.TOPIC_UNKNOWN]
+)
+async def test_abort_with_an_rc_outside_the_documented_set_is_a_protocol_error(
+    rc: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with attacked_hub() as hub, raw_peer(hub) as peer:
+        await peer.handshake()
+        await peer.send(data_frame(1, 0, topic="bad-abort"))
+        await peer.expect_reply(1, 0)
+        await peer.send(Abort(1, rc, "see my rc", "evil"))
+        await peer.expect_done(1, BAD)
+        (session,) = hub.rec.topic("bad-abort")
+        assert (session.rc, session.finalized) == (BAD, 1)
+        assert any("ABORT" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+        # An ABORT for a stream not seen yet is checked too.
+        await peer.send(Abort(5, rc, "early", "evil"))
+        await peer.send(data_frame(5, 0, topic="bad-early-abort"))
+        await peer.expect_done(5, BAD)
+        assert hub.rec.topic("bad-early-abort") == []
+        await peer.stream_ok(3, "after-bad-abort")
+
+
+@pytest.mark.parametrize("rc", sorted(OPENER_ABORT_RCS))
+async def test_abort_with_a_documented_rc_finalizes_with_it(rc: str) -> None:
+    async with attacked_hub() as hub, raw_peer(hub) as peer:
+        await peer.handshake()
+        await peer.send(data_frame(1, 0, topic="aborted"))
+        await peer.expect_reply(1, 0)
+        await peer.send(Abort(1, rc, "documented", "evil"))
+        await peer.expect_done(1, rc)
+        (session,) = hub.rec.topic("aborted")
+        assert session.rc == rc

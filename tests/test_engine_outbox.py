@@ -315,7 +315,7 @@ class _Producer(ObjectProducer):
         ):
             return None, 10.0
         self.sent += 1
-        return Shareable(data=self.data), 10.0
+        return Shareable({"data": self.data}), 10.0
 
     async def process_replies(
         self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext

@@ -72,10 +72,10 @@ class KillingProducer(ObjectProducer):
         return [r[target].get_return_code() for _, r in self.replies]
 
 
-@pytest.mark.parametrize("net", ["tcp", "tls"])
+@pytest.mark.parametrize("net", ["tcp", "tls", "ws", "wss"])
 async def test_receiver_killed_mid_stream(net: str, tmp_path: Path) -> None:
     names = ["r0", "r1", "r2"]
-    tls = deployment().config("sender") if net == "tls" else None
+    tls = deployment().config("sender") if net in ("tls", "wss") else None
     count, size, kill_at = 60, 64 * 1024, 20
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     procs: list[trio.Process] = []

@@ -133,7 +133,7 @@ async def open_world(
     url = f"{net}://127.0.0.1:0" if net != "memory" else "memory://0"
 
     def tls(name: str) -> dict[str, Any]:
-        return {"tls": deployment().config(name)} if net == "tls" else {}
+        return {"tls": deployment().config(name)} if net in ("tls", "wss") else {}
 
     recorder = Recorder()
     sender = await start_site(nursery, "S", listen=url, **tls("S"), **options)
@@ -396,7 +396,7 @@ def test_ordering_memory(plan: OrderingPlan) -> None:
     check_ordering(plan, result, mock=True)
 
 
-@pytest.mark.parametrize("net", ["tcp", "tls"])
+@pytest.mark.parametrize("net", ["tcp", "tls", "ws", "wss"])
 @settings_for(15)
 @given(plan=ordering_plans(max_receivers=3, max_streams=3, max_objects=12, max_size=200 * KIB))
 def test_ordering_tcp_threads(net: str, plan: OrderingPlan) -> None:
@@ -555,7 +555,7 @@ def test_timeouts_memory(plan: TimeoutPlan) -> None:
     check_timeouts(plan, run_mock(timeout_scenario, plan, "memory"), mock=True)
 
 
-@pytest.mark.parametrize("net", ["tcp", "tls"])
+@pytest.mark.parametrize("net", ["tcp", "tls", "ws", "wss"])
 @settings_for(5)
 @given(plan=timeout_plans(kinds=["fast", "over", "forever"], timeouts=[1.0]))
 def test_timeouts_tcp_threads(net: str, plan: TimeoutPlan) -> None:
@@ -1003,7 +1003,7 @@ def test_finalize_guarantee_memory(kind: str, data: st.DataObject) -> None:
 TCP_FAULTS = sorted(set(FAULTS) - {"sender_abort_produce", "sender_shutdown_produce", "stall"})
 
 
-@pytest.mark.parametrize("net", ["tcp", "tls"])
+@pytest.mark.parametrize("net", ["tcp", "tls", "ws", "wss"])
 @pytest.mark.parametrize("kind", TCP_FAULTS)
 @settings_for(4)
 @given(data=st.data())

@@ -41,7 +41,7 @@ from engine_helpers import (
     reply_rc,
 )
 from fedstream import FLContext, ObjectConsumer, ReturnCode, Site, SiteOptions, open_site
-from fedstream._engine._budget import ObjectHolds, ReceiveBudget, Ticket
+from fedstream._engine._budget import ObjectHolds, ReceiveBudget, SiteBudget, Ticket
 from fedstream._engine._connection import Connection
 from fedstream._engine._options import (
     DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
@@ -70,16 +70,27 @@ def test_defaults_allow_a_thousand_concurrent_streams_and_a_gibibyte() -> None:
     options = SiteOptions()
     assert options.max_streams_per_peer == DEFAULT_MAX_STREAMS_PER_PEER >= 1000
     assert options.max_receive_buffer_per_peer == DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER == 1 << 30
+    # Every bound is finite with the defaults, whatever peers do.
+    assert options.max_receive_buffer == 2 << 30
+    assert options.max_threads == 40
 
 
-@pytest.mark.parametrize("name", ["max_streams_per_peer", "max_receive_buffer_per_peer"])
+LIMITS = [
+    "max_streams_per_peer",
+    "max_receive_buffer_per_peer",
+    "max_receive_buffer",
+    "max_threads",
+]
+
+
+@pytest.mark.parametrize("name", LIMITS)
 @pytest.mark.parametrize("bad", [0, -1, -(1 << 40), 1.5, True, "8"])
 def test_limits_must_be_positive_integers(name: str, bad: Any) -> None:
     with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
         SiteOptions(**{name: bad})
 
 
-@pytest.mark.parametrize("name", ["max_streams_per_peer", "max_receive_buffer_per_peer"])
+@pytest.mark.parametrize("name", LIMITS)
 async def test_open_site_validates_the_limits_before_doing_anything(name: str) -> None:
     with pytest.raises(ValueError, match=name):
         async with open_site("x", listen=memory_url(), **{name: 0}):
@@ -186,6 +197,45 @@ def test_release_drops_a_sessions_objects_and_admits_the_next() -> None:
     a.holds.release()
     assert (budget.held, budget.waiting) == (100, 0)
     assert (a.resumed, b.resumed, c.resumed, d.resumed) == (0, 1, 0, 1)
+
+
+def test_the_site_budget_bounds_all_peers_together_first_come_first_served() -> None:
+    site = SiteBudget(100)
+    peers = [ReceiveBudget(100, site) for _ in range(3)]
+    a, b, c = (Session(p) for p in peers)
+    a.holds.add(70)  # fits both budgets
+    b.holds.add(50)  # fits its peer's budget, not the site's: waits
+    c.holds.add(10)  # would fit the site, but must not overtake b
+    assert (site.held, b.holds.withholding, c.holds.withholding) == (70, True, True)
+    assert [p.waiting for p in peers] == [0, 1, 1]
+    a.holds.take()
+    assert (b.resumed, c.resumed, site.held, site.peak) == (1, 1, 60, 70)
+    assert [p.held for p in peers] == [0, 50, 10]
+    b.holds.take()
+    c.holds.take()
+    assert site.held == 0
+
+
+def test_a_peer_waiting_on_its_own_budget_does_not_hold_up_the_site() -> None:
+    site = SiteBudget(100)
+    one, other = ReceiveBudget(50, site), ReceiveBudget(50, site)
+    a, b, c = Session(one), Session(one), Session(other)
+    a.holds.add(40)
+    b.holds.add(20)  # over its peer's budget (40 + 20 > 50), not the site's
+    c.holds.add(30)
+    assert (b.holds.withholding, c.holds.withholding, site.held) == (True, False, 70)
+    a.holds.release()
+    assert (b.resumed, site.held) == (1, 50)
+
+
+def test_one_object_larger_than_the_site_budget_gets_in_alone() -> None:
+    site = SiteBudget(100)
+    a, b = Session(ReceiveBudget(1000, site)), Session(ReceiveBudget(1000, site))
+    a.holds.add(500)
+    b.holds.add(1)
+    assert (site.held, b.holds.withholding) == (500, True)
+    a.holds.take()
+    assert (site.held, b.resumed) == (1, 1)
 
 
 def test_objects_over_max_object_size_are_not_counted() -> None:

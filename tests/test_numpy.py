@@ -206,7 +206,7 @@ def test_many_arrays_and_bytes_in_one_object() -> None:
     got = decode_object(bytearray(encode_object(obj).to_bytes()))
     for key, array in arrays.items():
         same_array(got[key], array)
-    assert type(got["nested"]) is Shareable
+    assert isinstance(got["nested"], Shareable)
     same_array(got["nested"]["w"], obj["nested"]["w"])
     same_array(got["list"][0], np.zeros(3))
     assert got["list"][1] == b"x" * OUT_OF_BAND_MIN

@@ -174,7 +174,7 @@ def test_cli_provision_then_serve_and_send_over_mutual_tls(tmp_path: Path) -> No
         )
         assert sent.returncode == 0, sent.stdout + sent.stderr
         assert "OK" in sent.stdout
-        _read_line(server, r"stream from site-1 ended: OK", 20)
+        _read_line(server, r"weights.bin from site-1: OK", 20)
         assert (out / "weights.bin").read_bytes() == payload.read_bytes()
         # Without certificates, the same send is refused.
         plain = run("send", "site-1", str(payload), "--connect", url, "--to", "server")

@@ -29,7 +29,7 @@ FAST = {"reconnect_min_delay": 0.05, "reconnect_max_delay": 0.2}
 
 
 def site(name: str, scheme: str, **kwargs: Any) -> AbstractAsyncContextManager[Site]:
-    if scheme == "tls":
+    if scheme in ("tls", "wss"):
         kwargs["tls"] = deployment().config(name)
     return open_site(name, **kwargs)
 
@@ -43,7 +43,7 @@ async def send(s: Site, tag: str, targets: list[str], **kw: Any) -> Any:
     return await s.stream_objects(CHANNEL, TOPIC, {"stream": tag}, targets, producer, None, **kw)
 
 
-@pytest.mark.parametrize("scheme", ["tcp", "tls"])
+@pytest.mark.parametrize("scheme", ["tcp", "tls", "ws", "wss"])
 async def test_the_dialer_is_back_once_the_server_restarts(scheme: str) -> None:
     recorder = Recorder()
     with trio.fail_after(20):
@@ -65,7 +65,7 @@ async def test_the_dialer_is_back_once_the_server_restarts(scheme: str) -> None:
     assert recorder.sessions[("server", "after")].seqs == [0, 1, 2]
 
 
-@pytest.mark.parametrize("scheme", ["tcp", "tls"])
+@pytest.mark.parametrize("scheme", ["tcp", "tls", "ws", "wss"])
 async def test_a_stream_in_flight_ends_and_the_next_one_works_after_the_link_is_back(
     scheme: str,
 ) -> None:

@@ -148,19 +148,18 @@ async def test_a_lost_peer_can_connect_again_at_once() -> None:
     assert rec.items == [0, 1]
 
 
-def test_cli_send_of_an_empty_file_terminates(tmp_path: Path) -> None:
-    from fedstream._cli import _FileProducer
-
+async def test_cli_send_of_an_empty_file_terminates(tmp_path: Path) -> None:
+    """The file streamer (what ``fedstream send`` uses) ends an empty file's stream."""
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
-    producer = _FileProducer(empty, 1024, 5.0)
-    try:
-        first, _ = producer.produce({}, FLContext())
-        assert first is not None
-        assert first["data"] == b""
-        assert producer.produce({}, FLContext()) == (None, 0)
-    finally:
-        producer.file.close()
+    out = tmp_path / "out"
+    with trio.fail_after(20):
+        async with fedstream.open_site("rx", listen="tcp://127.0.0.1:0") as rx:
+            rx.register_file_receiver("files", "*", out)
+            async with fedstream.open_site("tx", connect=[rx.address]) as tx:
+                result = await tx.stream_file("files", "up", ["rx"], empty, chunk_size=1024)
+    assert result.ok
+    assert (out / "empty.bin").read_bytes() == b""
 
 
 async def test_unknown_channel_named_by_a_long_string_does_not_crash_the_site() -> None:
@@ -195,7 +194,9 @@ class _ParkingConn:
     def __init__(self, window: int) -> None:
         import itertools
         import math
-        from types import SimpleNamespace
+
+        from fedstream import SiteOptions
+        from fedstream._engine._budget import ReceiveBudget
 
         self._sids = itertools.count(1, 2)
         self.senders: dict[int, Any] = {}
@@ -205,7 +206,8 @@ class _ParkingConn:
         self.max_body = 1024 * 1024
         self.bytes_queued = self.bytes_sent = 0
         self.last_write = 0.0
-        self.options = SimpleNamespace(finalize_timeout=1.0)
+        self.options = SiteOptions(finalize_timeout=1.0)
+        self.receive_budget = ReceiveBudget(self.options.max_receive_buffer_per_peer)
         self.closed = trio.Event()
         self.calls = 0
 

@@ -396,7 +396,7 @@ def test_fl_context_props() -> None:
     assert ctx.get_identity_name() == "site-2"
 
     assert ctx.get_job_id() is None
-    ctx.set_prop("__job_id__", "job-7")
+    ctx.set_prop("__run_num__", "job-7")
     assert ctx.get_job_id() == "job-7"
     assert ctx.get_engine("none") == "none"
     engine = object()

@@ -57,7 +57,7 @@ class Three(ObjectProducer):
         if self.sent == 3:
             return None, 0
         self.sent += 1
-        return Shareable(data=b"z" * self.size), 60.0
+        return Shareable({"data": b"z" * self.size}), 60.0
 
     async def process_replies(
         self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext

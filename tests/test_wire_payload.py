@@ -76,7 +76,7 @@ def test_shareable_round_trip(obj: Shareable) -> None:
     data = encoded.to_bytes()
     assert encoded.size == len(data)
     decoded = decode_object(data)
-    assert type(decoded) is Shareable
+    assert type(decoded) is type(Shareable())
     assert_same_payload(decoded, expected_payload(obj))
     assert decoded.get_header("__nonexistent__") is None
 
@@ -132,7 +132,7 @@ def test_several_mib_and_many_buffers() -> None:
     decoded = decode_object(encoded.to_bytes())
     assert decoded["w"] == big
     assert decoded["layers"] == [b"\x01" * OUT_OF_BAND_MIN, b"small", big[:OUT_OF_BAND_MIN]]
-    assert type(decoded["nested"]) is Shareable
+    assert type(decoded["nested"]) is type(Shareable())
     assert decoded["nested"]["x"] == bytes(OUT_OF_BAND_MIN + 1)
 
 
@@ -161,16 +161,16 @@ def test_nested_shareable_keeps_its_type_and_headers() -> None:
     assert value["inner"].tag == TAG_SHAREABLE
     assert not isinstance(value["plain"], cbor2.CBORTag)
     decoded = decode_object(encoded)
-    assert type(decoded["inner"]) is Shareable
+    assert type(decoded["inner"]) is type(Shareable())
     assert decoded["inner"].get_return_code() == "OK"
     assert type(decoded["plain"]) is dict
-    assert type(decoded["list"][0]) is Shareable
+    assert type(decoded["list"][0]) is type(Shareable())
     assert decoded.get_header("__topic__") == "t"
 
 
 def test_plain_mapping_comes_back_as_shareable() -> None:
     decoded = decode_object(encode_object({"a": 1}).to_bytes())
-    assert type(decoded) is Shareable
+    assert type(decoded) is type(Shareable())
     assert decoded == {"a": 1, "__headers__": {}}
 
 

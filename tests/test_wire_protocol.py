@@ -406,7 +406,7 @@ def test_second_hello_rejected() -> None:
         p.next_event()
 
 
-@pytest.mark.parametrize("version", [0, 2, 2**64 - 1])
+@pytest.mark.parametrize("version", [0, 1, PROTOCOL_VERSION + 1, 2**64 - 1])
 def test_version_mismatch(version: int) -> None:
     p = FrameProtocol()
     p.receive_data(encode_frame(Hello(version, "future"))[0])

@@ -4,13 +4,18 @@ Everything public is importable from here; modules whose names start with an
 underscore are internal.
 """
 
+import logging
+
 from ._api import (
     ConsumerFactory,
     ObjectConsumer,
     ObjectProducer,
     StreamableEngine,
+    StreamContext,
     StreamContextKey,
+    stream_done_cb_signature,
 )
+from ._blocking import BlockingSite
 from ._context import FLContext, Signal
 from ._engine import (
     END_RESULT,
@@ -34,24 +39,41 @@ from ._errors import (
     SiteClosedError,
     UnknownTargetError,
 )
-from ._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
+from ._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_copy, make_reply
+from ._streamers import (
+    ContainerResult,
+    FileResult,
+    NamePolicy,
+    ReceivedContainer,
+    ReceivedFile,
+)
 from ._tls import TLSConfig
 from ._version import __version__
+
+# The library never configures logging; without a handler of the
+# application's, its records go nowhere (rather than to stderr, unformatted).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "END_RESULT",
     "END_RESULTS",
+    "BlockingSite",
     "ConnectionLostError",
     "ConnectionStats",
     "ConsumerFactory",
+    "ContainerResult",
     "FLContext",
     "FedstreamError",
+    "FileResult",
     "HandshakeError",
     "LocalProtocolError",
+    "NamePolicy",
     "ObjectConsumer",
     "ObjectProducer",
     "ObjectTooLargeError",
     "ProtocolError",
+    "ReceivedContainer",
+    "ReceivedFile",
     "RemoteProtocolError",
     "ReservedHeaderKey",
     "ReturnCode",
@@ -60,6 +82,7 @@ __all__ = [
     "Site",
     "SiteClosedError",
     "SiteOptions",
+    "StreamContext",
     "StreamContextKey",
     "StreamStats",
     "StreamableEngine",
@@ -67,7 +90,9 @@ __all__ = [
     "TLSConfig",
     "UnknownTargetError",
     "__version__",
+    "make_copy",
     "make_reply",
     "open_site",
     "serve_site",
+    "stream_done_cb_signature",
 ]

@@ -2,9 +2,12 @@
 
 Code written against FLARE's streaming API subclasses these classes; the
 class names, method names, parameter names, parameter order, defaults and the
-split between abstract and concrete methods are identical to FLARE's, so such
-code runs under fedstream unchanged. ``tests/test_contract.py`` pins all of
-it.
+split between abstract and concrete methods are FLARE's
+(``tests/test_contract.py`` pins them), so porting such code is a change of
+imports. Code that keeps subclassing nvflare's own classes needs no change
+at all: the engine accepts nvflare producers, consumers, factories,
+``Shareable``s and ``FLContext``s as they are (``tests/test_flare.py`` runs
+FLARE's own streamers on :class:`~fedstream.BlockingSite`).
 
 The roles:
 
@@ -42,10 +45,11 @@ Where the engine lives
 fedstream's trio ``Site`` mirrors :class:`StreamableEngine` with ``async``
 methods of the same names and parameters (``await site.stream_objects(...)``);
 it does not subclass it, because an ``async def`` cannot honour a sync
-abstract method. The blocking facade, which runs a ``Site`` in a background
-thread for code that is not written for trio, implements
-:class:`StreamableEngine` itself and can be passed wherever FLARE expects a
-streaming engine.
+abstract method. :class:`~fedstream.BlockingSite`, which runs a ``Site`` in a
+background thread for code that is not written for trio, implements
+:class:`StreamableEngine` itself (and, with nvflare installed, counts as
+nvflare's ``StreamableEngine`` too), so it can be passed wherever FLARE
+expects a streaming engine.
 """
 
 from __future__ import annotations
@@ -61,9 +65,14 @@ __all__ = [
     "ConsumerFactory",
     "ObjectConsumer",
     "ObjectProducer",
+    "StreamContext",
     "StreamContextKey",
     "StreamableEngine",
+    "stream_done_cb_signature",
 ]
+
+#: The type of ``stream_ctx``: FLARE spells it ``StreamContext``, an alias of ``dict``.
+StreamContext = dict
 
 
 class StreamContextKey:
@@ -188,6 +197,22 @@ class ObjectProducer(ABC):
         """
 
 
+def stream_done_cb_signature(stream_ctx: dict[str, Any], fl_ctx: FLContext, **kwargs: Any) -> None:
+    """Document the signature of a ``stream_done_cb``; it is never called.
+
+    Args:
+        stream_ctx: the context of the stream that ended; ``stream_ctx[StreamContextKey.RC]``
+            says how.
+        fl_ctx: the context of that stream on the receiving site (the same
+            object its consumer's ``finalize`` got).
+        kwargs: the ``cb_kwargs`` given to ``register_stream_processing``.
+
+    Returns:
+        Anything; a truthy result is sent to the sender (see ``END_RESULT``).
+    """
+    return None
+
+
 class StreamableEngine(ABC):
     """What an engine must offer to send and receive object streams."""
 
@@ -252,6 +277,9 @@ class StreamableEngine(ABC):
         self, stream_ctx: dict[str, Any], fl_ctx: FLContext, **kwargs: Any
     ) -> None:
         """Document the signature of a ``stream_done_cb``; it is never called.
+
+        FLARE spells this as the module-level function
+        :func:`stream_done_cb_signature`, which fedstream exports too.
 
         Args:
             stream_ctx: the context of the stream that ended.

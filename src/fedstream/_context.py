@@ -29,6 +29,7 @@ finished waiters do not accumulate on long-lived parent signals.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -221,10 +222,13 @@ class Signal:
         return f"<Signal triggered={self.triggered} own={own} value={value!r}>"
 
 
-_JOB_ID: Final = "__job_id__"
+_JOB_ID: Final = "__run_num__"
 _ENGINE: Final = "__engine__"
 _IDENTITY_NAME: Final = "__identity_name__"
 _PEER_CONTEXT: Final = "__peer_ctx__"
+_CUSTOM_PROPS: Final = "__custom_props__"
+_PROCESS_TYPE: Final = "__process_type__"
+_JOB_IS_UNSAFE: Final = "__job_is_unsafe__"
 
 
 class _Prop:
@@ -246,7 +250,23 @@ class FLContext:
 
     A context always has a run abort signal, so callbacks can call
     ``fl_ctx.get_run_abort_signal().triggered`` without a ``None`` check.
+
+    It offers FLARE's ``FLContext`` surface (``get_engine``,
+    ``get_identity_name``, ``get_peer_context``, ``get/set_custom_prop``,
+    ``put``, ``clone``, ``get_prop_keys``, ``get_prop_detail``, use as a
+    context manager), and once ``nvflare`` is imported a new context is also
+    an instance of ``nvflare.apis.fl_context.FLContext``, so FLARE code's
+    ``isinstance`` checks pass.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> FLContext:
+        if cls is FLContext and "nvflare.apis.fl_context" in sys.modules:
+            from ._flare import flare_context_class
+
+            flare_cls = flare_context_class()
+            if flare_cls is not None:
+                cls = flare_cls
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -254,7 +274,11 @@ class FLContext:
         *,
         identity_name: str = "",
         props: Mapping[str, Any] | None = None,
+        engine: Any = None,
     ) -> None:
+        #: FLARE's ``FLContext.model`` attribute, kept for code that reads it.
+        self.model: Any = None
+        self.logger = logger
         self._lock = threading.Lock()
         self._props: dict[str, _Prop] = {}
         self._abort_signal = abort_signal if abort_signal is not None else Signal()
@@ -263,6 +287,8 @@ class FLContext:
                 self._props[key] = _Prop(value, private=True, sticky=True)
         if identity_name:
             self._props[_IDENTITY_NAME] = _Prop(identity_name, private=False, sticky=True)
+        if engine is not None:
+            self._props[_ENGINE] = _Prop(engine, private=True, sticky=False)
 
     def get_prop(self, key: str, default: Any = None) -> Any:
         """Return property ``key``, or ``default`` if it is not set."""
@@ -280,10 +306,98 @@ class FLContext:
             self._props[key] = _Prop(value, private=private, sticky=sticky)
         return True
 
-    def remove_prop(self, key: str) -> None:
-        """Remove property ``key`` if present."""
+    def remove_prop(self, key: str, force_removal: bool = False) -> None:
+        """Remove property ``key`` if present.
+
+        Unlike FLARE, reserved (``"__"``) keys are removed too; ``force_removal``
+        is accepted for FLARE compatibility and changes nothing.
+        """
         with self._lock:
             self._props.pop(key, None)
+
+    def put(self, key: str, value: Any, private: bool = True, sticky: bool = True) -> None:
+        """Set property ``key`` (FLARE's unchecked ``put``; here the same as :meth:`set_prop`)."""
+        self.set_prop(key, value, private=private, sticky=sticky)
+
+    def get_prop_keys(self) -> list[str]:
+        """Return the names of all properties."""
+        with self._lock:
+            return list(self._props)
+
+    def get_prop_detail(self, key: str) -> dict[str, Any] | None:
+        """Return ``{"value", "private", "sticky"}`` for ``key``, or ``None``."""
+        with self._lock:
+            prop = self._props.get(key)
+        if prop is None:
+            return None
+        return {"value": prop.value, "private": prop.private, "sticky": prop.sticky}
+
+    def public_key_exists(self, key: str) -> bool:
+        """Whether ``key`` is set as a public property."""
+        with self._lock:
+            prop = self._props.get(key)
+        return prop is not None and not prop.private
+
+    def set_public_props(self, metadata: Mapping[str, Any]) -> None:
+        """Replace the public non-sticky properties with ``metadata``."""
+        with self._lock:
+            self._props = {k: p for k, p in self._props.items() if p.private or p.sticky}
+            for key, value in metadata.items():
+                self._props[key] = _Prop(value, private=False, sticky=False)
+
+    def get_custom_prop(self, key: str, default: Any = None) -> Any:
+        """Return ``key`` from the custom-properties dict, or ``default``."""
+        props = self.get_prop(_CUSTOM_PROPS)
+        if not isinstance(props, dict):
+            return default
+        return props.get(key, default)
+
+    def set_custom_prop(self, key: str, value: Any) -> None:
+        """Set ``key`` in the custom-properties dict (created when missing)."""
+        with self._lock:
+            prop = self._props.get(_CUSTOM_PROPS)
+            if prop is None or not isinstance(prop.value, dict):
+                prop = self._props[_CUSTOM_PROPS] = _Prop({}, private=True, sticky=False)
+            prop.value[key] = value
+
+    def get_process_type(self, default: Any = None) -> Any:
+        """Return the ``"__process_type__"`` property."""
+        return self.get_prop(_PROCESS_TYPE, default)
+
+    def set_job_is_unsafe(self, value: bool = True) -> None:
+        """Mark the job unsafe (a plain property here)."""
+        self.set_prop(_JOB_IS_UNSAFE, value, private=True, sticky=True)
+
+    def is_job_unsafe(self) -> Any:
+        """Return the ``"__job_is_unsafe__"`` property (``False`` when unset)."""
+        return self.get_prop(_JOB_IS_UNSAFE, False)
+
+    def get_workspace(self) -> Any:
+        """Return the engine's workspace (FLARE engines have one)."""
+        engine = self.get_engine()
+        if engine is None:
+            raise RuntimeError("missing engine from context")
+        return engine.get_workspace()
+
+    def sync_sticky(self) -> None:
+        """Nothing to do: kept for FLARE compatibility."""
+
+    def clone(self) -> FLContext:
+        """Return a new context with the same properties (values shared) and abort signal."""
+        with self._lock:
+            props = dict(self._props)
+            signal = self._abort_signal
+        new = type(self)(signal)
+        new.model = self.model
+        with new._lock:
+            new._props = {k: _Prop(p.value, p.private, p.sticky) for k, p in props.items()}
+        return new
+
+    def __enter__(self) -> FLContext:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
 
     def get_all_public_props(self) -> dict[str, Any]:
         """Return a snapshot of the properties set with ``private=False``."""
@@ -309,12 +423,11 @@ class FLContext:
         """Set the name of the site this context belongs to."""
         self.set_prop(_IDENTITY_NAME, name, private=False, sticky=True)
 
-    def get_peer_context(self) -> FLContext | None:
-        """Return the context the peer sent along with the current message, if any."""
-        peer = self.get_prop(_PEER_CONTEXT)
-        return peer if isinstance(peer, FLContext) else None
+    def get_peer_context(self) -> Any:
+        """Return the context of the peer this message came from, if any."""
+        return self.get_prop(_PEER_CONTEXT)
 
-    def set_peer_context(self, ctx: FLContext | None) -> None:
+    def set_peer_context(self, ctx: Any) -> None:
         """Set (or with ``None`` clear) the peer's context."""
         if ctx is None:
             self.remove_prop(_PEER_CONTEXT)
@@ -328,6 +441,9 @@ class FLContext:
     def get_engine(self, default: Any = None) -> Any:
         """Return the ``"__engine__"`` property: the engine that owns this context."""
         return self.get_prop(_ENGINE, default)
+
+    def __str__(self) -> str:
+        return repr(self)
 
     def __repr__(self) -> str:
         with self._lock:

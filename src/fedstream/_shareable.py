@@ -17,10 +17,13 @@ engine and the blocking facade.
 
 from __future__ import annotations
 
+import copy
 import reprlib
+import sys
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-__all__ = ["ReservedHeaderKey", "ReturnCode", "Shareable", "make_reply"]
+__all__ = ["ReservedHeaderKey", "ReturnCode", "Shareable", "make_copy", "make_reply"]
 
 
 class ReturnCode:
@@ -31,6 +34,7 @@ class ReturnCode:
     """
 
     OK: Final[str] = "OK"
+    BAD_PEER_CONTEXT: Final[str] = "BAD_PEER_CONTEXT"
     BAD_PEER_READ_STATE: Final[str] = "BAD_PEER_READ_STATE"
     BAD_REQUEST_DATA: Final[str] = "BAD_REQUEST_DATA"
     BAD_TASK_DATA: Final[str] = "BAD_TASK_DATA"
@@ -48,11 +52,13 @@ class ReturnCode:
     TASK_DATA_FILTER_ERROR: Final[str] = "TASK_DATA_FILTER_ERROR"
     TASK_RESULT_FILTER_ERROR: Final[str] = "TASK_RESULT_FILTER_ERROR"
     TASK_UNKNOWN: Final[str] = "TASK_UNKNOWN"
+    TASK_UNSUPPORTED: Final[str] = "TASK_UNSUPPORTED"
     TIMEOUT: Final[str] = "TIMEOUT"
     TOPIC_UNKNOWN: Final[str] = "TOPIC_UNKNOWN"
     UNAUTHENTICATED: Final[str] = "UNAUTHENTICATED"
     UNSAFE_JOB: Final[str] = "UNSAFE_JOB"
     VALIDATE_TYPE_UNKNOWN: Final[str] = "VALIDATE_TYPE_UNKNOWN"
+    EMPTY_RESULT: Final[str] = "EMPTY_RESULT"
     EARLY_TERMINATION: Final[str] = "EARLY_TERMINATION"
     NOT_AUTHORIZED: Final[str] = "NOT_AUTHORIZED"
 
@@ -75,6 +81,7 @@ class ReservedHeaderKey:
     CONTENT_TYPE: Final[str] = "__content_type__"
     TASK_OPERATOR: Final[str] = "__task_operator__"
     ERROR: Final[str] = "__error__"
+    PEER_CTX: Final[str] = "__peer_ctx__"
     AUDIT_EVENT_ID: Final[str] = "__audit_event_id__"
     MSG_ROOT_ID: Final[str] = "__msg_root_id__"
     MSG_ROOT_TTL: Final[str] = "__msg_root_ttl__"
@@ -89,7 +96,7 @@ _repr.maxother = 40
 class Shareable(dict[str, Any]):
     """A dict of user data plus a nested dict of headers.
 
-    Construct it like a ``dict``. The header dict is stored under
+    ``Shareable(data)`` copies a mapping in, like FLARE's. The header dict is stored under
     ``ReservedHeaderKey.HEADERS`` and created when missing, so the accessors
     below never have to special-case a Shareable without headers.
 
@@ -99,10 +106,45 @@ class Shareable(dict[str, Any]):
     Validating what a peer sent is the engine's job, not the data model's.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.get(ReservedHeaderKey.HEADERS), dict):
-            self[ReservedHeaderKey.HEADERS] = {}
+    def __new__(cls, *args: Any, **kwargs: Any) -> Shareable:
+        # With nvflare loaded, a plain Shareable is also an nvflare Shareable,
+        # so FLARE code's isinstance checks pass on what fedstream hands it.
+        if cls is Shareable and "nvflare.apis.shareable" in sys.modules:
+            from ._flare import flare_shareable_class
+
+            flare_cls = flare_shareable_class()
+            if flare_cls is not None:
+                cls = flare_cls
+        return super().__new__(cls)
+
+    def __init__(self, *args: Mapping[str, Any], **kwargs: Any) -> None:
+        """Copy the items of a mapping (and any keyword items) into a new Shareable.
+
+        As in FLARE, ``Shareable(d)`` and ``Shareable(data=d)`` copy the
+        mapping ``d`` in (a shallow copy). A ``data`` keyword that is not a
+        mapping is an item like any other keyword, so ``Shareable(data=b"...")``
+        holds ``{"data": b"..."}``; to store a *mapping* under the key
+        ``"data"``, write ``Shareable({"data": d})``. Unlike FLARE, a header
+        dict in ``d`` is kept (as a copy of the dict) rather than replaced by
+        an empty one, so a decoded or converted object keeps its return code
+        and cookies.
+        """
+        if len(args) > 1:
+            raise TypeError(f"Shareable takes at most one mapping, not {len(args)} arguments")
+        data: Any = args[0] if args else None
+        if data is not None and not isinstance(data, Mapping):
+            raise TypeError(f"Shareable data must be a mapping, not {type(data).__name__}")
+        if data is None and isinstance(kwargs.get("data"), Mapping):
+            data = kwargs.pop("data")
+        # dict's own __init__, not the next class in the MRO: with nvflare's
+        # Shareable mixed in, that one would put the headers first.
+        dict.__init__(self)
+        if data:
+            self.update(data)
+        if kwargs:
+            self.update(kwargs)
+        headers = self.get(ReservedHeaderKey.HEADERS)
+        self[ReservedHeaderKey.HEADERS] = dict(headers) if isinstance(headers, dict) else {}
 
     def _headers(self) -> dict[str, Any]:
         headers = self.get(ReservedHeaderKey.HEADERS)
@@ -144,6 +186,21 @@ class Shareable(dict[str, Any]):
     def get_cookie_jar(self) -> Any:
         """Return the cookie jar dict, or ``None`` if there is none."""
         return self.get_header(ReservedHeaderKey.COOKIE_JAR, None)
+
+    def get_cookie(self, name: str, default: Any = None) -> Any:
+        """Return cookie ``name`` from the cookie jar, or ``default``."""
+        jar = self.get_cookie_jar()
+        if not isinstance(jar, dict):
+            return default
+        return jar.get(name, default)
+
+    def set_peer_context(self, peer_ctx: Any) -> None:
+        """Attach the sender's context (FLARE's ``__peer_ctx__`` header)."""
+        self.set_header(ReservedHeaderKey.PEER_CTX, peer_ctx)
+
+    def get_peer_context(self) -> Any:
+        """Return the context set by :meth:`set_peer_context`, or ``None``."""
+        return self.get_header(ReservedHeaderKey.PEER_CTX)
 
     def set_cookie_jar(self, cookie_jar: Any) -> None:
         """Replace the cookie jar (normally with one taken from a request)."""
@@ -192,15 +249,32 @@ class Shareable(dict[str, Any]):
         )
 
 
-def make_reply(rc: str, headers: dict[str, Any] | None = None) -> Shareable:
+def make_reply(rc: str, headers: Any = None) -> Shareable:
     """Build a reply Shareable with return code ``rc`` and the given headers.
 
-    ``headers`` are copied in first and the return code is set last, so ``rc``
-    wins even when ``headers`` came from a message that already carried one.
+    As in FLARE, the return code is set first and ``headers`` copied in after
+    it, so an ``"__rc__"`` entry in ``headers`` wins over ``rc``; ``headers``
+    that are not a dict (FLARE's own code passes strings) are ignored.
     """
     reply = Shareable()
-    if headers:
+    reply.set_return_code(rc)
+    if headers and isinstance(headers, dict):
         for key, value in headers.items():
             reply.set_header(key, value)
-    reply.set_return_code(rc)
     return reply
+
+
+def make_copy(source: Shareable, exclude_headers: Iterable[str] | None = None) -> Shareable:
+    """Copy ``source``: data items shared, headers deep-copied (as FLARE's ``make_copy``).
+
+    Headers named in ``exclude_headers`` are left out of the copy.
+    """
+    if not isinstance(source, dict):
+        raise TypeError(f"make_copy needs a Shareable, not {type(source).__name__}")
+    new = Shareable({k: v for k, v in source.items() if k != ReservedHeaderKey.HEADERS})
+    headers = source.get(ReservedHeaderKey.HEADERS)
+    new_headers = copy.deepcopy(headers) if isinstance(headers, dict) else {}
+    for key in exclude_headers or ():
+        new_headers.pop(key, None)
+    new[ReservedHeaderKey.HEADERS] = new_headers
+    return new

@@ -108,10 +108,15 @@ def proven_names(stream: trio.abc.Stream) -> frozenset[str] | None:
 
     ``None`` for a stream that is not TLS, and for a TLS stream whose peer
     presented no certificate (a listener without a ``ca`` does not ask for
-    one). Call it after the TLS handshake.
+    one). Call it after the TLS handshake. A stream that runs over TLS
+    without being a ``trio.SSLStream`` itself (``wss://``) names its TLS
+    layer as its ``tls_stream`` attribute.
     """
     if not isinstance(stream, trio.SSLStream):
-        return None
+        layer = getattr(stream, "tls_stream", None)
+        if not isinstance(layer, trio.SSLStream):
+            return None
+        stream = layer
     try:
         cert: dict[str, Any] | None = stream.getpeercert()
     except (ValueError, trio.NeedHandshakeError):  # no handshake (yet)

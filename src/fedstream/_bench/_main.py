@@ -14,7 +14,7 @@ from pathlib import Path
 from ._common import MB
 from ._render import machine_info, render_table, source_info, write_plot
 from ._results import Report
-from ._scenarios import SCENARIOS, WAN_DELAY, WAN_RATE, make_plan, run_plan
+from ._scenarios import SCENARIOS, SMOKE_WAN_DELAY, WAN_DELAY, WAN_RATE, make_plan, run_plan
 
 __all__ = ["main"]
 
@@ -65,7 +65,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="scaled-down run for CI smoke tests (3 - 4 minutes on 2 busy cores)",
+        help="scaled-down run: figures worth a glance, a few minutes on 2 busy cores",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=(
+            "tiny run that checks every scenario and row end to end (the CI smoke "
+            "test); its figures mean nothing"
+        ),
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
     parser.add_argument(
@@ -85,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         "--repeat",
         type=_positive_int,
         metavar="N",
-        help="repetitions per case; the median is reported (default 5, --quick 1)",
+        help="repetitions per case; the median is reported (default 5, --quick and --smoke 1)",
     )
     parser.add_argument(
         "--chunk-size", type=_positive_int, metavar="BYTES", help="open_site chunk_size"
@@ -94,9 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--wan-delay-ms",
         type=_positive_float,
-        default=WAN_DELAY * 1000,
         metavar="MS",
-        help=f"one-way delay the wan scenario's relay adds (default {WAN_DELAY * 1000:g})",
+        help=(
+            f"one-way delay the wan scenario's relay adds (default {WAN_DELAY * 1000:g}, "
+            f"--smoke {SMOKE_WAN_DELAY * 1000:g})"
+        ),
     )
     parser.add_argument(
         "--wan-rate",
@@ -141,11 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     plan = make_plan(
-        quick=args.quick,
+        quick=args.quick or args.smoke,
+        smoke=args.smoke,
         repeat=args.repeat,
         site=site,
         pin=args.pin,
-        wan_delay=args.wan_delay_ms / 1000,
+        wan_delay=None if args.wan_delay_ms is None else args.wan_delay_ms / 1000,
         wan_rate=args.wan_rate * MB,
     )
     started = time.monotonic()
@@ -156,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
 
     report = Report(
-        mode="quick" if plan.quick else "full",
+        mode=plan.mode,
         repeat=plan.repeat,
         scenarios=list(args.scenarios),
         plan=plan.to_json(),

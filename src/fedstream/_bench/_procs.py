@@ -68,14 +68,22 @@ def _child_env() -> dict[str, str]:
 class WorkerProcess:
     """One ``python -m fedstream._bench.worker ROLE CONFIG`` child process.
 
+    With ``config=None`` the worker starts at once and waits for its config
+    on stdin (see :meth:`configure`): a sender or relay that needs the
+    receivers' addresses then imports fedstream while they start, instead
+    of after.
+
     Resource handling:
         :meth:`kill` must be called (``run_exchange`` does so in a
         ``finally``); it is idempotent.
     """
 
-    def __init__(self, role: str, config: dict[str, Any], *, timeout: float, label: str) -> None:
+    def __init__(
+        self, role: str, config: dict[str, Any] | None, *, timeout: float, label: str
+    ) -> None:
         self.role = role
         self.label = label
+        self.timeout = timeout
         self.deadline = time.monotonic() + timeout + GRACE
         self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by kill()
         self._lines: queue.Queue[bytes | None] = queue.Queue()
@@ -84,7 +92,7 @@ class WorkerProcess:
             "-m",
             "fedstream._bench.worker",
             role,
-            json.dumps({**config, "timeout": timeout}),
+            "-" if config is None else json.dumps({**config, "timeout": timeout}),
         ]
         try:
             self.proc = subprocess.Popen(
@@ -157,6 +165,25 @@ class WorkerProcess:
             raise BenchError(f"{self.label} sent {message.get('event')!r}, expected {event!r}")
         return message
 
+    def configure(self, config: dict[str, Any]) -> None:
+        """Send the config of a worker started with ``config=None``.
+
+        Raises:
+            BenchError: the worker has already gone.
+        """
+        stdin = self.proc.stdin
+        assert stdin is not None
+        line = json.dumps({**config, "timeout": self.timeout}).encode() + b"\n"
+        self.deadline = time.monotonic() + self.timeout + GRACE
+        try:
+            stdin.write(line)
+            stdin.flush()
+        except (OSError, ValueError) as exc:
+            tail = self.stderr_tail()
+            raise BenchError(
+                f"{self.label} exited before its config" + (f": {tail}" if tail else "")
+            ) from exc
+
     def close_stdin(self) -> None:
         """Tell a receiving worker that the exchange is over."""
         stdin = self.proc.stdin
@@ -211,6 +238,13 @@ def run_exchange(
     layout = cpu_layout() if pin else None
     sender_cpus, receiver_cpus = layout if layout is not None else (None, None)
     with ExitStack() as stack:
+        # The sender (and relay) start first and wait for their configs.
+        sender = WorkerProcess(sender_role, None, timeout=timeout, label=sender_role)
+        stack.callback(sender.kill)
+        relay_worker: WorkerProcess | None = None
+        if relay is not None:
+            relay_worker = WorkerProcess("relay", None, timeout=timeout, label="relay")
+            stack.callback(relay_worker.kill)
         receivers: list[WorkerProcess] = []
         for index, config in enumerate(receiver_configs):
             worker = WorkerProcess(
@@ -222,23 +256,13 @@ def run_exchange(
             stack.callback(worker.kill)
             receivers.append(worker)
         addresses = [str(worker.expect("ready")["address"]) for worker in receivers]
-        relay_worker: WorkerProcess | None = None
         if relay is not None:
-            relay_worker = WorkerProcess(
-                "relay",
-                {**relay(addresses), "upstreams": addresses, "cpus": receiver_cpus},
-                timeout=timeout,
-                label="relay",
+            assert relay_worker is not None
+            relay_worker.configure(
+                {**relay(addresses), "upstreams": addresses, "cpus": receiver_cpus}
             )
-            stack.callback(relay_worker.kill)
             addresses = [str(a) for a in relay_worker.expect("ready")["addresses"]]
-        sender = WorkerProcess(
-            sender_role,
-            {**sender_config(addresses), "cpus": sender_cpus},
-            timeout=timeout,
-            label=sender_role,
-        )
-        stack.callback(sender.kill)
+        sender.configure({**sender_config(addresses), "cpus": sender_cpus})
         sent = sender.expect("result")
         for worker in receivers:
             worker.close_stdin()

@@ -194,7 +194,7 @@ class CaseResult:
 class Report:
     """Everything one run measured, in the order it was asked for."""
 
-    mode: Literal["quick", "full"]
+    mode: Literal["smoke", "quick", "full"]
     repeat: int
     scenarios: list[str]
     plan: dict[str, Any]

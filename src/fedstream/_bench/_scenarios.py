@@ -10,8 +10,8 @@ is reported as ``ERROR``; the rest of the run carries on.
 Each scenario is one entry of :data:`SCENARIO_BUILDERS`: a function that
 returns the ceilings it needs and its cases. Ceilings are shared by key, so
 two scenarios that need the raw TCP figure get one measurement per round.
-Adding a scenario (a ``ws`` transport, say) means writing one such function
-and adding it to the table.
+Adding a scenario means writing one such function and adding it to the
+table (``ws`` is a small example).
 
 Headline rows measure the **default path**: plain (non-async) methods on
 producer, consumer and factory and default site options, so plain callbacks
@@ -31,9 +31,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from .._engine._options import DEFAULT_CHUNK_SIZE
+from .._transport._ws import MESSAGE_SIZE as WS_MESSAGE_SIZE
 from ._common import GIB, KIB, MB, MIB, BenchError, format_size
 from ._procs import run_exchange
 from ._results import CaseResult, Ceiling, Report, Series, Target
@@ -59,6 +60,12 @@ PATH_RATIO_TARGET: Final = 0.9
 FANOUT_TARGETS: Final = {16: 0.6}
 #: TLS targets (issue #11): object size -> ratio to raw ``trio.SSLStream``.
 TLS_TARGETS: Final = {MIB: 0.45, 16 * MIB: 0.6}
+#: WebSocket targets: object size -> ratio to trio-websocket alone, same scheme.
+WS_TARGETS: Final = {MIB: 0.45, 16 * MIB: 0.6}
+#: The ``ws`` receiver's URL (``wss`` over mutual TLS).
+WS_LISTEN: Final = "{scheme}://127.0.0.1:0/fedstream"
+#: ``ws`` ceiling keys by scheme.
+WS_CEILINGS: Final = {"ws": "websocket", "wss": "websocket_tls"}
 #: Loaded small-object p99 beside a large transfer, in chunk times (issue #14).
 HOL_P99_CHUNKS: Final = 3.0
 #: Allowed peak-RSS increase while streaming many 1 MiB objects.
@@ -73,13 +80,15 @@ WAN_RATE: Final = 100 * MB
 #: Pieces (of at most 64 KiB) the relay queues per direction: twice the
 #: bandwidth-delay product, at least this many.
 WAN_MIN_QUEUE_ITEMS: Final = 64
+#: The relay's one-way delay in a ``--smoke`` run, unless one is given.
+SMOKE_WAN_DELAY: Final = 0.002
 
 Values = dict[str, float]
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How much work each case does; ``make_plan`` fills in quick or full figures."""
+    """How much work each case does; ``make_plan`` fills in full, quick or smoke figures."""
 
     quick: bool
     repeat: int
@@ -89,6 +98,8 @@ class Plan:
     wan_repeat: int
     #: Each worker's own time limit, seconds.
     timeout: float
+    #: ``--smoke``: tiny totals that exercise every row; figures mean nothing.
+    smoke: bool = False
     #: Extra ``open_site`` options for every fedstream worker.
     site: dict[str, int] = field(default_factory=dict)
     #: Keep the sender and the receivers on different CPUs (see ``cpu_layout``).
@@ -122,6 +133,19 @@ class Plan:
     wan_raw_total: int = GIB
     tls_raw_total: int = GIB
     tls: tuple[tuple[int, int], ...] = ((MIB, 1024), (16 * MIB, 64))
+    #: Bytes the trio-websocket ceilings send.
+    ws_total: int = GIB
+    #: ``ws``: (object size, objects) per case, over ``ws://`` and ``wss://``.
+    ws: tuple[tuple[int, int], ...] = ((MIB, 1024), (16 * MIB, 64))
+
+    @property
+    def mode(self) -> Literal["smoke", "quick", "full"]:
+        return "smoke" if self.smoke else "quick" if self.quick else "full"
+
+    @property
+    def scaled(self) -> str:
+        """The option that scaled this plan down (for notes)."""
+        return "--smoke" if self.smoke else "--quick"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,14 +154,24 @@ class Plan:
 def make_plan(
     *,
     quick: bool,
+    smoke: bool = False,
     repeat: int | None = None,
     site: dict[str, int] | None = None,
     pin: bool = False,
-    wan_delay: float = WAN_DELAY,
+    wan_delay: float | None = None,
     wan_rate: float = WAN_RATE,
 ) -> Plan:
-    """The full plan, or the scaled-down ``--quick`` one."""
+    """The full plan, the scaled-down ``--quick`` one, or the tiny ``--smoke`` one.
+
+    ``--smoke`` exists for CI: every scenario, ceiling and row runs end to end
+    (fresh processes, real sockets, the relay, certificates) on a few MiB
+    each, so the run checks the harness in well under a minute; its figures
+    are too small to mean anything. ``wan_delay`` defaults to
+    :data:`WAN_DELAY` (:data:`SMOKE_WAN_DELAY` for ``smoke``).
+    """
     site = dict(site or {})
+    if wan_delay is None:
+        wan_delay = SMOKE_WAN_DELAY if smoke else WAN_DELAY
     common: dict[str, Any] = {
         "site": site,
         "pin": pin,
@@ -152,6 +186,36 @@ def make_plan(
             memory_repeat=min(reps, 3),
             wan_repeat=min(reps, 2),
             timeout=300,
+            **common,
+        )
+    if smoke:
+        reps = repeat or 1
+        return Plan(
+            quick=True,
+            smoke=True,
+            repeat=reps,
+            memory_repeat=min(reps, 1),
+            wan_repeat=min(reps, 1),
+            timeout=60,
+            raw_total=8 * MIB,
+            ping_count=200,
+            throughput=((KIB, 200), (64 * KIB, 32), (MIB, 4), (16 * MIB, 1)),
+            fanout_targets=(1, 2, 4),
+            fanout_bytes=8 * MIB,
+            concurrency=(1, 10, 100),
+            concurrency_objects=100,
+            concurrency_object=4 * KIB,
+            memory_total=8 * MIB,
+            memory_single=8 * MIB,
+            latency_objects=100,
+            hol_idle_objects=50,
+            hol_big=16 * MIB,
+            wan_total=4 * MIB,
+            wan_raw_total=4 * MIB,
+            tls_raw_total=8 * MIB,
+            tls=((MIB, 4), (16 * MIB, 1)),
+            ws_total=8 * MIB,
+            ws=((MIB, 4), (16 * MIB, 1)),
             **common,
         )
     reps = repeat or 1
@@ -178,6 +242,8 @@ def make_plan(
         wan_raw_total=64 * MIB,
         tls_raw_total=256 * MIB,
         tls=((MIB, 128), (16 * MIB, 8)),
+        ws_total=128 * MIB,
+        ws=((MIB, 128), (16 * MIB, 8)),
         **common,
     )
 
@@ -262,6 +328,24 @@ def _pingpong(plan: Plan, env: _Env) -> Values:
     }
 
 
+def _websocket(plan: Plan, env: _Env, scheme: str) -> Values:
+    """trio-websocket alone: ``plan.ws_total`` bytes as binary messages of the
+    WebSocket transport's message size, mutual TLS for ``wss``."""
+
+    def security(name: str) -> dict[str, Any]:
+        return {"tls": env.tls_files(name)} if scheme == "wss" else {}
+
+    sent, _ = run_exchange(
+        "tws-recv",
+        [{"total": plan.ws_total, **security("site-0")}],
+        "tws-send",
+        lambda addresses: {"addresses": addresses, "total": plan.ws_total, **security("sender")},
+        timeout=plan.timeout,
+        pin=plan.pin,
+    )
+    return {"mb_per_s": sent["bytes"] / sent["elapsed"] / MB}
+
+
 def _stop_and_wait(size: int, sources: dict[str, float]) -> Values:
     """``1 / (RTT + size / raw)`` as MB/s, RTT being the mean ping-pong round trip."""
     seconds = 1 / sources["pingpong"] + size / (sources["raw"] * MB)
@@ -323,16 +407,22 @@ def _fs_exchange(
     path: str = DEFAULT_PATH,
     tls: bool = False,
     relay: bool = False,
+    listen: str | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``listen``: the receivers' URL, when not ``tcp://`` (``tls://`` with ``tls``)."""
+
     def worker(name: str) -> dict[str, Any]:
         config: dict[str, Any] = {"name": name, "site": plan.site, "path": path}
         if tls:
             config["tls"] = env.tls_files(name)
         return config
 
+    def receiver(name: str) -> dict[str, Any]:
+        return worker(name) if listen is None else {**worker(name), "listen": listen}
+
     sent, received = run_exchange(
         "fs-recv",
-        [worker(f"site-{i}") for i in range(receivers)],
+        [receiver(f"site-{i}") for i in range(receivers)],
         "fs-send",
         lambda addresses: {**sender, **worker("sender"), "addresses": addresses},
         timeout=plan.timeout,
@@ -365,10 +455,13 @@ def _objects(
     path: str = DEFAULT_PATH,
     tls: bool = False,
     relay: bool = False,
+    listen: str | None = None,
 ) -> Values:
     """``objects`` objects of ``size`` bytes to each of ``targets`` receivers."""
     config = {"object_size": size, "objects": objects, "warmup_size": size}
-    sent, _ = _fs_exchange(plan, env, targets, config, path=path, tls=tls, relay=relay)
+    sent, _ = _fs_exchange(
+        plan, env, targets, config, path=path, tls=tls, relay=relay, listen=listen
+    )
     elapsed = sent["elapsed"]
     return {
         "mb_per_s": objects * size * targets / elapsed / MB,
@@ -690,8 +783,8 @@ def _concurrency_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], li
 
 def _memory_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_CaseSpec]]:
     objects = plan.memory_total // MIB
-    scaled_total = " (scaled down from 2 GiB by --quick)" if plan.quick else ""
-    scaled_single = " (scaled down from 256 MiB by --quick)" if plan.quick else ""
+    scaled_total = f" (scaled down from 2 GiB by {plan.scaled})" if plan.quick else ""
+    scaled_single = f" (scaled down from 256 MiB by {plan.scaled})" if plan.quick else ""
     specs = [
         _case(
             "memory",
@@ -755,7 +848,7 @@ def _hol_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_Case
         "big_size": plan.hol_big,
         "path": DEFAULT_PATH,
     }
-    scaled = " (scaled down from 256 MiB by --quick)" if plan.quick else ""
+    scaled = f" (scaled down from 256 MiB by {plan.scaled})" if plan.quick else ""
     notes = [
         f"one connection; {plan.hol_idle_objects:,} x {small_name} alone (idle), then "
         f"{small_name} objects beside one {big_name} object on a second stream{scaled}; "
@@ -823,7 +916,7 @@ def _wan_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_Case
         {"mb_per_s": relay},
         run=functools.partial(_raw, plan, env, 1, plan.wan_raw_total, relay=True),
     )
-    scaled = " (scaled down from 1 GiB by --quick)" if plan.quick else ""
+    scaled = f" (scaled down from 1 GiB by {plan.scaled})" if plan.quick else ""
     total = format_size(plan.wan_total)
     bound = MIB / (2 * plan.wan_delay + MIB / plan.wan_rate) / MB
     notes = [
@@ -882,6 +975,47 @@ def _tls_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_Case
     return [ceiling], specs
 
 
+def _ws_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_CaseSpec]]:
+    ceilings: list[_CeilingSpec] = []
+    specs: list[_CaseSpec] = []
+    for scheme in ("ws", "wss"):
+        over = " over mutual TLS" if scheme == "wss" else ""
+        label = (
+            f"trio-websocket alone{over}, {format_size(WS_MESSAGE_SIZE)} messages, "
+            f"{format_size(plan.ws_total)}"
+        )
+        ceilings.append(
+            _CeilingSpec(
+                {"mb_per_s": Ceiling(WS_CEILINGS[scheme], label, Series("MB/s"))},
+                run=functools.partial(_websocket, plan, env, scheme),
+            )
+        )
+        listen = WS_LISTEN.format(scheme=scheme)
+        for size, objects in plan.ws:
+            specs.append(
+                _case(
+                    "ws",
+                    f"{scheme} {format_size(size)}",
+                    {
+                        "scheme": scheme,
+                        "object_size": size,
+                        "objects": objects,
+                        "path": DEFAULT_PATH,
+                    },
+                    _RATE_UNITS,
+                    "mb_per_s",
+                    functools.partial(
+                        _objects, plan, env, size, objects, tls=scheme == "wss", listen=listen
+                    ),
+                    plan.repeat,
+                    ceiling=WS_CEILINGS[scheme],
+                    target=_ratio_target(WS_TARGETS.get(size)),
+                    notes=[f"receiver on {WS_LISTEN.format(scheme='ws(s)')}; wss with mutual TLS"],
+                )
+            )
+    return ceilings, specs
+
+
 #: Every scenario, in the order they run and are reported.
 SCENARIO_BUILDERS: Final[dict[str, Builder]] = {
     "throughput": _throughput_scenario,
@@ -892,6 +1026,7 @@ SCENARIO_BUILDERS: Final[dict[str, Builder]] = {
     "hol": _hol_scenario,
     "wan": _wan_scenario,
     "tls": _tls_scenario,
+    "ws": _ws_scenario,
 }
 SCENARIOS: Final = tuple(SCENARIO_BUILDERS)
 

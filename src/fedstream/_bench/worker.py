@@ -1,6 +1,7 @@
 """Worker processes of the benchmark: one role per OS process.
 
-Run as ``python -m fedstream._bench.worker ROLE CONFIG_JSON``. A worker
+Run as ``python -m fedstream._bench.worker ROLE CONFIG_JSON``, or with ``-``
+for CONFIG_JSON to read it as the first line of stdin. A worker
 writes JSON lines to stdout and nothing else:
 
 * ``{"event": "ready", "address": URL}`` once a receiving worker listens
@@ -26,15 +27,22 @@ Roles:
     the TLS handshake before the clock starts (the TLS ceiling).
 ``ping-server`` / ``ping-client``
     The round-trip ceiling: a 64-byte message echoed back, one at a time.
+``tws-recv`` / ``tws-send``
+    The WebSocket ceiling: ``trio-websocket`` alone, binary messages of
+    1 MiB (the WebSocket transport's message size, with its limits) counted
+    by the receiver, a one-byte message as acknowledgement; over TLS
+    (mutual, with ``config["tls"]``'s certificates) for ``wss://``.
 ``fs-recv`` / ``fs-send``
     fedstream sites. ``config["path"]`` is ``"default"`` (plain methods on
     producer, consumer and factory, default site options: plain callbacks run
     in worker threads) or ``"async"`` (``async def`` callbacks and
-    ``sync_callbacks="inline"``); ``config["tls"]`` makes them listen and
-    dial on ``tls://`` with those certificates. The sender streams a few warm-up objects
-    first (``warmup_size`` bytes at most, 64 KiB by default), then times from
-    the first ``produce`` of the measured streams until every
-    ``stream_objects`` call has returned.
+    ``sync_callbacks="inline"``); ``config["tls"]`` (``cert``, ``key``, ``ca``
+    paths) gives a site its certificates, and the receiver listens on
+    ``tls://`` with them (``tcp://`` without) unless ``config["listen"]``
+    names its URL (``ws://`` or ``wss://``, say). The sender streams a few
+    warm-up objects first (``warmup_size`` bytes at most, 64 KiB by
+    default), then times from the first ``produce`` of the measured streams
+    until every ``stream_objects`` call has returned.
 ``fs-recv`` / ``fs-hol``
     Head-of-line blocking on one connection: a stream of small objects runs
     alone for ``idle_objects`` objects, then carries on while a second stream
@@ -52,6 +60,7 @@ Roles:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -78,6 +87,7 @@ from .. import (
     TLSConfig,
     open_site,
 )
+from .._transport import _ws as ws
 from ._common import KIB, MB, MIB, BenchError, current_rss, peak_rss, percentile
 
 __all__ = ["ASYNC_PATH", "DEFAULT_PATH", "PATHS", "ROLES", "main"]
@@ -270,6 +280,79 @@ async def ping_client(config: Config) -> Result:
         "rtt_p50": percentile(rtts, 50),
         "rtt_p99": percentile(rtts, 99),
     }
+
+
+# ---------------------------------------------------------- trio-websocket
+
+
+async def tws_recv(config: Config) -> Result:
+    import trio_websocket
+
+    total = int(config["total"])
+    tls = _tls_config(config)
+    finished = trio.Event()
+    counts: Result = {}
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        connection = await request.accept()
+        counts["baseline"] = current_rss()
+        received = 0
+        while received < total:
+            received += len(await connection.get_message())
+        await connection.send_message(b"k")
+        counts["bytes"] = received
+        finished.set()
+        await _stdin_eof()
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            functools.partial(
+                trio_websocket.serve_websocket,
+                handler,
+                "127.0.0.1",
+                0,
+                None if tls is None else tls.server_context(),
+                message_queue_size=ws.MESSAGE_QUEUE_SIZE,
+                max_message_size=ws.MESSAGE_SIZE,
+                receive_buffer_size=ws.RECEIVE_SIZE,
+            )
+        )
+        scheme = "ws" if tls is None else "wss"
+        _emit({"event": "ready", "address": f"{scheme}://127.0.0.1:{server.port}/"})
+        await finished.wait()
+        await _stdin_eof()
+        nursery.cancel_scope.cancel()
+    return {"bytes": counts["bytes"], **_rss_fields("", counts["baseline"])}
+
+
+async def tws_send(config: Config) -> Result:
+    import trio_websocket
+
+    total = int(config["total"])
+    tls = _tls_config(config)
+    message = b"\xa5" * ws.MESSAGE_SIZE
+    (address,) = config["addresses"]
+    host, port = _split(address)
+    baseline = current_rss()
+    async with trio_websocket.open_websocket(
+        host,
+        port,
+        "/",
+        use_ssl=False if tls is None else tls.client_context(),
+        message_queue_size=ws.MESSAGE_QUEUE_SIZE,
+        max_message_size=ws.MESSAGE_SIZE,
+        receive_buffer_size=ws.RECEIVE_SIZE,
+    ) as connection:
+        start = time.perf_counter()
+        left = total
+        while left:
+            n = min(left, len(message))
+            await connection.send_message(message if n == len(message) else message[:n])
+            left -= n
+        if await connection.get_message() != b"k":
+            raise BenchError("receiver did not acknowledge")
+        elapsed = time.perf_counter() - start
+    return {"elapsed": elapsed, "bytes": total, **_rss_fields("", baseline)}
 
 
 # ----------------------------------------------------------------- fedstream
@@ -478,7 +561,7 @@ class _Objects:
         if self.sent >= self._count:
             return None, self._timeout
         self.sent += 1
-        shareable = Shareable(data=self._payload)
+        shareable = Shareable({"data": self._payload})
         self.produced_at = time.perf_counter()
         return shareable, self._timeout
 
@@ -494,6 +577,10 @@ class _Objects:
 
 
 def _listen_url(config: Config) -> str:
+    """``config["listen"]`` if given (a ``ws://`` or ``wss://`` URL, say),
+    else ``tls://`` with certificates and ``tcp://`` without."""
+    if "listen" in config:
+        return str(config["listen"])
     return "tls://127.0.0.1:0" if config.get("tls") else "tcp://127.0.0.1:0"
 
 
@@ -614,7 +701,7 @@ class _SmallObjects:
     def produce(self) -> tuple[Shareable | None, float]:
         if self._stopped:
             return None, self._timeout
-        shareable = Shareable(data=self._payload)
+        shareable = Shareable({"data": self._payload})
         self._produced_at = time.perf_counter()
         return shareable, self._timeout
 
@@ -816,6 +903,8 @@ ROLES: Final[dict[str, Callable[[Config], Awaitable[Result]]]] = {
     "raw-send": raw_send,
     "ping-server": ping_server,
     "ping-client": ping_client,
+    "tws-recv": tws_recv,
+    "tws-send": tws_send,
     "fs-recv": fs_recv,
     "fs-send": fs_send,
     "fs-hol": fs_hol,
@@ -850,7 +939,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.WARNING, stream=sys.stderr, format=f"[{role}] %(levelname)s %(message)s"
     )
     try:
-        config = json.loads(args[1])
+        text = sys.stdin.buffer.readline() if args[1] == "-" else args[1]
+        if not text:
+            raise BenchError("no config on stdin")
+        config = json.loads(text)
         cpus = config.get("cpus")
         if cpus:
             os.sched_setaffinity(0, cpus)

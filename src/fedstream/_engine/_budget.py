@@ -26,7 +26,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 
-__all__ = ["ObjectHolds", "ReceiveBudget", "Ticket"]
+__all__ = ["ObjectHolds", "ReceiveBudget", "SiteBudget", "Ticket"]
 
 
 class Ticket:
@@ -41,23 +41,92 @@ class Ticket:
         self.admitted = False
 
 
-class ReceiveBudget:
-    """Bytes of received objects held for one connection, against ``limit``.
+class SiteBudget:
+    """Bytes of received objects held for all the connections of a site.
+
+    Site names cost nothing, so a per-peer budget alone does not bound a
+    site. An object is admitted only when it fits both its connection's
+    budget and this one (or when nothing at all is held site-wide: one larger
+    object still goes through, alone). Connections whose oldest waiting
+    object does not fit here queue up, first come first served, and are
+    woken in that order as room frees.
 
     Attributes:
-        limit: the budget in bytes (``max_receive_buffer_per_peer``).
-        held: announced bytes of the admitted objects not yet taken or dropped.
+        limit: the budget in bytes (``max_receive_buffer``).
+        held: announced bytes of admitted objects, all connections together.
         peak: the largest ``held`` so far.
-        waits: objects that had to wait for admission so far.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
         self.peak = 0
+        self._blocked: collections.OrderedDict[ReceiveBudget, None] = collections.OrderedDict()
+
+    def fits(self, size: int, budget: ReceiveBudget) -> bool:
+        if self._blocked and next(iter(self._blocked)) is not budget:
+            return False  # others were waiting first
+        return self.held == 0 or self.held + size <= self.limit
+
+    def add(self, size: int) -> None:
+        self.held += size
+        if self.held > self.peak:
+            self.peak = self.held
+
+    def block(self, budget: ReceiveBudget) -> None:
+        self._blocked[budget] = None
+
+    def unblock(self, budget: ReceiveBudget) -> None:
+        self._blocked.pop(budget, None)
+
+    def wake(self) -> None:
+        """Room freed: let blocked connections admit, oldest first."""
+        while self._blocked:
+            budget = next(iter(self._blocked))
+            budget.admit_waiting(wake_site=False)
+            if budget in self._blocked:
+                return  # its object still does not fit: the others wait behind it
+
+
+class ReceiveBudget:
+    """Bytes of received objects held for one connection, against ``limit``.
+
+    Attributes:
+        limit: the budget in bytes (``max_receive_buffer_per_peer``).
+        site: the site-wide budget every admission must fit too, if any.
+        held: announced bytes of the admitted objects not yet taken or dropped.
+        peak: the largest ``held`` so far.
+        waits: objects that had to wait for admission so far.
+    """
+
+    def __init__(self, limit: int, site: SiteBudget | None = None) -> None:
+        self.limit = limit
+        self.site = site
+        self.held = 0
+        self.peak = 0
         self.waits = 0
         # Insertion-ordered, with O(1) removal of a ticket from the middle.
         self._waiting: collections.OrderedDict[Ticket, None] = collections.OrderedDict()
+
+    def _fits(self, size: int) -> bool:
+        held = self.held
+        site = self.site
+        if held and held + size > self.limit:
+            if site is not None:
+                site.unblock(self)  # waiting on its own budget, not the site's
+            return False
+        if site is not None and not site.fits(size, self):
+            site.block(self)
+            return False
+        return True
+
+    def _admit(self, ticket: Ticket) -> None:
+        ticket.admitted = True
+        self.held += ticket.size
+        if self.held > self.peak:
+            self.peak = self.held
+        if self.site is not None:
+            self.site.add(ticket.size)
 
     @property
     def waiting(self) -> int:
@@ -67,12 +136,8 @@ class ReceiveBudget:
     def open(self, size: int, holds: ObjectHolds) -> Ticket:
         """A new object of ``size`` bytes: admitted now if it fits, else queued."""
         ticket = Ticket(size, holds)
-        held = self.held
-        if not self._waiting and (held == 0 or held + size <= self.limit):
-            ticket.admitted = True
-            self.held = held = held + size
-            if held > self.peak:
-                self.peak = held
+        if not self._waiting and self._fits(size):
+            self._admit(ticket)
         else:
             self._waiting[ticket] = None
             self.waits += 1
@@ -86,23 +151,30 @@ class ReceiveBudget:
         """
         if ticket.admitted:
             self.held -= ticket.size
+            if self.site is not None:
+                self.site.held -= ticket.size
         else:
             del self._waiting[ticket]
-        if admit and self._waiting:
+        if admit:
             self.admit_waiting()
 
-    def admit_waiting(self) -> None:
-        """Admit waiting objects, oldest first, while the oldest fits."""
+    def admit_waiting(self, *, wake_site: bool = True) -> None:
+        """Admit waiting objects, oldest first, while the oldest fits (then
+        let other connections use whatever room is left site-wide)."""
         waiting = self._waiting
         while waiting:
             ticket = next(iter(waiting))
-            if self.held and self.held + ticket.size > self.limit:
-                return
+            if not self._fits(ticket.size):
+                break
             del waiting[ticket]
-            ticket.admitted = True
-            self.held += ticket.size
-            self.peak = max(self.peak, self.held)
+            self._admit(ticket)
             ticket.holds.admitted(ticket)
+        site = self.site
+        if site is not None:
+            if not waiting:
+                site.unblock(self)
+            if wake_site:
+                site.wake()
 
 
 class ObjectHolds:
@@ -128,10 +200,17 @@ class ObjectHolds:
         tickets = self._tickets
         return bool(tickets) and not tickets[-1].admitted
 
-    def add(self, size: int) -> None:
-        """The first DATA frame of a new object of ``size`` bytes arrived."""
-        if size <= self._max_size:
-            self._tickets.append(self._budget.open(size, self))
+    def add(self, size: int) -> bool:
+        """The first DATA frame of a new object of ``size`` bytes arrived.
+
+        Returns whether the object is admitted (an object over ``max_size``,
+        which the session refuses, counts as admitted: it is never held).
+        """
+        if size > self._max_size:
+            return True
+        ticket = self._budget.open(size, self)
+        self._tickets.append(ticket)
+        return ticket.admitted
 
     def take(self) -> None:
         """The oldest object went to the consumer."""

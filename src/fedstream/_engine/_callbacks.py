@@ -7,7 +7,7 @@ import enum
 import functools
 import inspect
 import logging
-import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -44,9 +44,14 @@ class CallbackRunner:
     ``finalize`` never overlaps ``consume``.
     """
 
-    def __init__(self, mode: SyncMode = SyncMode.THREAD, max_threads: float = math.inf) -> None:
+    def __init__(
+        self, mode: SyncMode = SyncMode.THREAD, max_threads: float = 40, grace: float = 30.0
+    ) -> None:
         self.mode = SyncMode(mode)
         self._limiter = trio.CapacityLimiter(max_threads)
+        #: How long a cancelled plain callback's thread is waited for before
+        #: it is abandoned (``finalize_timeout``).
+        self.grace = grace
         # Whether each callback is a coroutine function, keyed by the function
         # behind a bound method: the check is on the per-object hot path.
         self._async: dict[Any, bool] = {}
@@ -65,14 +70,63 @@ class CallbackRunner:
         if self.mode is SyncMode.INLINE:
             result = fn(*args, **kwargs)
         else:
-            result = await trio.to_thread.run_sync(
-                functools.partial(fn, *args, **kwargs),
-                limiter=self._limiter,
-                abandon_on_cancel=abandon_on_cancel,
+            result = await self._in_thread(
+                functools.partial(fn, *args, **kwargs), 0.0 if abandon_on_cancel else self.grace
             )
         if inspect.isawaitable(result):
             result = await result
         return result
+
+    async def _in_thread(self, call: Callable[[], Any], grace: float) -> Any:
+        """Run ``call`` in a worker thread; once cancelled, wait up to ``grace``
+        seconds for it to return, then abandon the thread.
+
+        A thread cannot be interrupted. Waiting for it keeps a callback from
+        overlapping the session's ``finalize``; abandoning it after ``grace``
+        keeps a callback that blocks forever and ignores the abort signal from
+        holding its session (and the site's exit) forever. An abandoned thread
+        still holds its place under ``max_threads`` until it returns.
+        """
+        token = trio.lowlevel.current_trio_token()
+        returned = trio.Event()
+        # Whether the call started in its thread, or must not start any more
+        # (cancelled while waiting for a thread): decided under the lock.
+        lock = threading.Lock()
+        state = {"started": False, "dropped": False}
+
+        def worker() -> Any:
+            with lock:
+                if state["dropped"]:
+                    return None
+                state["started"] = True
+            try:
+                return call()
+            finally:
+                try:
+                    token.run_sync_soon(returned.set)
+                except trio.RunFinishedError:
+                    pass
+
+        try:
+            return await trio.to_thread.run_sync(
+                worker, limiter=self._limiter, abandon_on_cancel=True
+            )
+        except trio.Cancelled:
+            with lock:
+                if not state["started"]:
+                    state["dropped"] = True
+                    raise
+            if grace <= 0:
+                raise  # the caller chose to abandon at once, and says so itself
+            with trio.CancelScope(shield=True), trio.move_on_after(grace):
+                await returned.wait()
+            if not returned.is_set():
+                logger.error(
+                    "%s did not return within %s s of its session ending: abandoning its thread",
+                    getattr(call, "func", call),
+                    grace,
+                )
+            raise
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

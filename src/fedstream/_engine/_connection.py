@@ -61,7 +61,8 @@ from .._wire import (
     Pong,
     Reply,
 )
-from ._budget import ReceiveBudget
+from .._wire._frames import OPENER_ABORT_RCS
+from ._budget import ReceiveBudget, SiteBudget
 from ._stats import ConnectionStats, StreamStats
 
 if TYPE_CHECKING:
@@ -77,6 +78,9 @@ __all__ = ["Connection", "ReceiveHandler", "SendHandler", "accept_handshake", "d
 logger = logging.getLogger(__name__)
 
 _RECEIVE_SIZE = 256 * 1024
+#: Bytes read at a time until the peer's HELLO is in: a pending handshake
+#: holds a few KiB, not a whole receive buffer.
+_HANDSHAKE_RECEIVE_SIZE = 4 * 1024
 #: Frames smaller than this are copied into one coalesced ``send_all``.
 _COALESCE_BODY = 64 * 1024
 #: Bytes of small frames gathered into one ``send_all``.
@@ -103,6 +107,9 @@ class ReceiveHandler(Protocol):
     def on_abort(self, frame: Abort) -> None: ...
     def on_connection_lost(self) -> None: ...
     def body_target(self, frame: Chunk, nbytes: int) -> memoryview | None: ...
+    def on_credit(self, frame: Credit) -> None: ...
+    def progress_deadline(self) -> float: ...
+    def reap(self) -> None: ...
     def stats(self) -> StreamStats: ...
 
 
@@ -211,7 +218,29 @@ async def _read_frame(stream: trio.abc.Stream, protocol: FrameProtocol) -> Frame
             return None
         if event is not NEED_DATA:
             return event
-        protocol.receive_data(await stream.receive_some(_RECEIVE_SIZE))
+        protocol.receive_data(await stream.receive_some(_HANDSHAKE_RECEIVE_SIZE))
+
+
+def _dialer_gone(stream: trio.abc.Stream) -> bool:
+    """Whether the peer of a TCP stream has already closed or reset it.
+
+    A dial that waited in the listen backlog (say while file descriptors ran
+    out) may be accepted after its dialer gave up: its HELLO is still in the
+    kernel, followed by EOF. Registering its name would refuse the dialer's
+    retry as a duplicate. Peeks without consuming or blocking; streams that
+    are not plain sockets are taken as alive.
+    """
+    if not isinstance(stream, trio.SocketStream):
+        return False
+    sock = socket.socket(fileno=stream.socket.fileno())
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.detach()
 
 
 async def dial_handshake(
@@ -258,6 +287,8 @@ async def accept_handshake(
             raise HandshakeError(f"connection broke during handshake: {exc}") from exc
         if not isinstance(frame, Hello):
             raise HandshakeError("peer closed the connection during the handshake")
+        if _dialer_gone(stream):
+            raise HandshakeError(f"{frame.site!r} closed the connection before it was accepted")
         answer = make_hello(frame)
         if isinstance(answer, GoAway):
             await _refuse(stream, protocol, answer)
@@ -299,6 +330,7 @@ class Connection:
         dialer: bool,
         options: SiteOptions,
         url: str,
+        site_budget: SiteBudget | None = None,
     ) -> None:
         self.stream = stream
         self.protocol = protocol
@@ -314,7 +346,8 @@ class Connection:
         self.receivers: dict[int, ReceiveHandler] = {}
         self._early_aborts: dict[int, str] = {}
         #: Bytes of objects the peer makes us hold, against max_receive_buffer_per_peer.
-        self.receive_budget = ReceiveBudget(options.max_receive_buffer_per_peer)
+        #: Admissions must also fit ``site_budget``, the site's across all peers.
+        self.receive_budget = ReceiveBudget(options.max_receive_buffer_per_peer, site_budget)
         #: Streams refused over max_streams_per_peer since the last warning, and when that was.
         self._refused = 0
         self._refusal_logged = -math.inf
@@ -718,6 +751,11 @@ class Connection:
             isinstance(frame, Abort) and not self.is_ours(frame.sid)
         ):
             self._dispatch_receiving(frame)
+        elif isinstance(frame, Credit) and not self.is_ours(frame.sid):
+            # The opener lets the receiver send more reply bytes.
+            receiver = self.receivers.get(frame.sid)
+            if receiver is not None:
+                receiver.on_credit(frame)
         elif isinstance(frame, (Reply, Done, Credit, Abort)):
             if not self.is_ours(frame.sid):
                 raise RemoteProtocolError(f"{type(frame).__name__} on a stream we did not open")
@@ -754,7 +792,16 @@ class Connection:
                 # An ABORT may arrive before the stream's first object (frames
                 # of different priority can pass each other): remember it, so
                 # that object opens no session.
-                self._early_aborts[sid] = frame.rc[:64]
+                rc = frame.rc
+                if rc not in OPENER_ABORT_RCS:
+                    logger.warning(
+                        "protocol error from %s: ABORT of stream %d with rc %.80r",
+                        self.peer,
+                        sid,
+                        rc,
+                    )
+                    rc = "BAD_REQUEST_DATA"
+                self._early_aborts[sid] = rc
                 if len(self._early_aborts) > _MAX_EARLY_ABORTS:
                     del self._early_aborts[next(iter(self._early_aborts))]
                 return
@@ -838,17 +885,40 @@ class Connection:
     # ---------------------------------------------------------------- lifecycle
 
     async def _heartbeat(self) -> None:
+        """PING when idle, declare the peer lost exactly ``peer_timeout`` after
+        the last received byte, and reap receiving sessions whose object
+        stopped making progress.
+
+        It sleeps until the earliest of those deadlines (never longer than
+        ``heartbeat_interval``, so a session's reaping is late by at most
+        that), instead of polling on a fixed beat.
+        """
         interval = self.options.heartbeat_interval
         timeout = self.options.peer_timeout
+        last_ping = -math.inf
         while True:
-            await trio.sleep(min(interval, timeout / 2))
-            silent = trio.current_time() - self._last_receive
-            if silent >= timeout:
-                message = f"nothing received from {self.peer} for {silent:.1f} s"
+            # Deadlines are compared as computed, never as differences, so
+            # that rounding cannot leave a deadline that is due but not met.
+            now = trio.current_time()
+            last = self._last_receive
+            lost_at = last + timeout
+            if now >= lost_at:
+                message = f"nothing received from {self.peer} for {now - last:.1f} s"
                 self.lose(message, goaway=GoAway(ErrorCode.HEARTBEAT_TIMEOUT, message))
                 return
-            if silent >= interval:
+            ping_at = max(last, last_ping) + interval
+            if now >= ping_at:
                 self.send_control(Ping(next(self._pings)))
+                last_ping = now
+                ping_at = now + interval
+            wake = min(lost_at, ping_at)
+            for receiver in list(self.receivers.values()):
+                deadline = receiver.progress_deadline()
+                if deadline <= now:
+                    receiver.reap()
+                elif deadline < wake:
+                    wake = deadline
+            await trio.sleep_until(wake)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the connection until it is lost or closed; always closes the stream."""

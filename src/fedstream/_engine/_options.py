@@ -16,9 +16,13 @@ __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_HEARTBEAT_INTERVAL",
     "DEFAULT_MAX_OBJECT_SIZE",
+    "DEFAULT_MAX_PENDING_HANDSHAKES",
+    "DEFAULT_MAX_RECEIVE_BUFFER",
     "DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER",
     "DEFAULT_MAX_STREAMS_PER_PEER",
+    "DEFAULT_MAX_THREADS",
     "DEFAULT_PEER_TIMEOUT",
+    "DEFAULT_RECEIVE_PROGRESS_TIMEOUT",
     "DEFAULT_RECONNECT_MAX_DELAY",
     "DEFAULT_RECONNECT_MIN_DELAY",
     "DEFAULT_WINDOW",
@@ -35,13 +39,25 @@ DEFAULT_WINDOW: Final = 8 * 1024 * 1024
 DEFAULT_HEARTBEAT_INTERVAL: Final = 5.0
 #: Silence after which the peer counts as lost (COMMUNICATION_ERROR).
 DEFAULT_PEER_TIMEOUT: Final = 20.0
+#: Time a partly received object may go without a byte of it arriving (while
+#: it has credit) before its session ends with TIMEOUT.
+DEFAULT_RECEIVE_PROGRESS_TIMEOUT: Final = 60.0
 #: Time allowed for the HELLO exchange.
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
+#: Worker threads a site runs plain callbacks in at once (trio's own default
+#: thread limit). A session waiting for a thread holds none.
+DEFAULT_MAX_THREADS: Final = 40
+#: Incoming connections whose HELLO is not in yet, at once; more are refused.
+DEFAULT_MAX_PENDING_HANDSHAKES: Final = 128
 #: Receiving sessions one peer may have open at once on this site.
 DEFAULT_MAX_STREAMS_PER_PEER: Final = 4096
 #: Bytes of objects one peer may have under reassembly or waiting for their
 #: consumers on this site (1 GiB) before its streams stop getting credit.
 DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER: Final = 1024**3
+#: Bytes of objects all peers together may have under reassembly or waiting
+#: for their consumers on this site (2 GiB): site names cost nothing, so the
+#: per-peer budget alone does not bound a site.
+DEFAULT_MAX_RECEIVE_BUFFER: Final = 2 * 1024**3
 #: Bound on each end-of-stream step (finalize, stream_done_cb, return_consumer,
 #: and the sender's wait for receivers to confirm they finalized).
 DEFAULT_FINALIZE_TIMEOUT: Final = 30.0
@@ -64,14 +80,17 @@ class SiteOptions:
     peer_timeout: float = DEFAULT_PEER_TIMEOUT
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     finalize_timeout: float = DEFAULT_FINALIZE_TIMEOUT
+    receive_progress_timeout: float = DEFAULT_RECEIVE_PROGRESS_TIMEOUT
     sync_callbacks: SyncMode = SyncMode.THREAD
-    max_threads: float = math.inf
+    max_threads: float = DEFAULT_MAX_THREADS
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
     max_receive_buffer_per_peer: int = DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER
     tls: TLSConfig | None = None
     reconnect: bool = True
     reconnect_min_delay: float = DEFAULT_RECONNECT_MIN_DELAY
     reconnect_max_delay: float = DEFAULT_RECONNECT_MAX_DELAY
+    max_receive_buffer: int = DEFAULT_MAX_RECEIVE_BUFFER
+    max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES
 
     def __post_init__(self) -> None:
         if not MIN_MAX_FRAME_SIZE <= self.max_frame_size <= 0xFFFF_FFFF:
@@ -82,13 +101,24 @@ class SiteOptions:
             raise ValueError("chunk_size must be in [1024, max_frame_size - 4096]")
         if self.window < self.chunk_size:
             raise ValueError("window must be at least chunk_size")
-        for name in ("heartbeat_interval", "peer_timeout", "handshake_timeout", "finalize_timeout"):
+        for name in (
+            "heartbeat_interval",
+            "peer_timeout",
+            "handshake_timeout",
+            "finalize_timeout",
+            "receive_progress_timeout",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
-        for name in ("max_streams_per_peer", "max_receive_buffer_per_peer"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        if self.max_threads != math.inf:
+            _check_positive_int("max_threads", self.max_threads)
+        for name in (
+            "max_streams_per_peer",
+            "max_receive_buffer_per_peer",
+            "max_receive_buffer",
+            "max_pending_handshakes",
+        ):
+            _check_positive_int(name, getattr(self, name))
         if self.tls is not None and not isinstance(self.tls, TLSConfig):
             raise TypeError(f"tls must be a fedstream.TLSConfig or None, not {self.tls!r}")
         if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay:
@@ -112,3 +142,8 @@ class SiteOptions:
             "credit_step": self.credit_step,
             "heartbeat_ms": int(self.heartbeat_interval * 1000),
         }
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")

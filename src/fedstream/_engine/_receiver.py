@@ -17,8 +17,9 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import math
 import mmap
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -32,6 +33,7 @@ from .._errors import (
     ObjectTooLargeError,
     RemoteProtocolError,
 )
+from .._flare import from_flare
 from .._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
 from .._wire import (
     Abort,
@@ -46,6 +48,7 @@ from .._wire import (
     decode_object_views,
     encode_object,
 )
+from .._wire._frames import FREE_REPLY_MAX, OPENER_ABORT_RCS
 from ._budget import ObjectHolds
 from ._callbacks import current_session
 from ._stats import StreamStats
@@ -79,12 +82,22 @@ async def send_object(
     sid: int,
     seq: int,
     obj: Shareable,
+    reserve: Callable[[int], Awaitable[None]] | None = None,
 ) -> None:
-    """Send ``obj`` as a first frame (built by ``make_first(size, body)``) plus CHUNKs."""
+    """Send ``obj`` as a first frame (built by ``make_first(size, body)``) plus CHUNKs.
+
+    With ``reserve``, each frame's tail first waits for that much credit,
+    unless the whole object is small enough to go free in one frame
+    (:data:`FREE_REPLY_MAX`).
+    """
     # Most replies are the plain OK acknowledgement: encode that one once.
     encoded = _PLAIN_OK_ENCODED if obj == _PLAIN_OK else encode_object(obj)
+    if encoded.size <= FREE_REPLY_MAX and encoded.size <= conn.max_body:
+        reserve = None
     offset = 0
     for view in encoded.chunks(conn.max_body):
+        if reserve is not None:
+            await reserve(len(view))
         if offset == 0:
             await conn.send_data(make_first(encoded.size, view))
         else:
@@ -131,6 +144,16 @@ class ReceiverSession:
         self._assembler: ObjectAssembler | None = None
         self._assembling_seq = -1
         self._discard_left = 0
+        #: Bytes received so far of an object that waits for the receive
+        #: budget (its buffer is made only once it is admitted), and its size.
+        self._staged: list[bytes] | None = None
+        self._staged_len = 0
+        self._staged_size = 0
+        #: When a byte of the object being received last arrived.
+        self._progressed = trio.current_time()
+        #: Reply bytes the opener lets us send (its window, plus its CREDITs).
+        self._reply_credit = conn.peer_window
+        self._reply_credit_changed = trio.Event()
         self._inbox: collections.deque[tuple[int, RawObject]] = collections.deque()
         self._inbox_event = trio.Event()
         self._end_received = False
@@ -139,9 +162,7 @@ class ReceiverSession:
         self._ungranted = 0
         self._grant_threshold = conn.options.credit_step
         #: This session's objects in the connection's receive budget.
-        self._holds = ObjectHolds(
-            conn.receive_budget, conn.options.max_object_size, functools.partial(self._grant, 0)
-        )
+        self._holds = ObjectHolds(conn.receive_budget, conn.options.max_object_size, self._admitted)
         #: True while consume or consumed_cb runs.
         self._busy = False
         #: rc passed to END_STREAM from inside consume, applied when it returns.
@@ -172,7 +193,11 @@ class ReceiverSession:
     def on_data(self, frame: Data) -> None:
         if self.rc is not None:
             return
-        if frame.seq != self._expected_seq or self._assembler is not None:
+        if (
+            frame.seq != self._expected_seq
+            or self._assembler is not None
+            or self._staged is not None
+        ):
             self.conn.reject(
                 self.sid,
                 frame.seq,
@@ -183,7 +208,8 @@ class ReceiverSession:
             return
         self._expected_seq += 1
         self._assembling_seq = frame.seq
-        self._holds.add(frame.size)
+        self._progressed = trio.current_time()
+        admitted = self._holds.add(frame.size)
         if frame.size == len(frame.body) and frame.size <= self.conn.options.max_object_size:
             # The whole object came in this one frame: no reassembly needed.
             body = frame.body
@@ -194,6 +220,15 @@ class ReceiverSession:
             # (A head starting with 0x80 has no out-of-band buffers: no copy.)
             has_buffers = len(body) > 4 and body[4] != 0x80
             self._deliver(bytearray(body) if has_buffers else body)
+            return
+        if not admitted:
+            # Nothing sized by the peer's claim before the budget admits the
+            # object: keep only the bytes that actually arrive (what the
+            # stream's credit allows), and grant no credit meanwhile.
+            self._staged = [bytes(frame.body)]
+            self._staged_len = len(frame.body)
+            self._staged_size = frame.size
+            self._grant(len(frame.body))
             return
         try:
             self._assembler = ObjectAssembler(
@@ -216,6 +251,9 @@ class ReceiverSession:
         return self._assembler.target(frame.offset, nbytes)
 
     def on_chunk(self, frame: Chunk) -> None:
+        if self._staged is not None and frame.seq == self._assembling_seq:
+            self._stage(frame)
+            return
         if self._assembler is None or frame.seq != self._assembling_seq:
             if self._discard_left and frame.seq == self._assembling_seq:
                 self._discard_left -= len(frame.body)
@@ -227,14 +265,89 @@ class ReceiverSession:
             return
         self._feed(frame.offset, frame.body)
 
+    def _stage(self, frame: Chunk) -> None:
+        """Keep a CHUNK of an object that waits for admission."""
+        assert self._staged is not None
+        if frame.offset != self._staged_len:
+            raise RemoteProtocolError(
+                f"chunk at offset {frame.offset}, expected {self._staged_len}"
+            )
+        if self._staged_len + len(frame.body) > self._staged_size:
+            raise RemoteProtocolError(f"chunk overruns the object size {self._staged_size}")
+        self._staged.append(bytes(frame.body))
+        self._staged_len += len(frame.body)
+        self._progressed = trio.current_time()
+        self._grant(len(frame.body))
+        if self._staged_len == self._staged_size:
+            # All of it came within the credit the stream had: assemble it
+            # now, while it still waits its turn in the budget.
+            self._assemble_staged()
+
+    def _admitted(self) -> None:
+        """The budget let our waiting object in (or nothing of ours waits any more)."""
+        if self._staged is not None and self.rc is None:
+            self._assemble_staged()
+        self._grant(0)
+
+    def _assemble_staged(self) -> None:
+        """Make the object's buffer and move the staged bytes into it.
+
+        Runs from the reader, or from whichever task freed the budget: a
+        malformed object ends this session only.
+        """
+        pieces, self._staged = self._staged or [], None
+        try:
+            assembler = ObjectAssembler(
+                self._staged_size, max_size=self.conn.options.max_object_size, buffer=self._spare
+            )
+            self._spare = None
+            offset = 0
+            complete = False
+            for piece in pieces:
+                complete = assembler.feed(offset, piece)
+                offset += len(piece)
+            del pieces
+        except (RemoteProtocolError, ObjectTooLargeError) as exc:
+            self.conn.reject(self.sid, self._assembling_seq, ReturnCode.BAD_REQUEST_DATA, str(exc))
+            self._discard_left = self._staged_size - self._staged_len
+            self.end(ReturnCode.BAD_REQUEST_DATA)
+            return
+        if complete:
+            self._deliver(assembler.take())
+        else:
+            self._assembler = assembler
+
     def _feed(self, offset: int, body: memoryview | bytes | bytearray) -> None:
         assembler = self._assembler
         assert assembler is not None
         complete = assembler.feed(offset, body)
+        self._progressed = trio.current_time()
         self._grant(len(body))
         if complete:
             self._assembler = None
             self._deliver(assembler.take())
+
+    def progress_deadline(self) -> float:
+        """When the object being received times out if no more of it arrives
+        (``inf`` when nothing is expected from the sender: no object under
+        way, or its credit withheld by the receive budget)."""
+        if self.rc is not None or self._holds.withholding:
+            return math.inf
+        if self._assembler is None and self._staged is None:
+            return math.inf
+        return self._progressed + self.conn.options.receive_progress_timeout
+
+    def reap(self) -> None:
+        """The object under way made no progress for its bound: end with TIMEOUT."""
+        bound = self.conn.options.receive_progress_timeout
+        logger.warning(
+            "object %d of stream %d from %s made no progress for %s s: ending the session",
+            self._assembling_seq,
+            self.sid,
+            self.conn.peer,
+            bound,
+        )
+        self.end(ReturnCode.TIMEOUT, tell_sender=True)
 
     def _grant(self, nbytes: int) -> None:
         # Credit goes back in steps of credit_step (announced in our HELLO,
@@ -261,14 +374,43 @@ class ReceiverSession:
         self._inbox_event.set()
 
     def on_end(self, frame: End) -> None:
-        self._end_received = True
-        self._inbox_event.set()
+        if self.rc is not None:
+            return
+        if self._assembler is not None or self._staged is not None:
+            self._violation(f"END in the middle of object {self._assembling_seq}")
+        elif frame.count != self._expected_seq:
+            self._violation(f"END after {frame.count} objects, but {self._expected_seq} were sent")
+        else:
+            self._end_received = True
+            self._inbox_event.set()
 
     def on_abort(self, frame: Abort) -> None:
-        self.end(frame.rc, tell_sender=False)
+        if frame.rc not in OPENER_ABORT_RCS:
+            self._violation(
+                f"ABORT with rc {frame.rc!r:.80}, not one of {sorted(OPENER_ABORT_RCS)}"
+            )
+        else:
+            self.end(frame.rc, tell_sender=False)
+
+    def _violation(self, message: str) -> None:
+        """The sender broke this stream's rules: end it (only it) with BAD_REQUEST_DATA."""
+        error = RemoteProtocolError(f"stream {self.sid}: {message}")
+        logger.warning("protocol error from %s: %s", self.conn.peer, error)
+        self.end(ReturnCode.BAD_REQUEST_DATA, tell_sender=False)
 
     def on_connection_lost(self) -> None:
         self.end(ReturnCode.COMMUNICATION_ERROR, tell_sender=False)
+
+    def on_credit(self, frame: Credit) -> None:
+        """The opener lets us send ``increment`` more reply bytes."""
+        self._reply_credit += frame.increment
+        self._reply_credit_changed.set()
+
+    async def _reserve_reply(self, nbytes: int) -> None:
+        while self._reply_credit < nbytes:
+            self._reply_credit_changed = trio.Event()
+            await self._reply_credit_changed.wait()
+        self._reply_credit -= nbytes
 
     # ------------------------------------------------------------ ending
 
@@ -375,8 +517,12 @@ class ReceiverSession:
                 )
                 keep_going, reply = _check_consume_result(result)
                 if reg.consumed_cb is not None:
-                    await self.runner(
-                        reg.consumed_cb, self.stream_ctx, self.fl_ctx, **reg.cb_kwargs
+                    await self.runner(  # FLARE's convention: the consume result first
+                        reg.consumed_cb,
+                        (keep_going, reply),
+                        self.stream_ctx,
+                        self.fl_ctx,
+                        **reg.cb_kwargs,
                     )
             except Exception as exc:
                 if self.rc is not None:  # already ending; the error is a consequence
@@ -413,7 +559,12 @@ class ReceiverSession:
         sid = self.sid
         try:
             await send_object(
-                self.conn, lambda size, body: Reply(sid, seq, size, last, body), sid, seq, reply
+                self.conn,
+                lambda size, body: Reply(sid, seq, size, last, body),
+                sid,
+                seq,
+                reply,
+                self._reserve_reply,
             )
         except LocalProtocolError as exc:
             logger.error("reply to object %d of stream %d cannot be encoded: %s", seq, sid, exc)
@@ -430,6 +581,7 @@ class ReceiverSession:
                 self.sid,
                 seq,
                 reply,
+                self._reserve_reply,
             )
 
     async def _finish(self, consumer: ObjectConsumer | None) -> None:
@@ -437,6 +589,7 @@ class ReceiverSession:
         rc = self.rc or ReturnCode.EXECUTION_EXCEPTION
         self.rc = rc
         self._assembler = None  # release what the session held
+        self._staged = None
         self._inbox.clear()
         self._holds.release()
         self.stream_ctx[StreamContextKey.RC] = rc
@@ -467,9 +620,9 @@ class ReceiverSession:
                         "return_consumer",
                         timeout,
                         reg.factory.return_consumer,
-                        consumer,
-                        self.stream_ctx,
-                        self.fl_ctx,
+                        consumer=consumer,  # by keyword, as FLARE calls it
+                        stream_ctx=self.stream_ctx,
+                        fl_ctx=self.fl_ctx,
                     )
                 await self._send_done(rc, result)
         finally:
@@ -518,6 +671,7 @@ def _check_consume_result(result: Any) -> tuple[bool, Shareable | None]:
     if not isinstance(result, tuple) or len(result) != 2:
         raise TypeError(f"consume must return (continue, reply), not {result!r:.100}")
     keep_going, reply = result
+    reply = from_flare(reply)  # an nvflare Shareable, headers kept
     if reply is not None and not isinstance(reply, Shareable):
         raise TypeError(f"consume reply must be a Shareable or None, not {type(reply).__name__}")
     return bool(keep_going), reply

@@ -29,6 +29,7 @@ import trio
 from .._api import ObjectProducer, StreamContextKey
 from .._context import FLContext
 from .._errors import ConnectionLostError, LocalProtocolError, RemoteProtocolError
+from .._flare import from_flare
 from .._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
 from .._wire import (
     Abort,
@@ -44,6 +45,8 @@ from .._wire import (
     decode_object,
     encode_object,
 )
+from .._wire._frames import FREE_REPLY_MAX
+from ._budget import ObjectHolds
 from ._callbacks import current_session
 from ._stats import StreamStats
 
@@ -58,6 +61,8 @@ logger = logging.getLogger(__name__)
 #: Reply header carrying a target's truthy ``stream_done_cb`` result, on the
 #: last reply of a session the receiver ended itself.
 END_RESULT: Final = "__end_result__"
+#: The same result under the header FLARE's ``ObjectStreamer`` uses.
+FLARE_END_RESULT: Final = "ObjectStreamer.END_RESULT"
 #: Sender ``stream_ctx`` key: ``{target: stream_done_cb result}`` for every
 #: target whose result was truthy, filled in before ``stream_objects`` returns.
 END_RESULTS: Final = "__end_results__"
@@ -98,6 +103,18 @@ class TargetLink:
         self._reply: Shareable | None = None
         self._reply_last = False
         self._assembler: ObjectAssembler | None = None
+        # Replies are flow-controlled and budgeted like objects: the target
+        # may send the reply bytes our window and CREDITs allow; a large
+        # reply counts in the connection's receive budget, and one that
+        # waits for it keeps only the bytes that arrived, with credit withheld.
+        options = conn.options
+        self._reply_allowance = options.window
+        self._reply_ungranted = 0
+        self._credit_step = options.credit_step
+        self._holds = ObjectHolds(conn.receive_budget, options.max_object_size, self._admitted)
+        self._staged: list[bytes] | None = None
+        self._staged_len = 0
+        self._reply_size = 0
         self._changed = trio.Event()
         self.objects_sent = 0
         #: Object bytes handed to the connection, and credit granted back.
@@ -131,37 +148,129 @@ class TargetLink:
     # ------------------------------------------------ called by the reader
 
     def on_reply(self, frame: Reply) -> None:
-        if frame.seq != self._pending_seq or self._reply is not None or self.ended_rc is not None:
-            return  # a late reply: the object timed out or the session already ended
+        free = frame.size <= FREE_REPLY_MAX and frame.size == len(frame.body)
+        if not free:
+            self._use_reply_credit(len(frame.body))
+        if (
+            frame.seq != self._pending_seq
+            or self._reply is not None
+            or self.ended_rc is not None
+            or self._assembler is not None
+            or self._staged is not None
+        ):
+            # A late reply (the object timed out or the session already ended).
+            if not free:
+                self._grant_reply(len(frame.body))
+            return
         self._reply_last = frame.last
         if frame.size == len(frame.body):
+            if not free:
+                self._grant_reply(len(frame.body))
             self._decode_reply(frame.body)  # the whole reply in one frame
             return
-        try:
-            self._assembler = ObjectAssembler(
-                frame.size, max_size=self.conn.options.max_object_size
+        if frame.size > self.conn.options.max_object_size:
+            message = (
+                f"reply of {frame.size} bytes exceeds max_object_size "
+                f"{self.conn.options.max_object_size}"
             )
-        except RemoteProtocolError:
-            raise
-        except Exception as exc:
             self._set_reply(
-                make_reply(ReturnCode.COMMUNICATION_ERROR, {ReservedHeaderKey.ERROR: str(exc)}),
+                make_reply(ReturnCode.COMMUNICATION_ERROR, {ReservedHeaderKey.ERROR: message}),
                 last=True,
             )
             return
+        self._reply_size = frame.size
+        if not self._holds.add(frame.size):
+            # Nothing sized by the claim before the budget admits the reply.
+            self._staged = [bytes(frame.body)]
+            self._staged_len = len(frame.body)
+            self._grant_reply(len(frame.body))
+            return
+        self._assembler = ObjectAssembler(frame.size, max_size=self.conn.options.max_object_size)
         self._feed(0, frame.body)
 
     def on_chunk(self, frame: Chunk) -> None:
-        if self._assembler is not None and frame.seq == self._pending_seq:
+        self._use_reply_credit(len(frame.body))
+        if frame.seq != self._pending_seq:
+            self._grant_reply(len(frame.body))  # late: dropped, its credit given back
+        elif self._staged is not None:
+            if frame.offset != self._staged_len or (
+                self._staged_len + len(frame.body) > self._reply_size
+            ):
+                raise RemoteProtocolError(
+                    f"reply chunk at offset {frame.offset} of {len(frame.body)} bytes, "
+                    f"expected offset {self._staged_len} of a {self._reply_size}-byte reply"
+                )
+            self._staged.append(bytes(frame.body))
+            self._staged_len += len(frame.body)
+            self._grant_reply(len(frame.body))
+            if self._staged_len == self._reply_size:
+                self._assemble_staged()
+        elif self._assembler is not None:
             self._feed(frame.offset, frame.body)
+        else:
+            self._grant_reply(len(frame.body))
 
     def _feed(self, offset: int, body: memoryview | bytes | bytearray) -> None:
         assembler = self._assembler
         assert assembler is not None
-        if not assembler.feed(offset, body):
+        complete = assembler.feed(offset, body)
+        self._grant_reply(len(body))
+        if not complete:
             return
         self._assembler = None
+        self._holds.take()
         self._decode_reply(assembler.take())
+
+    def _use_reply_credit(self, nbytes: int) -> None:
+        self._reply_allowance -= nbytes
+        if self._reply_allowance < 0:
+            raise RemoteProtocolError(
+                f"{self.name} sent reply bytes on stream {self.sid} beyond the credit granted"
+            )
+
+    def _grant_reply(self, nbytes: int) -> None:
+        """Give reply credit back every credit_step bytes taken in, unless a
+        reply of ours waits for the receive budget."""
+        self._reply_ungranted += nbytes
+        if self._reply_ungranted >= self._credit_step and not self._holds.withholding:
+            if not self.conn.closed.is_set():
+                self.conn.send_control(Credit(self.sid, self._reply_ungranted))
+            self._reply_allowance += self._reply_ungranted
+            self._reply_ungranted = 0
+
+    def _admitted(self) -> None:
+        """The budget let our waiting reply in (or nothing of ours waits any more)."""
+        if self._staged is not None:
+            self._assemble_staged()
+        self._grant_reply(0)
+
+    def _assemble_staged(self) -> None:
+        pieces, self._staged = self._staged or [], None
+        assembler = ObjectAssembler(self._reply_size, max_size=self.conn.options.max_object_size)
+        offset = 0
+        complete = False
+        try:
+            for piece in pieces:
+                complete = assembler.feed(offset, piece)
+                offset += len(piece)
+        except RemoteProtocolError as exc:
+            self._holds.release()
+            self._set_reply(
+                make_reply(ReturnCode.BAD_REQUEST_DATA, {ReservedHeaderKey.ERROR: str(exc)}),
+                last=self._reply_last,
+            )
+            return
+        if complete:
+            self._holds.take()
+            self._decode_reply(assembler.take())
+        else:
+            self._assembler = assembler
+
+    def release(self) -> None:
+        """The stream is over: drop any reply still held in the receive budget."""
+        self._assembler = None
+        self._staged = None
+        self._holds.release()
 
     def _decode_reply(self, raw: RawObject) -> None:
         if len(raw) == _PLAIN_OK_SIZE and raw == _PLAIN_OK_BYTES:
@@ -248,7 +357,8 @@ class TargetLink:
             return make_reply(ReturnCode.BAD_REQUEST_DATA, {ReservedHeaderKey.ERROR: message})
         self._pending_seq = seq
         self._reply = None
-        self._assembler = None
+        if self._assembler is not None or self._staged is not None:
+            self.release()  # an earlier object's reply that never completed
         conn = self.conn
         offset = 0
         written: trio.Event | None = None
@@ -372,6 +482,7 @@ class TargetLink:
             await self.done.wait()
         if self.done_result:
             reply.set_header(END_RESULT, self.done_result)
+            reply.set_header(FLARE_END_RESULT, self.done_result)
 
 
 class StreamSession:
@@ -412,6 +523,10 @@ class StreamSession:
             self._stop_rc = rc
             self._stop_reason = reason
         self.scope.cancel()
+
+    def _stopped(self) -> str | None:
+        """The rc :meth:`stop` set, if it was called (possibly while a callback ran)."""
+        return self._stop_rc
 
     def abort_targets_now(self, rc: str, reason: str) -> list[TargetLink]:
         """Tell every live target at once (for a shutdown that cannot wait for
@@ -459,6 +574,8 @@ class StreamSession:
             unregister()
             with trio.CancelScope(shield=True):
                 await self._close_targets(rc, normal_end)
+            for link in self.links:
+                link.release()
             current_session.reset(session_token)
         if error is not None:
             raise error
@@ -485,6 +602,12 @@ class StreamSession:
             produced = await self.runner(self.producer.produce, self.stream_ctx, self.fl_ctx)
             if signal.triggered:  # produce itself may have fired it
                 return ReturnCode.TASK_ABORTED, None, False
+            stopped = self._stopped()
+            if stopped is not None:
+                # Stopped while produce ran (it may have shut its own site
+                # down without a checkpoint since): no producer callback
+                # runs after a stop.
+                return stopped, None, False
             shareable, timeout = _check_produced(produced)
             if shareable is None:
                 return ReturnCode.OK, None, True
@@ -510,6 +633,9 @@ class StreamSession:
             for name in self.missing:
                 replies[name] = make_reply(ReturnCode.COMMUNICATION_ERROR)
             seq += 1
+            stopped = self._stopped()
+            if stopped is not None:
+                return stopped, None, False
             outcome = await self.runner(
                 self.producer.process_replies, replies, self.stream_ctx, self.fl_ctx
             )
@@ -590,6 +716,7 @@ def _check_produced(produced: Any) -> tuple[Shareable | None, float]:
     shareable, timeout = produced
     if shareable is None:
         return None, 0.0
+    shareable = from_flare(shareable)  # an nvflare Shareable, headers kept
     if not isinstance(shareable, Shareable):
         raise ValueError(f"produce returned {type(shareable).__name__}, not a Shareable")
     if (

@@ -11,15 +11,18 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Final, TypedDict
 
 import trio
 
+from .. import _streamers
 from .._api import ConsumerFactory, ObjectProducer, StreamContextKey
-from .._context import FLContext
+from .._context import FLContext, Signal
 from .._errors import (
     ConnectionLostError,
     FedstreamError,
@@ -27,10 +30,22 @@ from .._errors import (
     SiteClosedError,
     UnknownTargetError,
 )
-from .._shareable import ReturnCode
+from .._flare import adapt_factory, adapt_producer, bridge_abort_signal
+from .._shareable import ReturnCode, Shareable
 from .._tls import TLSConfig, describe_tls_error, proven_names
 from .._transport import Transport, TransportConfig, make_transport, split_url
-from .._wire import DEFAULT_MAX_FRAME_SIZE, Data, Done, ErrorCode, FrameProtocol, GoAway, Hello
+from .._wire import (
+    DEFAULT_MAX_FRAME_SIZE,
+    Data,
+    Done,
+    ErrorCode,
+    FrameProtocol,
+    GoAway,
+    Hello,
+    encode_frame,
+)
+from ._aux import AUX_CHANNEL, AuxEndpoint
+from ._budget import SiteBudget
 from ._callbacks import CallbackRunner, SyncMode, current_session
 from ._connection import Connection, ReceiveHandler, accept_handshake, dial_handshake
 from ._options import (
@@ -39,9 +54,13 @@ from ._options import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_MAX_OBJECT_SIZE,
+    DEFAULT_MAX_PENDING_HANDSHAKES,
+    DEFAULT_MAX_RECEIVE_BUFFER,
     DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
     DEFAULT_MAX_STREAMS_PER_PEER,
+    DEFAULT_MAX_THREADS,
     DEFAULT_PEER_TIMEOUT,
+    DEFAULT_RECEIVE_PROGRESS_TIMEOUT,
     DEFAULT_RECONNECT_MAX_DELAY,
     DEFAULT_RECONNECT_MIN_DELAY,
     DEFAULT_WINDOW,
@@ -59,6 +78,8 @@ __all__ = ["Site", "SiteKeywords", "open_site", "serve_site"]
 logger = logging.getLogger(__name__)
 
 _WILDCARD = "*"
+#: FLARE's ``ReservedKey.ENGINE``: the ``fl_ctx`` property ``get_engine`` reads.
+_ENGINE = "__engine__"
 
 
 def _check_name(name: object) -> str:
@@ -82,7 +103,11 @@ class Site:
         self.name = _check_name(name)
         self.options = options
         self._nursery = nursery
-        self._runner = CallbackRunner(options.sync_callbacks, options.max_threads)
+        self._runner = CallbackRunner(
+            options.sync_callbacks, options.max_threads, grace=options.finalize_timeout
+        )
+        #: Bytes of received objects held for all peers together.
+        self._receive_budget = SiteBudget(options.max_receive_buffer)
         self._registrations: dict[tuple[str, str], Registration] = {}
         self._connections: dict[str, Connection] = {}
         self._reserved: set[str] = set()
@@ -97,13 +122,26 @@ class Site:
         self._mutual: set[Connection] = set()
         #: Links this site dialed and keeps re-dialing, by URL.
         self._dialers: dict[str, _Dialer] = {}
+        #: Incoming connections whose handshake is under way.
+        self._pending_handshakes = 0
+        #: What ``fl_ctx.get_engine()`` returns in this site's callbacks.
+        self._engine: Any = self
+        self._aux = AuxEndpoint(self)
+        self._registrations[(AUX_CHANNEL, _WILDCARD)] = Registration(self._aux.factory)
 
     # ------------------------------------------------------------- state
 
     @property
-    def address(self) -> str | None:
-        """The first URL this site listens on (port 0 resolved), or ``None``."""
-        return self._addresses[0] if self._addresses else None
+    def address(self) -> str:
+        """The first URL this site listens on (port 0 resolved).
+
+        Raises:
+            FedstreamError: the site listens nowhere (it only dials, or
+                ``listen`` has not returned yet).
+        """
+        if not self._addresses:
+            raise FedstreamError(f"site {self.name!r} is not listening anywhere")
+        return self._addresses[0]
 
     @property
     def addresses(self) -> list[str]:
@@ -157,13 +195,21 @@ class Site:
         ``"*"`` matches any channel or topic; an exact match wins over a
         wildcard, and registering the same pair again replaces it.
         ``stream_done_cb(stream_ctx, fl_ctx, **cb_kwargs)`` runs after each
-        session's ``finalize``; ``consumed_cb(stream_ctx, fl_ctx, **cb_kwargs)``
-        after each ``consume``. Either may be ``async``.
+        session's ``finalize``; ``consumed_cb((keep_going, reply), stream_ctx,
+        fl_ctx, **cb_kwargs)`` after each ``consume``, as in FLARE. Either may
+        be ``async``. A factory written against nvflare's base classes (or
+        any object with ``get_consumer``) is accepted.
+
+        Raises:
+            ValueError: ``channel`` is the reserved aux channel.
         """
+        factory = adapt_factory(factory)
         if not isinstance(factory, ConsumerFactory):
             raise TypeError(f"factory must be a ConsumerFactory, not {type(factory).__name__}")
         if not isinstance(channel, str) or not isinstance(topic, str):
             raise TypeError("channel and topic must be strings")
+        if channel == AUX_CHANNEL:
+            raise ValueError(f"channel {AUX_CHANNEL!r} is reserved for aux messages")
         self._registrations[(channel, topic)] = Registration(
             factory, stream_done_cb, consumed_cb, dict(cb_kwargs)
         )
@@ -188,7 +234,9 @@ class Site:
         transport = self._transports.get(scheme)
         if transport is None:
             config = TransportConfig(
-                tls=self.options.tls, handshake_timeout=self.options.handshake_timeout
+                tls=self.options.tls,
+                handshake_timeout=self.options.handshake_timeout,
+                nursery=self._nursery,
             )
             transport = self._transports[scheme] = make_transport(scheme, config)
         return transport
@@ -197,6 +245,7 @@ class Site:
         """Accept connections on ``url``; return the URL actually bound."""
         self._check_open()
         transport = self._transport(url)
+        _rate_limit_accept_errors()
         bound: str = await self._nursery.start(transport.serve, url, self._handle_incoming)
         self._addresses.append(bound)
         logger.info("site %s listening on %s", self.name, bound)
@@ -402,6 +451,30 @@ class Site:
             logger.exception("site %s: error while serving an incoming connection", self.name)
 
     async def _accept(self, stream: trio.abc.Stream) -> None:
+        limit = self.options.max_pending_handshakes
+        if self._pending_handshakes >= limit:
+            # Refused at once rather than queued: a queued connection would
+            # still hold its descriptor, which is what such a flood exhausts.
+            logger.debug("refusing a connection: %d handshakes pending", limit)
+            with trio.move_on_after(1):
+                try:
+                    await stream.send_all(_TOO_MANY_HANDSHAKES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            await trio.aclose_forcefully(stream)
+            return
+        self._pending_handshakes += 1
+        try:
+            accepted = await self._handshake(stream)
+        finally:
+            self._pending_handshakes -= 1
+        if accepted is not None:
+            await self._run_connection(stream, *accepted, False, "")
+
+    async def _handshake(self, stream: trio.abc.Stream) -> tuple[FrameProtocol, Hello, bool] | None:
+        """The acceptor's handshake: the peer's protocol state, its HELLO and
+        whether the link is mutually authenticated, or ``None`` (the stream
+        closed) if it failed."""
         protocol = FrameProtocol(max_frame_size=self.options.max_frame_size)
         reserved: list[str] = []
         proven = proven_names(stream)
@@ -446,10 +519,8 @@ class Site:
                 self._reserved.discard(name)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
-            return
-        await self._run_connection(
-            stream, protocol, hello, self._is_mutual(hello, proven), False, ""
-        )
+            return None
+        return protocol, hello, self._is_mutual(hello, proven)
 
     async def _run_connection(
         self,
@@ -463,7 +534,14 @@ class Site:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         conn = Connection(
-            stream, protocol, hello, local=self.name, dialer=dialer, options=self.options, url=url
+            stream,
+            protocol,
+            hello,
+            local=self.name,
+            dialer=dialer,
+            options=self.options,
+            url=url,
+            site_budget=self._receive_budget,
         )
         conn.on_open = self._open_receiver
         conn.on_lost = self._forget
@@ -523,7 +601,9 @@ class Site:
             runner=self._runner,
             on_finished=self._receiver_finished,
         )
+        self._set_engine(session.fl_ctx)
         conn.nursery.start_soon(self._guard, session.run, conn)
+        logger.info("stream %s/%s from %s started", frame.channel, frame.topic, conn.peer)
         return session
 
     async def _guard(self, fn: Callable[[], Any], conn: Connection) -> None:
@@ -536,6 +616,13 @@ class Site:
             conn.lose("internal error")
 
     def _receiver_finished(self, session: ReceiverSession) -> None:
+        logger.info(
+            "stream %s/%s from %s ended: %s",
+            session.channel,
+            session.topic,
+            session.conn.peer,
+            session.rc,
+        )
         if session.conn.receivers.get(session.sid) is session:
             del session.conn.receivers[session.sid]
         self._notify()
@@ -567,7 +654,25 @@ class Site:
             ValueError: the producer returned something invalid.
             Exception: whatever ``produce`` or ``process_replies`` raised.
         """
+        if channel == AUX_CHANNEL:
+            raise ValueError(f"channel {AUX_CHANNEL!r} is reserved for aux messages")
+        return await self._stream_objects(
+            channel, topic, stream_ctx, targets, producer, fl_ctx, optional, secure
+        )
+
+    async def _stream_objects(
+        self,
+        channel: str,
+        topic: str,
+        stream_ctx: dict[str, Any] | None,
+        targets: Sequence[str],
+        producer: ObjectProducer,
+        fl_ctx: FLContext | None,
+        optional: bool = False,
+        secure: bool = False,
+    ) -> tuple[str, Any]:
         self._check_open()
+        producer = adapt_producer(producer)
         if not isinstance(producer, ObjectProducer):
             raise TypeError(f"producer must be an ObjectProducer, not {type(producer).__name__}")
         if isinstance(targets, str) or not targets:
@@ -583,7 +688,10 @@ class Site:
         if secure:
             self._check_secure([t for t in names if t not in missing])
         stream_ctx = {} if stream_ctx is None else stream_ctx
-        fl_ctx = FLContext(identity_name=self.name) if fl_ctx is None else fl_ctx
+        if fl_ctx is None:
+            fl_ctx = FLContext(identity_name=self.name, engine=self._engine)
+        elif not isinstance(fl_ctx.get_run_abort_signal(), Signal):
+            bridge_abort_signal(fl_ctx)  # an nvflare FLContext's poll-only signal
         stream_ctx[StreamContextKey.CHANNEL] = channel
         stream_ctx[StreamContextKey.TOPIC] = topic
         links = [
@@ -602,9 +710,15 @@ class Site:
             finalize_timeout=self.options.finalize_timeout,
         )
         self._senders.add(session)
+        logger.info("stream %s/%s to %s started", channel, topic, ", ".join(names))
+        rc: str | None = None
         try:
-            return await session.run()
+            rc, result = await session.run()
+            return rc, result
         finally:
+            logger.info(
+                "stream %s/%s to %s ended: %s", channel, topic, ", ".join(names), rc or "raised"
+            )
             for link in links:
                 link.conn.senders.pop(link.sid, None)
             self._senders.discard(session)
@@ -619,6 +733,195 @@ class Site:
                 f"{', '.join(map(repr, exposed))} "
                 f"{'is' if len(exposed) == 1 else 'are'} not on one (see docs/semantics.md)"
             )
+
+    # ------------------------------------------- files and containers
+
+    async def stream_file(
+        self,
+        channel: str,
+        topic: str,
+        targets: Sequence[str],
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        transfer_id: str | None = None,
+        chunk_size: int = _streamers.DEFAULT_FILE_CHUNK,
+        object_timeout: float = _streamers.DEFAULT_OBJECT_TIMEOUT,
+        progress: Callable[[int], Any] | None = None,
+        fl_ctx: FLContext | None = None,
+    ) -> _streamers.FileResult:
+        """Stream one file to sites that run :meth:`register_file_receiver`.
+
+        The receiver checks the SHA-256 of the whole content and only then
+        renames its partial file into place. ``name`` (default: the file's
+        own name) is the relative path the receivers store it under.
+        Restarted with the same ``transfer_id`` after an interruption, the
+        transfer continues from what each receiver already holds (checked
+        against this file's SHA-256 prefix); the default id is random, so a
+        transfer without one starts from zero. ``progress(offset)`` is called
+        after each chunk is acknowledged. Never raises for a failed target:
+        see :class:`FileResult`'s ``rc`` and ``targets``.
+
+        Raises:
+            OSError: the file cannot be read.
+            ValueError: a bad ``name``, ``chunk_size`` or ``timeout``.
+            UnknownTargetError, SiteClosedError: as :meth:`stream_objects`.
+        """
+        return await _streamers.stream_file(
+            self,
+            channel,
+            topic,
+            targets,
+            path,
+            name=name,
+            transfer_id=transfer_id,
+            chunk_size=chunk_size,
+            object_timeout=object_timeout,
+            progress=progress,
+            fl_ctx=fl_ctx,
+        )
+
+    async def stream_directory(
+        self,
+        channel: str,
+        topic: str,
+        targets: Sequence[str],
+        path: str | os.PathLike[str],
+        *,
+        transfer_id: str | None = None,
+        chunk_size: int = _streamers.DEFAULT_FILE_CHUNK,
+        object_timeout: float = _streamers.DEFAULT_OBJECT_TIMEOUT,
+        progress: Callable[[int], Any] | None = None,
+        fl_ctx: FLContext | None = None,
+    ) -> list[_streamers.FileResult]:
+        """Stream every regular file under ``path``, one :meth:`stream_file` each.
+
+        Names are relative paths that start with the directory's own name
+        (``data/a/b.bin``); files go in sorted order. ``progress`` gets the
+        bytes done over all files.
+        """
+        return await _streamers.stream_directory(
+            self,
+            channel,
+            topic,
+            targets,
+            path,
+            transfer_id=transfer_id,
+            chunk_size=chunk_size,
+            object_timeout=object_timeout,
+            progress=progress,
+            fl_ctx=fl_ctx,
+        )
+
+    def register_file_receiver(
+        self,
+        channel: str,
+        topic: str,
+        directory: str | os.PathLike[str],
+        *,
+        on_file: Callable[[_streamers.ReceivedFile], Any] | None = None,
+        name_policy: _streamers.NamePolicy | str = _streamers.NamePolicy.OVERWRITE,
+        on_progress: Callable[[str, str, int, int], Any] | None = None,
+    ) -> None:
+        """Receive file streams into ``directory`` (created if missing).
+
+        Names that would leave ``directory`` (``..``, absolute paths, symbolic
+        links pointing outside) are refused with ``BAD_REQUEST_DATA``.
+        ``on_file(ReceivedFile)`` runs once per stream, however it ended.
+        ``name_policy`` says what happens when the final name exists
+        (:class:`NamePolicy`). ``on_progress(peer, name, received, size)``
+        runs after each chunk is written.
+        """
+        _streamers.register_file_receiver(
+            self,
+            channel,
+            topic,
+            directory,
+            on_file=on_file,
+            name_policy=name_policy,
+            on_progress=on_progress,
+        )
+
+    async def stream_container(
+        self,
+        channel: str,
+        topic: str,
+        targets: Sequence[str],
+        container: dict[Any, Any] | list[Any] | set[Any],
+        *,
+        object_timeout: float = _streamers.DEFAULT_OBJECT_TIMEOUT,
+        fl_ctx: FLContext | None = None,
+    ) -> _streamers.ContainerResult:
+        """Stream a ``dict``, ``list`` or ``set`` one entry per object.
+
+        Keys and values must be CBOR-encodable (see the README); the
+        receivers rebuild the container with :meth:`register_container_receiver`.
+        """
+        return await _streamers.stream_container(
+            self, channel, topic, targets, container, object_timeout=object_timeout, fl_ctx=fl_ctx
+        )
+
+    def register_container_receiver(
+        self,
+        channel: str,
+        topic: str,
+        on_container: Callable[[_streamers.ReceivedContainer], Any],
+        *,
+        max_entries: int = 10_000_000,
+    ) -> None:
+        """Rebuild streamed containers; ``on_container`` runs once per stream.
+
+        It gets the container only when the stream ended ``OK``. A stream
+        with more than ``max_entries`` entries ends with ``BAD_REQUEST_DATA``.
+        """
+        _streamers.register_container_receiver(
+            self, channel, topic, on_container, max_entries=max_entries
+        )
+
+    def _set_engine(self, fl_ctx: FLContext) -> None:
+        if fl_ctx.get_engine() is None:
+            fl_ctx.set_prop(_ENGINE, self._engine, private=True, sticky=False)
+
+    # ---------------------------------------------------------- aux messages
+
+    def register_aux_message_handler(
+        self, topic: str, message_handle_func: Callable[..., Any]
+    ) -> None:
+        """Answer aux requests on ``topic`` with ``message_handle_func``.
+
+        The handler is called as ``message_handle_func(topic, request,
+        fl_ctx)`` (plain or ``async``) and returns the reply Shareable
+        (``None`` means an ``OK`` reply; an exception, an
+        ``EXECUTION_EXCEPTION`` reply). ``fl_ctx.get_peer_context()`` names
+        the requesting site. Topic ``"*"`` catches topics with no handler of
+        their own; a request for an unknown topic gets ``TOPIC_UNKNOWN``.
+        Registering a topic again replaces its handler.
+        """
+        self._aux.register(topic, message_handle_func)
+
+    async def send_aux_request(
+        self,
+        targets: Sequence[str],
+        topic: str,
+        request: Shareable,
+        timeout: float,  # noqa: ASYNC109 - FLARE's signature; a no-progress bound
+        fl_ctx: FLContext | None,
+        optional: bool = False,
+        secure: bool = False,
+    ) -> dict[str, Shareable]:
+        """Send ``request`` to each target's aux handler for ``topic``; return ``{site: reply}``.
+
+        The request travels as a one-object stream on the reserved aux
+        channel, so ``timeout`` is its no-progress timeout and every stream
+        limit applies. A target that failed is answered by a reply with the
+        failure's return code (``TIMEOUT``, ``TOPIC_UNKNOWN``, ...). A
+        ``timeout`` of 0 or less sends in the background and returns ``{}``
+        at once (FLARE's fire-and-forget form).
+
+        Raises:
+            UnknownTargetError, SiteClosedError, FedstreamError: as ``stream_objects``.
+        """
+        return await self._aux.send(targets, topic, request, timeout, fl_ctx, optional, secure)
 
     # ----------------------------------------------------------- shutdown
 
@@ -694,6 +997,7 @@ class SiteKeywords(TypedDict, total=False):
     peer_timeout: float
     handshake_timeout: float
     finalize_timeout: float
+    receive_progress_timeout: float
     sync_callbacks: SyncMode | str
     max_threads: float
     max_streams_per_peer: int
@@ -702,6 +1006,8 @@ class SiteKeywords(TypedDict, total=False):
     reconnect: bool
     reconnect_min_delay: float
     reconnect_max_delay: float
+    max_receive_buffer: int
+    max_pending_handshakes: int
 
 
 @asynccontextmanager
@@ -718,14 +1024,17 @@ async def open_site(
     peer_timeout: float = DEFAULT_PEER_TIMEOUT,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     finalize_timeout: float = DEFAULT_FINALIZE_TIMEOUT,
+    receive_progress_timeout: float = DEFAULT_RECEIVE_PROGRESS_TIMEOUT,
     sync_callbacks: SyncMode | str = SyncMode.THREAD,
-    max_threads: float = math.inf,
+    max_threads: float = DEFAULT_MAX_THREADS,
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
     max_receive_buffer_per_peer: int = DEFAULT_MAX_RECEIVE_BUFFER_PER_PEER,
     tls: TLSConfig | None = None,
     reconnect: bool = True,
     reconnect_min_delay: float = DEFAULT_RECONNECT_MIN_DELAY,
     reconnect_max_delay: float = DEFAULT_RECONNECT_MAX_DELAY,
+    max_receive_buffer: int = DEFAULT_MAX_RECEIVE_BUFFER,
+    max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES,
 ) -> AsyncIterator[Site]:
     """Run a site for the duration of the ``async with`` block.
 
@@ -742,9 +1051,15 @@ async def open_site(
         handshake_timeout: seconds allowed for the HELLO exchange.
         finalize_timeout: bound on each end-of-stream step and on the
             sender's wait for receivers to finalize.
+        receive_progress_timeout: seconds a partly received object may go
+            without a byte of it arriving, while it has credit, before its
+            session ends with ``TIMEOUT`` (default 60), however alive the
+            connection is otherwise.
         sync_callbacks: ``"thread"`` (default) runs plain user callbacks in
             worker threads; ``"inline"`` runs them in the trio task.
-        max_threads: most worker threads used at once for sync callbacks.
+        max_threads: most worker threads used at once for plain callbacks
+            (default 40, trio's own limit; ``math.inf`` for none); a session
+            waiting for a thread holds none, whatever peers open.
         max_streams_per_peer: most receiving sessions one peer may have open
             on this site at once. A stream beyond it is refused with a
             ``SERVICE_UNAVAILABLE`` reply before any consumer is made; the
@@ -768,6 +1083,14 @@ async def open_site(
             doubles after each failed one (each delay jittered down by up
             to half).
         reconnect_max_delay: the longest delay between two re-dials.
+        max_receive_buffer: the same budget for all peers together (default
+            2 GiB; site names cost nothing, so the per-peer budget alone does
+            not bound a site). An object is admitted only when it fits both,
+            or when the site holds nothing else.
+        max_pending_handshakes: incoming connections whose HELLO is not in
+            yet, at once (default 128); each holds a few KiB until then. One
+            more is refused at once (GOAWAY ``NO_ERROR``, "try again") and
+            closed, so a flood of silent connections holds no descriptors.
 
     Resource handling:
         On exit (normal, error or cancellation) the site shuts down as by
@@ -783,6 +1106,7 @@ async def open_site(
         peer_timeout=peer_timeout,
         handshake_timeout=handshake_timeout,
         finalize_timeout=finalize_timeout,
+        receive_progress_timeout=receive_progress_timeout,
         sync_callbacks=SyncMode(sync_callbacks),
         max_threads=max_threads,
         max_streams_per_peer=max_streams_per_peer,
@@ -791,6 +1115,8 @@ async def open_site(
         reconnect=reconnect,
         reconnect_min_delay=reconnect_min_delay,
         reconnect_max_delay=reconnect_max_delay,
+        max_receive_buffer=max_receive_buffer,
+        max_pending_handshakes=max_pending_handshakes,
     )
     _check_name(name)
     error: Exception | None = None
@@ -813,6 +1139,43 @@ async def open_site(
             await site.shutdown_streamer()
     if error is not None:
         raise error
+
+
+_TOO_MANY_HANDSHAKES: Final = encode_frame(
+    GoAway(ErrorCode.NO_ERROR, "too many connections waiting for their HELLO; try again")
+)[0]
+
+#: At most one log record per this many seconds about accept() failing for
+#: lack of resources (trio logs and retries every 0.1 s).
+_ACCEPT_ERROR_LOG_INTERVAL = 10.0
+
+
+class _AcceptErrorFilter(logging.Filter):
+    """Passes one of trio's accept-retry records per interval, without its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = -math.inf
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self._last < _ACCEPT_ERROR_LOG_INTERVAL:
+            self._suppressed += 1
+            return False
+        record.msg = f"{record.msg} ({self._suppressed} more since the last such message)"
+        record.exc_info = None
+        record.exc_text = None
+        self._last = now
+        self._suppressed = 0
+        return True
+
+
+def _rate_limit_accept_errors() -> None:
+    """Rate-limit trio's log of accept() failures such as EMFILE (installed once)."""
+    trio_logger = logging.getLogger("trio.serve_listeners")
+    if not any(isinstance(f, _AcceptErrorFilter) for f in trio_logger.filters):
+        trio_logger.addFilter(_AcceptErrorFilter())
 
 
 async def _run_services(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:

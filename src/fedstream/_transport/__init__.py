@@ -13,10 +13,12 @@ from ._base import (
     make_transport,
     register_transport,
     split_url,
+    transport_schemes,
 )
 from ._memory import MemoryTransport
 from ._tcp import TcpTransport
 from ._tls import TlsTransport
+from ._ws import WebSocketStream, WebSocketTransport
 
 __all__ = [
     "MemoryTransport",
@@ -25,7 +27,10 @@ __all__ = [
     "Transport",
     "TransportConfig",
     "TransportFactory",
+    "WebSocketStream",
+    "WebSocketTransport",
     "make_transport",
     "register_transport",
     "split_url",
+    "transport_schemes",
 ]

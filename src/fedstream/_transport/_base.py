@@ -26,6 +26,7 @@ __all__ = [
     "make_transport",
     "register_transport",
     "split_url",
+    "transport_schemes",
 ]
 
 #: Called with each accepted stream; owns it and must close it.
@@ -38,8 +39,12 @@ class TransportConfig:
 
     #: Certificates for ``tls://``; ``None`` when the site has none.
     tls: TLSConfig | None = None
-    #: Bound on a transport-level handshake (TLS), per connection.
+    #: Bound on a transport-level handshake (TLS, WebSocket upgrade), per connection.
     handshake_timeout: float = 10.0
+    #: Where a transport runs the tasks a dialed stream needs for its whole
+    #: life (a WebSocket's reader): the site's nursery. ``None`` for
+    #: transports made outside a site; those cannot dial ``ws://``.
+    nursery: trio.Nursery | None = None
 
 
 class Transport(ABC):
@@ -86,6 +91,11 @@ def register_transport(scheme: str, factory: TransportFactory) -> None:
     _REGISTRY[scheme] = factory
 
 
+def transport_schemes() -> list[str]:
+    """The URL schemes a site can listen on and dial, sorted."""
+    return sorted(_REGISTRY)
+
+
 def split_url(url: str) -> tuple[str, str, int | None]:
     """Split ``scheme://host:port`` into its parts; raise ``ValueError`` if malformed."""
     parts = urlsplit(url)
@@ -108,6 +118,6 @@ def make_transport(scheme: str, config: TransportConfig) -> Transport:
     try:
         factory = _REGISTRY[scheme]
     except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
+        known = ", ".join(transport_schemes())
         raise ValueError(f"no transport for scheme {scheme!r} (known: {known})") from None
     return factory(config)

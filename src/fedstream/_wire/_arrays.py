@@ -23,6 +23,7 @@ import functools
 import importlib
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from types import ModuleType
@@ -37,6 +38,8 @@ __all__ = [
     "TAG_COLUMN_MAJOR",
     "TAG_NDARRAY",
     "TAG_ROW_MAJOR",
+    "TAG_TENSOR",
+    "TENSOR_DTYPES",
     "TYPED_ARRAY_TAGS",
 ]
 
@@ -47,6 +50,9 @@ TAG_COLUMN_MAJOR: Final = 1040
 #: Tag wrapping ``[dtype, shape, data]`` for NumPy dtypes without an RFC 8746
 #: typed-array tag (private-use tag number).
 TAG_NDARRAY: Final = 0xFED7
+#: Tag wrapping ``[dtype name, array]`` for a torch tensor (private-use tag
+#: number); the array is an RFC 8746 array or :data:`TAG_NDARRAY`.
+TAG_TENSOR: Final = 0xFED8
 #: Most dimensions an array may have (NumPy 1.x supports 32).
 MAX_ARRAY_DIMS: Final = 32
 
@@ -78,6 +84,28 @@ TYPED_ARRAY_TAGS: Final[Mapping[str, int]] = {
     "<f16": 87,
 }
 _TYPED_DTYPES: Final = {tag: dtype for dtype, tag in TYPED_ARRAY_TAGS.items()} | {68: "|u1"}
+
+#: torch dtype name (``str(dtype)`` without ``"torch."``) -> NumPy dtype of
+#: the array that carries its elements (byte order aside). Dtypes NumPy lacks
+#: travel as same-width integers and are viewed back on receipt.
+TENSOR_DTYPES: Final[Mapping[str, str]] = {
+    "float64": "<f8",
+    "float32": "<f4",
+    "float16": "<f2",
+    "bfloat16": "<i2",
+    "float8_e4m3fn": "|u1",
+    "float8_e5m2": "|u1",
+    "complex128": "<c16",
+    "complex64": "<c8",
+    "int64": "<i8",
+    "int32": "<i4",
+    "int16": "<i2",
+    "int8": "|i1",
+    "uint8": "|u1",
+    "bool": "|b1",
+}
+#: The tensor dtypes above that NumPy has no dtype for.
+_NUMPY_LESS_TENSOR_DTYPES: Final = {"bfloat16", "float8_e4m3fn", "float8_e5m2"}
 
 #: ``dtype.str`` values allowed inside :data:`TAG_NDARRAY`: bool, complex,
 #: datetime64/timedelta64 (with an optional unit), fixed-width bytes and
@@ -120,8 +148,33 @@ def _encode_ndarray(np: ModuleType, encoder: cbor2.CBOREncoder, array: Any) -> N
         encoder.encode_semantic(tag, data)
 
 
-def _encode_numpy_other(np: ModuleType, encoder: cbor2.CBOREncoder, value: Any) -> None:
-    """``default`` hook: NumPy scalars and ``ndarray`` subclasses.
+def _encode_tensor(torch: ModuleType, encoder: cbor2.CBOREncoder, tensor: Any) -> None:
+    """Encode a CPU torch tensor as :data:`TAG_TENSOR` around a NumPy array of its elements.
+
+    A contiguous tensor's elements are a view of its own memory, so large
+    ones go out of band without a copy. Gradients are not sent.
+    """
+    name = str(tensor.dtype).removeprefix("torch.")
+    storage = TENSOR_DTYPES.get(name)
+    if storage is None:
+        raise TypeError(f"torch dtype {tensor.dtype} has no wire form")
+    if tensor.device.type != "cpu":
+        raise TypeError(f"a tensor on {tensor.device} cannot be sent; move it to the CPU first")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"a {tensor.layout} tensor cannot be sent; make it dense first")
+    flat = tensor.detach().resolve_conj().resolve_neg().contiguous()
+    if name in _NUMPY_LESS_TENSOR_DTYPES:
+        flat = flat.view(torch.int16 if storage == "<i2" else torch.uint8)
+    encoder.encode_length(6, TAG_TENSOR)
+    encoder.encode_length(4, 2)
+    encoder.encode_string(name)
+    _encode_ndarray(importlib.import_module("numpy"), encoder, flat.numpy())
+
+
+def _encode_numpy_other(
+    np: ModuleType | None, torch: ModuleType | None, encoder: cbor2.CBOREncoder, value: Any
+) -> None:
+    """``default`` hook: NumPy scalars, ``ndarray`` subclasses and tensor subclasses.
 
     A scalar whose value a Python ``bool``, ``int``, ``float`` or ``complex``
     holds exactly travels as that value; any other scalar (datetime64,
@@ -129,6 +182,11 @@ def _encode_numpy_other(np: ModuleType, encoder: cbor2.CBOREncoder, value: Any) 
     subclass Python types and never get here: cbor2 encodes them as float and
     text; ``bytes_`` goes to the ``bytes`` encoder.)
     """
+    if torch is not None and isinstance(value, torch.Tensor):  # nn.Parameter and the like
+        _encode_tensor(torch, encoder, value)
+        return
+    if np is None:
+        raise TypeError(f"cannot encode type {type(value)}")
     if isinstance(value, np.ndarray):
         if isinstance(value, np.ma.MaskedArray):
             raise TypeError("masked arrays cannot be sent (the mask would be lost)")
@@ -303,6 +361,51 @@ def _multi_dimensional(order: str, value: Any, immutable: bool) -> Any:
     return _array_decoding.get().multi_dimensional(order, value)
 
 
+_torch_missing = False
+
+
+def _torch() -> ModuleType | None:
+    """torch if it is installed (imported on first use), else ``None``."""
+    global _torch_missing
+    module = sys.modules.get("torch")
+    if module is not None or _torch_missing:
+        return module
+    try:
+        return importlib.import_module("torch")
+    except ImportError:
+        _torch_missing = True
+        return None
+
+
+def _tensor_hook(value: Any, immutable: bool) -> Any:
+    """A :data:`TAG_TENSOR`: a torch tensor sharing the decoded array's memory.
+
+    Without torch on this site, the NumPy array itself (for dtypes NumPy has).
+    """
+    if type(value) not in (list, tuple) or len(value) != 2:
+        raise RemoteProtocolError("a tensor tag must hold [dtype, array]")
+    name, array = value
+    storage = TENSOR_DTYPES.get(name) if type(name) is str else None
+    if storage is None:
+        raise RemoteProtocolError(f"unsupported tensor dtype {name!r:.40}")
+    np = _numpy()
+    if not isinstance(array, np.ndarray) or array.dtype.str[1:] != storage[1:]:
+        raise RemoteProtocolError(f"a {name} tensor must hold a {storage[1:]} array")
+    torch = _torch()
+    if torch is None:
+        if name in _NUMPY_LESS_TENSOR_DTYPES:
+            raise RemoteProtocolError(f"the object holds a {name} tensor; install torch here")
+        return array
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if not array.flags.writeable:
+        array = array.copy()
+    tensor = torch.from_numpy(array)
+    if name in _NUMPY_LESS_TENSOR_DTYPES:
+        tensor = tensor.view(getattr(torch, name))
+    return tensor
+
+
 #: Array hooks, built once; each call's state is in ``_array_decoding``.
 _ARRAY_DECODERS: Final[Mapping[int, Any]] = {
     **{
@@ -311,4 +414,5 @@ _ARRAY_DECODERS: Final[Mapping[int, Any]] = {
     },
     TAG_ROW_MAJOR: functools.partial(_multi_dimensional, "C"),
     TAG_COLUMN_MAJOR: functools.partial(_multi_dimensional, "F"),
+    TAG_TENSOR: _tensor_hook,
 }

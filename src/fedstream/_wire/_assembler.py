@@ -21,7 +21,7 @@ import cbor2
 
 from .._errors import LocalProtocolError, ObjectTooLargeError, RemoteProtocolError
 from . import _inplace
-from ._arrays import _TYPED_DTYPES, TAG_COLUMN_MAJOR, TAG_NDARRAY, TAG_ROW_MAJOR
+from ._arrays import _TYPED_DTYPES, TAG_COLUMN_MAJOR, TAG_NDARRAY, TAG_ROW_MAJOR, TAG_TENSOR
 from ._payload import (
     _LEN,
     _REJECTED_TAGS,
@@ -86,6 +86,7 @@ def _scan_buffers(fp: io.BytesIO, count: int) -> list[bool]:
         TAG_ROW_MAJOR: _ignore,
         TAG_COLUMN_MAJOR: _ignore,
         TAG_SHAREABLE: _ignore,
+        TAG_TENSOR: _ignore,
         TAG_BUFFER: scan.buffer,
     }
     _decoder(fp, hooks).decode()

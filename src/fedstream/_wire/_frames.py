@@ -39,8 +39,12 @@ __all__ = [
     "Reply",
 ]
 
-#: The wire protocol version this implementation speaks.
-PROTOCOL_VERSION: Final = 1
+#: The wire protocol version this implementation speaks (2: replies are
+#: flow-controlled like objects; version 1 peers are refused).
+PROTOCOL_VERSION: Final = 2
+#: A REPLY whose encoded reply is at most this long and travels whole in that
+#: one frame uses no reply credit (acknowledgements, error replies).
+FREE_REPLY_MAX: Final = 4096
 
 Body = bytes | bytearray | memoryview
 
@@ -223,11 +227,20 @@ class End(Frame):
     count: int
 
 
+#: The return codes an ABORT from a stream's opener may carry: why a sender
+#: gives up on a stream. Anything else is a protocol error. (An ABORT from the
+#: receiving side carries the rc its consumer ended the session with.)
+OPENER_ABORT_RCS: Final = frozenset(
+    {"TASK_ABORTED", "TIMEOUT", "EXECUTION_EXCEPTION", "BAD_REQUEST_DATA", "SERVICE_UNAVAILABLE"}
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Abort(Frame):
     """Either side ended the stream abnormally (distinct from END).
 
-    ``rc`` is a ReturnCode string, ``by`` the site that aborted.
+    ``rc`` is a ReturnCode string (from the opener, one of
+    :data:`OPENER_ABORT_RCS`), ``by`` the site that aborted.
     """
 
     TYPE: ClassVar[FrameType] = FrameType.ABORT

@@ -43,12 +43,15 @@ from ._arrays import (
     TAG_COLUMN_MAJOR,
     TAG_NDARRAY,
     TAG_ROW_MAJOR,
+    TAG_TENSOR,
+    TENSOR_DTYPES,
     TYPED_ARRAY_TAGS,
     _array_decoding,
     _ArrayDecoding,
     _BufferView,
     _encode_ndarray,
     _encode_numpy_other,
+    _encode_tensor,
 )
 
 __all__ = [
@@ -59,6 +62,8 @@ __all__ = [
     "TAG_NDARRAY",
     "TAG_ROW_MAJOR",
     "TAG_SHAREABLE",
+    "TAG_TENSOR",
+    "TENSOR_DTYPES",
     "TYPED_ARRAY_TAGS",
     "EncodedObject",
     "RawObject",
@@ -199,13 +204,22 @@ def _encode_value(obj: Mapping[str, Any]) -> tuple[bytes, list[memoryview]]:
         dict: encode_map,
         cbor2.CBORTag: encode_tag,
     }
+    # cbor2 matches a subclass to the first base in its table, and dict comes
+    # first there: name Shareable's subclasses (nvflare's mix-in among them).
+    for sub in _subclasses(Shareable):
+        encoders[sub] = encode_shareable
     default: Callable[[cbor2.CBOREncoder, Any], None] | None = None
-    # No array can be in the object unless the caller has imported NumPy.
+    # No tensor can be in the object unless the caller has imported torch,
+    # and no array unless NumPy (which a tensor's conversion needs).
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        encoders[torch.Tensor] = functools.partial(_encode_tensor, torch)
+        default = functools.partial(_encode_numpy_other, None, torch)
     np = sys.modules.get("numpy")
     if np is not None:
         encoders[np.ndarray] = functools.partial(_encode_ndarray, np)
         encoders[np.bytes_] = encode_bytes
-        default = functools.partial(_encode_numpy_other, np)
+        default = functools.partial(_encode_numpy_other, np, torch)
     value = cbor2.dumps(dict(obj), encoders=encoders, default=default)
     _decode_value(io.BytesIO(value), len(value), buffers, check_only=True)
     return value, buffers
@@ -226,6 +240,16 @@ def _refusal(obj: Mapping[str, Any]) -> Exception | None:
     except Exception as exc:
         return exc
     return None
+
+
+def _subclasses(cls: type) -> list[type]:
+    found: list[type] = []
+    pending: list[type] = cls.__subclasses__()
+    while pending:
+        sub = pending.pop()
+        found.append(sub)
+        pending.extend(sub.__subclasses__())
+    return found
 
 
 def _items(value: Any) -> list[tuple[Any, Any]] | None:

@@ -70,8 +70,11 @@ _U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
 MAX_HEAD_DEPTH: Final = 32
 
 _LEN = struct.Struct(">I")
-#: Initial size of the receive buffer, and the default receive size.
+#: Working size of the receive buffer, and the default receive size.
 _STAGE_SIZE: Final = 256 * 1024
+#: Initial size of the receive buffer: a connection whose HELLO is not in yet
+#: holds no more than this plus what the peer really sent (get_buffer grows it).
+_HANDSHAKE_STAGE_SIZE: Final = 4 * 1024
 #: Bodies at least this large may be received straight into a body target.
 _SINK_MIN: Final = 64 * 1024
 #: Staged bytes needed before a head is parsed early, and the most looked at.
@@ -474,7 +477,7 @@ class FrameProtocol:
         self.max_frame_size = max_frame_size
         # Received bytes not yet returned as frames live in _buf[_pos:_end];
         # _buf[_end:] is free room that get_buffer() hands out.
-        self._buf = bytearray(_STAGE_SIZE)
+        self._buf = bytearray(_HANDSHAKE_STAGE_SIZE)
         self._pos = 0
         self._end = 0
         # A frame whose body is being received straight into a caller's buffer.
