@@ -226,3 +226,16 @@ def test_a_listener_host_is_not_put_in_every_site_certificate(tmp_path: Path) ->
     cert = x509.load_pem_x509_certificate((tmp_path / "site-1.crt").read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "hub.example.org" not in sans.get_values_for_type(x509.DNSName)
+
+
+@pytest.mark.xfail(strict=True, reason="duplicate --to is found per file, after connecting")
+def test_cli_duplicate_to_is_a_usage_error(tmp_path: Path) -> None:
+    afile = tmp_path / "a.bin"
+    afile.write_bytes(b"x")
+    result = run_cli(
+        "send", "a", str(afile), "--connect", "tcp://127.0.0.1:9",
+        "--to", "rx", "--to", "rx", "--wait", "0.2",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
