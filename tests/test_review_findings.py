@@ -239,3 +239,14 @@ def test_cli_duplicate_to_is_a_usage_error(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
+
+@pytest.mark.xfail(strict=True, reason="an empty directory yields no record: exit 1, no message")
+def test_cli_send_of_an_empty_directory_says_what_happened(tmp_path: Path) -> None:
+    """Today: exit status 1, nothing on stderr, ``"files": []`` in the JSON."""
+    from test_cli_processes import run_send, serving
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with serving(tmp_path / "out") as (_server, url):
+        status, summary, stderr = run_send(url, empty)
+    assert status == 0 or str(empty) in stderr + str(summary), (status, summary, stderr)
