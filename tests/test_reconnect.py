@@ -5,6 +5,7 @@ Real loopback sockets (``tcp://`` and ``tls://``), short backoff bounds.
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -205,6 +206,8 @@ def _hold_second(hold: trio.Event) -> Any:
     [
         ({"reconnect_min_delay": 0}, ValueError),
         ({"reconnect_min_delay": 2.0, "reconnect_max_delay": 1.0}, ValueError),
+        ({"reconnect_min_delay": math.inf, "reconnect_max_delay": math.inf}, ValueError),
+        ({"reconnect_max_delay": math.inf}, ValueError),
         ({"tls": "site.crt"}, TypeError),
     ],
 )
