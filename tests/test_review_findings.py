@@ -58,25 +58,6 @@ def test_cli_tls_misconfiguration_is_one_line_exit_2(case: str, tmp_path: Path) 
     assert result.returncode == 2
 
 
-@pytest.mark.xfail(strict=True, reason="per-file transfer id f'{tid}/{rel}' exceeds 256 chars")
-async def test_directory_with_a_deep_relative_path_is_sent(tmp_path: Path) -> None:
-    """A 260-character relative path is ordinary (each component < 255, no PATH_MAX issue),
-    but ``stream_directory`` makes the per-file transfer id ``f"{tid}/{rel}"``, and the
-    receiver refuses transfer ids longer than 256 characters."""
-    tree = tmp_path / "data"
-    deep = tree / ("d" * 120) / ("e" * 120)
-    deep.mkdir(parents=True)
-    (deep / "f.bin").write_bytes(b"payload")
-    out = tmp_path / "out"
-    with trio.fail_after(20):
-        async with fedstream.open_site("rx", listen="tcp://127.0.0.1:0") as rx:
-            rx.register_file_receiver("files", "*", out)
-            async with fedstream.open_site("tx", connect=[rx.address]) as tx:
-                results = await tx.stream_directory("files", "up", ["rx"], tree)
-    assert [r.targets for r in results] == [{"rx": "OK"}]
-    assert (out / "data" / ("d" * 120) / ("e" * 120) / "f.bin").read_bytes() == b"payload"
-
-
 @pytest.mark.xfail(strict=True, reason="connect() cancels the re-dialer, then gives up if it fails")
 async def test_a_failed_connect_on_a_url_being_redialed_keeps_it_redialed() -> None:
     """``connect(url)`` for a URL waiting to be re-dialed "dials at once instead"

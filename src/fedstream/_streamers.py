@@ -362,6 +362,13 @@ def iter_directory(root: Path) -> Iterator[tuple[Path, str]]:
                 yield full, posixpath.join(root.name, rel)
 
 
+def _file_tid(tid: str, rel: str) -> str:
+    """A file's transfer id within a directory transfer: derived from both, so the
+    same transfer resumes, and of bounded length however deep the path (the
+    receiver takes at most 256 characters)."""
+    return hashlib.sha256(f"{tid}\0{rel}".encode()).hexdigest()
+
+
 async def stream_directory(
     site: Site,
     channel: str,
@@ -396,7 +403,7 @@ async def stream_directory(
             targets,
             file,
             name=rel,
-            transfer_id=f"{tid}/{rel}",
+            transfer_id=_file_tid(tid, rel),
             chunk_size=chunk_size,
             object_timeout=object_timeout,
             progress=step,
