@@ -8,6 +8,7 @@ the listener goes on serving a legitimate peer.
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 from pathlib import Path
@@ -334,4 +335,40 @@ async def test_a_listener_that_never_answers_the_tls_handshake_times_out() -> No
                 with pytest.raises(fedstream.ConnectionLostError, match="within handshake_timeout"):
                     await site1.connect(f"tls://127.0.0.1:{port}")
                 assert trio.current_time() - start < 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_tls_dial_that_times_out_closes_its_socket() -> None:
+    """``_dial`` wraps ``transport.connect`` in ``fail_after(handshake_timeout)``; that
+    deadline falls before ``TlsTransport._handshake``'s own ``move_on_after`` (started
+    later), so the cancellation escapes ``_handshake`` without ``aclose_forcefully``.
+    The socket then stays open until the garbage collector finds it (a re-dial loop
+    against a silent listener piles up descriptors; ``ResourceWarning: unclosed socket``)."""
+    accepted: list[trio.SocketStream] = []
+
+    async def silent(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        await trio.sleep_forever()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, silent, 0, host="127.0.0.1")
+            )
+            port = listeners[0].socket.getsockname()[1]
+            tls = deployment().config("a")
+            async with fedstream.open_site("a", tls=tls, handshake_timeout=0.3) as a:
+                try:
+                    await a.connect(f"tls://127.0.0.1:{port}")
+                except fedstream.ConnectionLostError:
+                    pass
+                else:
+                    raise AssertionError("a silent listener cannot complete a TLS handshake")
+                assert len(accepted) == 1
+                closed = False
+                with trio.move_on_after(1):
+                    while await accepted[0].receive_some():  # the ClientHello, then EOF
+                        pass
+                    closed = True
+                assert closed, "the dialer's socket is still open after its dial failed"
             nursery.cancel_scope.cancel()

@@ -39,7 +39,11 @@ class TlsTransport(TcpTransport):
         _, host, _ = split_url(url)
         stream = await super().connect(url)
         ssl_stream = trio.SSLStream(stream, self._client_context, server_hostname=host)
-        await self._handshake(ssl_stream, f"with {url}", HandshakeError)
+        try:
+            await self._handshake(ssl_stream, f"with {url}", HandshakeError)
+        except BaseException:  # the caller's deadline included: never leak the socket
+            await trio.aclose_forcefully(ssl_stream)
+            raise
         return ssl_stream
 
     async def _handshake(
