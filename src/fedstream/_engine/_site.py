@@ -240,7 +240,8 @@ class Site:
         jittered exponential backoff between ``reconnect_min_delay`` and
         ``reconnect_max_delay``, whenever that link is lost, until the site
         shuts down. Calling ``connect`` for a URL that is waiting to be
-        re-dialed dials it at once instead.
+        re-dialed dials it at once instead; if that dial fails, the URL
+        goes on being re-dialed.
 
         Raises:
             ConnectionLostError: the address cannot be reached.
@@ -253,7 +254,13 @@ class Site:
         if waiting is not None and not waiting.connected:
             waiting.scope.cancel()
             del self._dialers[url]
-        link = await self._dial(url)
+        try:
+            link = await self._dial(url)
+        except (ConnectionLostError, HandshakeError):
+            if waiting is not None and not waiting.connected:
+                # The re-dialer we cancelled for this one dial takes over again.
+                self._nursery.start_soon(self._keep_dialing, url, None)
+            raise
         if self.options.reconnect:
             await self._nursery.start(self._keep_dialing, url, link)
         else:
@@ -320,11 +327,13 @@ class Site:
     async def _keep_dialing(
         self,
         url: str,
-        link: tuple[trio.abc.Stream, FrameProtocol, Hello, bool],
+        link: tuple[trio.abc.Stream, FrameProtocol, Hello, bool] | None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run the link to ``url``; each time it is lost, dial again until it is back.
+
+        With ``link=None`` the link is down already, and re-dialing starts at once.
 
         The backoff starts again from ``reconnect_min_delay`` only after a
         link that lasted ``reconnect_max_delay``: a link that keeps dropping
@@ -337,19 +346,21 @@ class Site:
         try:
             with dialer.scope:
                 while True:
+                    if link is None:
+                        try:
+                            link, delay = await self._redial(url, delay)
+                        except SiteClosedError:  # shutting down, before our task is cancelled
+                            return
                     dialer.connected = True
                     started = trio.current_time()
                     await self._run_connection(*link, True, url, task_status=task_status)
                     task_status = trio.TASK_STATUS_IGNORED
+                    link = None
                     dialer.connected = False
                     if self._closing:
                         return
                     if trio.current_time() - started >= self.options.reconnect_max_delay:
                         delay = self.options.reconnect_min_delay
-                    try:
-                        link, delay = await self._redial(url, delay)
-                    except SiteClosedError:  # shutting down, before our task is cancelled
-                        return
         finally:
             if self._dialers.get(url) is dialer:
                 del self._dialers[url]
