@@ -57,27 +57,6 @@ def test_cli_tls_misconfiguration_is_one_line_exit_2(case: str, tmp_path: Path) 
     assert result.returncode == 2
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a plain-TCP claim of a certified name locks the certified site out"
-)
-async def test_an_uncertified_claim_does_not_lock_out_the_certified_site() -> None:
-    """Issue 11's attack, on a site that has mutual TLS but also listens on tcp://
-    (nothing warns against that): an impostor claims "site-1" over plain TCP first; the
-    real site-1, proving its name with a certificate, is then refused DUPLICATE_SITE and
-    non-secure streams to "site-1" go to the impostor."""
-    d = deployment()
-    with trio.fail_after(15):
-        async with (
-            fedstream.open_site(
-                "server", listen=["tls://127.0.0.1:0", "tcp://127.0.0.1:0"], tls=d.config("server")
-            ) as server,
-            fedstream.open_site("site-1", connect=[server.addresses[1]], reconnect=False),
-            fedstream.open_site("site-1", tls=d.config("site-1"), reconnect=False) as real,
-        ):
-            await server.wait_for_peers(["site-1"])
-            assert await real.connect(server.addresses[0]) == "server"
-
-
 @pytest.mark.xfail(strict=True, reason="--chunk has no upper bound; checked only by the receiver")
 def test_cli_chunk_larger_than_any_receiver_accepts_is_a_usage_error(tmp_path: Path) -> None:
     """``--chunk 64GiB`` is above the default ``max_object_size`` (16 GiB) of every

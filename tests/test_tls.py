@@ -372,3 +372,23 @@ async def test_a_tls_dial_that_times_out_closes_its_socket() -> None:
                     closed = True
                 assert closed, "the dialer's socket is still open after its dial failed"
             nursery.cancel_scope.cancel()
+
+
+async def test_an_uncertified_claim_does_not_lock_out_the_certified_site() -> None:
+    """Issue 11's attack, on a site that has mutual TLS but also listens on tcp://
+    (nothing warns against that): an impostor claims "site-1" over plain TCP first; the
+    real site-1, proving its name with a certificate, is then refused DUPLICATE_SITE and
+    non-secure streams to "site-1" go to the impostor."""
+    d = deployment()
+    with trio.fail_after(15):
+        async with (
+            fedstream.open_site(
+                "server", listen=["tls://127.0.0.1:0", "tcp://127.0.0.1:0"], tls=d.config("server")
+            ) as server,
+            fedstream.open_site("site-1", connect=[server.addresses[1]], reconnect=False),
+            fedstream.open_site("site-1", tls=d.config("site-1"), reconnect=False) as real,
+        ):
+            await server.wait_for_peers(["site-1"])
+            assert await real.connect(server.addresses[0]) == "server"
+            assert server.peers == ["site-1"]
+            assert server._connections["site-1"] in server._mutual

@@ -474,23 +474,29 @@ class Site:
 
         def decide(hello: Hello) -> Hello | GoAway:
             old = self._connections.get(hello.site)
-            if (
-                old is not None
-                and not old.dialer
-                and old in self._mutual
-                and self._is_mutual(hello, proven)
-            ):
-                # The same certified site dials us again: it restarted or
-                # lost the link, and the old one is dead or about to be.
-                # Whoever holds the key is that site, so the new link wins at
-                # once. (Links we dialed are not replaced: two sites dialing
-                # each other would take turns forever.)
+            if old is not None and old in self._mutual:
+                if not old.dialer and self._is_mutual(hello, proven):
+                    # The same certified site dials us again: it restarted or
+                    # lost the link, and the old one is dead or about to be.
+                    # Whoever holds the key is that site, so the new link wins at
+                    # once. (Links we dialed are not replaced: two sites dialing
+                    # each other would take turns forever.)
+                    logger.warning(
+                        "site %s: %r connected again with its certificate; dropping its old link",
+                        self.name,
+                        hello.site,
+                    )
+                    old.lose(f"replaced by a new link from {hello.site!r}")
+            elif old is not None and self._is_mutual(hello, proven):
+                # A name proven by a certificate beats the same name merely
+                # claimed (plain TCP, or TLS without a client certificate).
                 logger.warning(
-                    "site %s: %r connected again with its certificate; dropping its old link",
+                    "site %s: %r proved its name with a certificate; dropping the link "
+                    "that claimed it without one",
                     self.name,
                     hello.site,
                 )
-                old.lose(f"replaced by a new link from {hello.site!r}")
+                old.lose(f"replaced by a link from {hello.site!r} proven by its certificate")
             problem, code = self._name_problem(hello.site, proven)
             if problem:
                 logger.warning("refusing connection: %s", problem)
