@@ -239,6 +239,8 @@ async def test_plain_tcp_and_tls_do_not_mix(caplog: pytest.LogCaptureFixture) ->
             assert plain.peers == []
             await still_serves(server, recorder, "after")
     assert "does not speak TLS" in caplog.text
+    # The plain listener names the likely cause (a ClientHello is no HELLO).
+    assert "a TLS client dialing a plain listener?" in caplog.text
     assert [key for key in recorder.sessions if key[1] != "after"] == []
 
 

@@ -27,6 +27,7 @@ from .._errors import (
     ConnectionLostError,
     FedstreamError,
     HandshakeError,
+    RemoteProtocolError,
     SiteClosedError,
     UnknownTargetError,
 )
@@ -306,7 +307,7 @@ class Site:
                             f"{describe_tls_error(broke)}"
                         ) from exc
                     raise
-                if "GOAWAY" in str(exc) or "refused" in str(exc):
+                if exc.code is not None:  # the peer answered with a refusal
                     raise
                 raise HandshakeError(
                     f"{exc} (if {url} listens with TLS, dial it as tls://)"
@@ -316,7 +317,7 @@ class Site:
                 problem = f"{url}: {problem}"
                 with trio.move_on_after(1):
                     await stream.send_all(protocol.send(GoAway(code, problem)))
-                raise HandshakeError(problem)
+                raise HandshakeError(problem, code=code)
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
@@ -511,7 +512,9 @@ class Site:
             )
         except HandshakeError as exc:
             hint = ""
-            if not isinstance(stream, trio.SSLStream) and "invalid handshake" in str(exc):
+            if not isinstance(stream, trio.SSLStream) and isinstance(
+                exc.__cause__, RemoteProtocolError
+            ):
                 hint = " (not a fedstream peer, or a TLS client dialing a plain listener?)"
             logger.warning("incoming handshake failed on %s: %s%s", self.name, exc, hint)
             for name in reserved:
