@@ -103,27 +103,6 @@ async def test_max_pending_handshakes_also_bounds_silent_tls_clients() -> None:
     assert closed.count(True) >= 6, closed
 
 
-@pytest.mark.xfail(strict=True, reason="a bare --host goes into every certificate of the run")
-def test_a_listener_host_is_not_put_in_every_site_certificate(tmp_path: Path) -> None:
-    """``fedstream provision certs server site-1 site-2 --host hub.example.org`` (the
-    form the provision epilog shows) gives site-1 and site-2 certificates that pass
-    hostname verification for hub.example.org: any site can then stand in for the hub's
-    endpoint to the others (and may claim the site name "hub.example.org"). A bare
-    ``--host`` should need exactly one NAME, or ``NAME=HOST``."""
-    pytest.importorskip("cryptography")
-    from cryptography import x509
-
-    from fedstream._provision import provision
-
-    try:
-        provision(tmp_path, ["server", "site-1"], hosts=["hub.example.org"])
-    except ValueError:
-        return  # refused: the operator must say which site listens there
-    cert = x509.load_pem_x509_certificate((tmp_path / "site-1.crt").read_bytes())
-    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert "hub.example.org" not in sans.get_values_for_type(x509.DNSName)
-
-
 @pytest.mark.xfail(strict=True, reason="duplicate --to is found per file, after connecting")
 def test_cli_duplicate_to_is_a_usage_error(tmp_path: Path) -> None:
     afile = tmp_path / "a.bin"
