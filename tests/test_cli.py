@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fedstream._cli import parse_size
+from tls_certs import deployment
 
 NOWHERE = "tcp://127.0.0.1:9"
 
@@ -140,3 +141,38 @@ def test_bench_after_log_options(args: list[str]) -> None:
     result = run(*args)
     assert result.returncode == 0, result.stderr
     assert "--quick" in result.stdout
+
+
+def _tls_cases() -> dict[str, list[str]]:
+    d = deployment()
+    hub_crt, _ = d.files("hub")
+    _, a_key = d.files("a")
+    return {
+        "serve tls:// without --cert": ["serve", "hub", "--listen", "tls://127.0.0.1:0"],
+        "send tls:// without --cert": [
+            "send", "a", "{file}", "--connect", "tls://127.0.0.1:9", "--to", "hub",
+        ],
+        "serve with a key that does not match --cert": [
+            "serve", "hub", "--listen", "tls://127.0.0.1:0",
+            "--cert", str(hub_crt), "--key", str(a_key), "--ca", str(d.ca_path),
+        ],
+        "send with a key that does not match --cert": [
+            "send", "a", "{file}", "--connect", "tls://127.0.0.1:9", "--to", "hub",
+            "--cert", str(hub_crt), "--key", str(a_key), "--ca", str(d.ca_path),
+        ],
+        "serve with a CA file that is no certificate": [
+            "serve", "hub", "--listen", "tls://127.0.0.1:0",
+            "--cert", str(hub_crt), "--key", str(d.files("hub")[1]), "--ca", str(a_key),
+        ],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(_tls_cases()))
+def test_tls_misconfiguration_is_a_usage_error(case: str, afile: str, tmp_path: Path) -> None:
+    """Checked before anything listens or dials (a serve that got past it would not exit)."""
+    args = [a.replace("{file}", afile) for a in _tls_cases()[case]]
+    result = run(*args, cwd=tmp_path)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "error:" in result.stderr
+    assert result.returncode == 2

@@ -190,10 +190,10 @@ def test_cli_provision_then_serve_and_send_over_mutual_tls(tmp_path: Path) -> No
         assert "OK" in sent.stdout
         _read_line(server, r"weights.bin from site-1: OK", 20)
         assert (out / "weights.bin").read_bytes() == payload.read_bytes()
-        # Without certificates, the same send is refused.
+        # Without certificates, the same send is a usage error, before dialing.
         plain = run("send", "site-1", str(payload), "--connect", url, "--to", "server")
-        assert plain.returncode == 1
-        assert "tls:// needs certificates" in plain.stderr
+        assert plain.returncode == 2
+        assert "needs --cert and --key" in plain.stderr
     finally:
         server.kill()
         server.wait(timeout=10)

@@ -655,6 +655,25 @@ def _check_files(parser: argparse.ArgumentParser, files: list[str]) -> None:
         parser.error("; ".join(problems))
 
 
+def _check_tls(args: argparse.Namespace) -> None:
+    """A ``tls://`` URL needs ``--cert``/``--key``, and the certificate must load
+    with its key: checked here, so a misconfiguration is a usage error before
+    anything listens or dials.
+
+    Raises:
+        ValueError: a tls:// URL without ``--cert``, or a certificate that
+            does not go with its key.
+        OSError: a file cannot be read (``ssl.SSLError`` for a bad CA file).
+    """
+    urls = [*getattr(args, "listen", []), *args.connect]
+    tls_urls = [url for url in urls if split_url(url)[0] == "tls"]
+    if tls_urls and args.tls is None:
+        raise ValueError(f"{tls_urls[0]} needs --cert and --key (and --ca for mutual TLS)")
+    if args.tls is not None:
+        args.tls.server_context()
+        args.tls.client_context()
+
+
 # ------------------------------------------------------------------- main
 
 _DESCRIPTION = """\
@@ -885,6 +904,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("serve", "send"):
         try:
             args.tls = tls_from_args(args)
+            _check_tls(args)
         except (ValueError, OSError) as exc:
             parser.commands[args.command].error(str(exc))
     if args.command == "send":
