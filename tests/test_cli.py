@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fedstream._cli import parse_size
+from fedstream._cli import DEFAULT_SERVE_MAX_OBJECT_SIZE, MAX_CHUNK, _parser, parse_size
 from tls_certs import deployment
 
 NOWHERE = "tcp://127.0.0.1:9"
@@ -49,6 +49,10 @@ BAD = {
     "timeout nan": ["send", "tx", "{file}", "--connect", NOWHERE, "--to", "rx", "--timeout", "nan"],
     "chunk 0": ["send", "tx", "{file}", "--connect", NOWHERE, "--to", "rx", "--chunk", "0"],
     "chunk junk": ["send", "tx", "{file}", "--connect", NOWHERE, "--to", "rx", "--chunk", "lots"],
+    # above every receiver's default max object size, and held in memory whole
+    "chunk 64GiB": ["send", "tx", "{file}", "--connect", NOWHERE, "--to", "rx", "--chunk", "64GiB"],
+    "chunk 65MiB": ["send", "tx", "{file}", "--connect", NOWHERE, "--to", "rx", "--chunk", "65MiB"],
+    "serve max-object-size 0": ["serve", "rx", "--listen", "tcp://:0", "--max-object-size", "0"],
     "wait 0": ["send", "tx", "{file}", "--connect", NOWHERE, "--to", "rx", "--wait", "0"],
     "missing file": ["send", "tx", "{file}", "nope.bin", "--connect", NOWHERE, "--to", "rx"],
     "no --to": ["send", "tx", "{file}", "--connect", NOWHERE],
@@ -176,3 +180,15 @@ def test_tls_misconfiguration_is_a_usage_error(case: str, afile: str, tmp_path: 
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "error:" in result.stderr
     assert result.returncode == 2
+
+
+def test_chunk_and_serve_object_size_bounds_agree() -> None:
+    """The largest --chunk fits serve's default --max-object-size, which stays far
+    below the library's 16 GiB default (a file stream needs one chunk per object)."""
+    parser = _parser()
+    serve = parser.parse_args(["serve", "rx", "--listen", "tcp://127.0.0.1:0"])
+    assert serve.max_object_size == DEFAULT_SERVE_MAX_OBJECT_SIZE
+    assert MAX_CHUNK < DEFAULT_SERVE_MAX_OBJECT_SIZE <= 2 * MAX_CHUNK
+    send = parser.parse_args(["send", "tx", "f", "--connect", NOWHERE, "--to", "rx",
+                              "--chunk", "64MiB"])  # fmt: skip
+    assert send.chunk == MAX_CHUNK

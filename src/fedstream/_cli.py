@@ -92,6 +92,22 @@ def _positive_size(text: str) -> int:
     return size
 
 
+#: Largest ``send --chunk``: the sender holds one chunk of a file in memory
+#: per object, and the receiver must accept it as one object.
+MAX_CHUNK = 64 * 1024**2
+#: ``serve``'s default ``--max-object-size``: the largest ``--chunk`` plus room
+#: for the object's other fields. (The library default, 16 GiB, suits objects
+#: held whole; a file stream never needs more than one chunk per object.)
+DEFAULT_SERVE_MAX_OBJECT_SIZE = MAX_CHUNK + 1024**2
+
+
+def _chunk(text: str) -> int:
+    size = _positive_size(text)
+    if size > MAX_CHUNK:
+        raise argparse.ArgumentTypeError(f"at most {_human(MAX_CHUNK)}, not {text!r}")
+    return size
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -462,7 +478,9 @@ class _ServeReport:
 
 async def _serve(args: argparse.Namespace, stopper: _Stopper) -> int:
     report = _ServeReport(args)
-    async with open_site(args.name, listen=args.listen, tls=args.tls) as site:
+    async with open_site(
+        args.name, listen=args.listen, tls=args.tls, max_object_size=args.max_object_size
+    ) as site:
         stopper.site = site
         site.register_file_receiver(
             args.channel,
@@ -804,6 +822,14 @@ def _parser() -> _Parser:
         "or store the new one as 'NAME (1).EXT'",
     )
     serve.add_argument("--channel", default="files", help="channel to receive on (default files)")
+    serve.add_argument(
+        "--max-object-size",
+        type=_positive_size,
+        default=DEFAULT_SERVE_MAX_OBJECT_SIZE,
+        metavar="SIZE",
+        help=f"largest object accepted, i.e. the largest sender --chunk plus a little "
+        f"(default {_human(DEFAULT_SERVE_MAX_OBJECT_SIZE)})",
+    )
     serve.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
     serve.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no lines")
 
@@ -837,9 +863,10 @@ def _parser() -> _Parser:
     send.add_argument("--topic", default="upload", help="topic (default upload)")
     send.add_argument(
         "--chunk",
-        type=_positive_size,
+        type=_chunk,
         default=parse_size("1MiB"),
-        help="file bytes per object (default 1MiB)",
+        help=f"file bytes per object (default 1MiB, at most {_human(MAX_CHUNK)}; held in "
+        "memory once per object, and receivers refuse objects above their max object size)",
     )
     send.add_argument(
         "--timeout",
