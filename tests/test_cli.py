@@ -56,6 +56,7 @@ BAD = {
     "wait 0": ["send", "tx", "{file}", "--connect", NOWHERE, "--to", "rx", "--wait", "0"],
     "missing file": ["send", "tx", "{file}", "nope.bin", "--connect", NOWHERE, "--to", "rx"],
     "no --to": ["send", "tx", "{file}", "--connect", NOWHERE],
+    "duplicate --to": ["send", "tx", "{file}", "--connect", NOWHERE, "--to", "rx", "--to", "rx"],
     "demo clients 0": ["demo", "--clients", "0"],
     "demo objects -1": ["demo", "--objects", "-1"],
     "demo size 0": ["demo", "--size", "0"],

@@ -59,18 +59,6 @@ async def test_max_pending_handshakes_also_bounds_silent_tls_clients() -> None:
     assert closed.count(True) >= 6, closed
 
 
-@pytest.mark.xfail(strict=True, reason="duplicate --to is found per file, after connecting")
-def test_cli_duplicate_to_is_a_usage_error(tmp_path: Path) -> None:
-    afile = tmp_path / "a.bin"
-    afile.write_bytes(b"x")
-    result = run_cli(
-        "send", "a", str(afile), "--connect", "tcp://127.0.0.1:9",
-        "--to", "rx", "--to", "rx", "--wait", "0.2",
-    )  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-
-
 @pytest.mark.xfail(strict=True, reason="an empty directory yields no record: exit 1, no message")
 def test_cli_send_of_an_empty_directory_says_what_happened(tmp_path: Path) -> None:
     """Today: exit status 1, nothing on stderr, ``"files": []`` in the JSON."""

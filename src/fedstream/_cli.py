@@ -936,6 +936,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.commands[args.command].error(str(exc))
     if args.command == "send":
         _check_files(parser.commands["send"], args.files)
+        repeated = sorted({t for t in args.to if args.to.count(t) > 1})
+        if repeated:
+            parser.commands["send"].error(
+                f"--to {', '.join(map(repr, repeated))} given more than once"
+            )
     if args.command == "serve" and not (args.listen or args.connect):
         parser.commands["serve"].error("serve needs --listen URL, --connect URL, or both")
     runners: dict[str, Callable[[argparse.Namespace, _Stopper], Awaitable[int]]] = {
