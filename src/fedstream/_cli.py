@@ -590,6 +590,13 @@ async def _send(args: argparse.Namespace, stopper: _Stopper) -> int:
                 except SiteClosedError:
                     break
                 elapsed = time.perf_counter() - t0
+                if not results:  # an empty directory: nothing to send, and not a failure
+                    note = "empty directory, nothing to send"
+                    records.append(
+                        {"path": str(path), "rc": ReturnCode.OK, "ok": True, "sent": 0,
+                         "note": note}
+                    )  # fmt: skip
+                    _say(args, f"{path}: {note}")
                 for result in results:
                     records.append(_file_record(path, result, elapsed / len(results)))
                     _say(args, _describe(path, result, elapsed / len(results)))
