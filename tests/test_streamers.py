@@ -260,6 +260,8 @@ async def test_containers_one_entry_per_object(tmp_path: Path) -> None:
         list(range(50)),
         {"x", "y", 3},
         {},
+        {1: "int", b"key": "bytes", 2.5: "float", None: "none"},  # hashable after the wire
+        {b"m", 7, -1.5},
     ]
     with trio.fail_after(20):
         async with fedstream.open_site("rx", listen=LOOP) as rx:
@@ -268,10 +270,10 @@ async def test_containers_one_entry_per_object(tmp_path: Path) -> None:
                 results = [await tx.stream_container("c", "t", ["rx"], d) for d in data]
                 with pytest.raises(TypeError):
                     await tx.stream_container("c", "t", ["rx"], "not a container")  # type: ignore[arg-type]
-    assert [r.ok for r in results] == [True] * 4
-    assert [r.entries for r in results] == [3, 50, 3, 0]
+    assert [r.ok for r in results] == [True] * 6
+    assert [r.entries for r in results] == [3, 50, 3, 0, 4, 3]
     assert [g.container for g in got] == data
-    assert [g.peer for g in got] == ["tx"] * 4
+    assert [g.peer for g in got] == ["tx"] * 6
 
 
 async def test_refused_names_on_the_receiver(tmp_path: Path) -> None:
@@ -398,3 +400,20 @@ async def test_directory_with_a_deep_relative_path_is_sent(tmp_path: Path) -> No
                 results = await tx.stream_directory("files", "up", ["rx"], tree)
     assert [r.targets for r in results] == [{"rx": "OK"}]
     assert (out / "data" / ("d" * 120) / ("e" * 120) / "f.bin").read_bytes() == b"payload"
+
+
+async def test_a_container_the_receiver_cannot_rebuild_is_refused_by_the_sender() -> None:
+    """``{(1, 2): "a"}`` and ``{(1, 2)}`` encode fine entry by entry, but tuples decode as
+    lists, which cannot be dict keys or set members: the receiver ends the stream with
+    BAD_REQUEST_DATA after the earlier entries were sent. The object encoder's rule
+    ("refuses exactly what receivers refuse", before anything is sent) should hold for
+    containers too: refuse with a ValueError naming the entry before streaming."""
+    got: list[fedstream.ReceivedContainer] = []
+    with trio.fail_after(15):
+        async with fedstream.open_site("rx", listen="tcp://127.0.0.1:0") as rx:
+            rx.register_container_receiver("c", "*", got.append)
+            async with fedstream.open_site("tx", connect=[rx.address]) as tx:
+                for container in ({"ok": 1, (1, 2): "a"}, {"ok", (1, 2)}):
+                    with pytest.raises(ValueError, match=r"\(1, 2\)|tuple"):
+                        await tx.stream_container("c", "t", ["rx"], container)
+    assert got == []

@@ -46,6 +46,7 @@ import trio
 from ._api import ConsumerFactory, ObjectConsumer, ObjectProducer, StreamContextKey
 from ._context import FLContext
 from ._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
+from ._wire import decode_object, encode_object
 
 if TYPE_CHECKING:
     from ._engine import Site
@@ -768,6 +769,27 @@ class _ContainerProducer(ObjectProducer):
         return None
 
 
+def _check_rebuildable(container: Iterable[Any], kind: str) -> None:
+    """Refuse, before anything is sent, a key or set member that the receiver could
+    not use as one: it must survive the wire's round trip as a hashable value
+    (a tuple comes back as a list, for example).
+
+    Raises:
+        ValueError: the first such entry, named (a ``LocalProtocolError`` if
+            it cannot be encoded at all).
+    """
+    what = "key" if kind == "dict" else "member"
+    for entry in container:
+        back = decode_object(encode_object(Shareable(k=entry)).to_bytes())["k"]
+        try:
+            hash(back)
+        except TypeError:
+            raise ValueError(
+                f"{kind} {what} {entry!r:.200} arrives as a {type(back).__name__}, which "
+                f"cannot be a {what} on the receiver; use str, int, bytes, float or bool {what}s"
+            ) from None
+
+
 async def stream_container(
     site: Site,
     channel: str,
@@ -784,6 +806,8 @@ async def stream_container(
         raise TypeError(f"container must be a dict, list or set, not {type(container).__name__}")
     if not object_timeout > 0:
         raise ValueError(f"object_timeout must be positive, not {object_timeout}")
+    if kind != "list":
+        await trio.to_thread.run_sync(_check_rebuildable, container, kind)
     producer = _ContainerProducer(container, kind, object_timeout)
     rc, _ = await site.stream_objects(channel, topic, {}, list(targets), producer, fl_ctx)
     if rc != ReturnCode.OK:

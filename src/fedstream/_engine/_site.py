@@ -836,6 +836,9 @@ class Site:
 
         Keys and values must be CBOR-encodable (see the README); the
         receivers rebuild the container with :meth:`register_container_receiver`.
+        Dict keys and set members must still be hashable after the wire's
+        round trip (a tuple arrives as a list): each is checked before
+        anything is sent, and the first that is not raises ``ValueError``.
         """
         return await _streamers.stream_container(
             self, channel, topic, targets, container, object_timeout=object_timeout, fl_ctx=fl_ctx
