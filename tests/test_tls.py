@@ -394,3 +394,26 @@ async def test_an_uncertified_claim_does_not_lock_out_the_certified_site() -> No
             assert await real.connect(server.addresses[0]) == "server"
             assert server.peers == ["site-1"]
             assert server._connections["site-1"] in server._mutual
+
+
+async def test_the_dialer_checks_the_listener_certificate_names_the_host_it_dialed(
+    tmp_path: Path,
+) -> None:
+    """Coverage the TLS tests lack: every test certificate carries 127.0.0.1, so none
+    shows that a listener whose valid certificate (same CA, right site name) does not
+    name the dialed host is refused. This one passes today; it guards check_hostname."""
+    d = deployment()
+    leaf = d.ca.issue_cert("server", "10.9.9.9", common_name="server")
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    tls = fedstream.TLSConfig(cert, key, d.ca_path)
+    with trio.fail_after(15):
+        async with (
+            fedstream.open_site("server", listen="tls://127.0.0.1:0", tls=tls) as server,
+            fedstream.open_site("site-1", tls=d.config("site-1"), reconnect=False) as site1,
+        ):
+            with pytest.raises(fedstream.HandshakeError, match=r"127\.0\.0\.1"):
+                await site1.connect(server.address)
+            assert server.peers == []
+            assert site1.peers == []
