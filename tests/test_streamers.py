@@ -417,3 +417,35 @@ async def test_a_container_the_receiver_cannot_rebuild_is_refused_by_the_sender(
                     with pytest.raises(ValueError, match=r"\(1, 2\)|tuple"):
                         await tx.stream_container("c", "t", ["rx"], container)
     assert got == []
+
+
+@pytest.mark.parametrize(
+    ("container", "ok"),
+    [
+        ([b"x" * 400, "y" * 400], True),  # 800 bytes of 1000
+        ([b"x" * 400, "y" * 400, b"z" * 400], False),  # 1200 bytes
+        ({"k" * 500: "v" * 600}, False),  # a dict counts its keys too
+        ([[[] for _ in range(200)]], False),  # empty containers are not free
+    ],
+)
+async def test_container_receiver_bounds_the_bytes_it_holds(container: Any, ok: bool) -> None:
+    got: list[ReceivedContainer] = []
+    with trio.fail_after(15):
+        async with fedstream.open_site("rx", listen=LOOP) as rx:
+            rx.register_container_receiver("c", "*", got.append, max_bytes=1000)
+            async with fedstream.open_site("tx", connect=[rx.address]) as tx:
+                result = await tx.stream_container("c", "t", ["rx"], container)
+    assert result.ok is ok
+    [record] = got
+    if ok:
+        assert record.container == container
+    else:
+        assert result.targets == {"rx": ReturnCode.BAD_REQUEST_DATA}
+        assert (record.rc, record.container) == (ReturnCode.BAD_REQUEST_DATA, None)
+
+
+@pytest.mark.parametrize("bad", [{"max_bytes": 0}, {"max_entries": 0}, {"max_bytes": 1.5}])
+async def test_container_receiver_bounds_must_be_positive(bad: dict[str, Any]) -> None:
+    async with fedstream.open_site("rx") as rx:
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            rx.register_container_receiver("c", "*", print, **bad)

@@ -728,6 +728,13 @@ def register_file_receiver(
 # -------------------------------------------------------------- containers
 
 _KINDS: Final = {dict: "dict", list: "list", set: "set"}
+#: Entries a container receiver rebuilds at most, by default.
+DEFAULT_CONTAINER_MAX_ENTRIES: Final = 10_000_000
+#: Bytes of entries (as counted by ``_entry_bytes``) a container receiver
+#: holds at most, by default (1 GiB).
+DEFAULT_CONTAINER_MAX_BYTES: Final = 1024**3
+#: What ``_entry_bytes`` counts for a value that is not text, bytes or an array.
+_SCALAR_BYTES: Final = 8
 _END: Final[Any] = object()
 
 
@@ -824,6 +831,8 @@ class _ContainerReceiver(ObjectConsumer):
         self.kind = ""
         self.container: Any = None
         self.entries = 0
+        #: Bytes of the entries held, as ``_entry_bytes`` counts them.
+        self.bytes = 0
 
     async def consume(
         self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
@@ -839,6 +848,11 @@ class _ContainerReceiver(ObjectConsumer):
             return _bad("a container entry needs 'v' (and 'k' for a dict)")
         if self.entries >= self.factory.max_entries:
             return _bad(f"more than {self.factory.max_entries} entries")
+        size = _entry_bytes(shareable["v"])
+        if self.kind == "dict":
+            size += _entry_bytes(shareable["k"])
+        if self.bytes + size > self.factory.max_bytes:
+            return _bad(f"more than {self.factory.max_bytes} bytes of entries")
         try:
             if self.kind == "dict":
                 self.container[shareable["k"]] = shareable["v"]
@@ -849,6 +863,7 @@ class _ContainerReceiver(ObjectConsumer):
         except TypeError as exc:  # an unhashable key or set member
             return _bad(f"bad container entry: {exc}")
         self.entries += 1
+        self.bytes += size
         return True, None
 
     async def finalize(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> None:
@@ -868,10 +883,41 @@ class _ContainerReceiver(ObjectConsumer):
             logger.exception("on_container callback failed")
 
 
+def _entry_bytes(value: Any) -> int:
+    """The bytes a received entry holds, counted as the wire carried it: the
+    length of text and bytes, ``nbytes`` of arrays, and ``_SCALAR_BYTES`` for
+    every other value, container or not (so ``[[]] * n`` is not free).
+
+    The entry was decoded within ``max_object_size``, so the walk is bounded.
+    """
+    total = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, (bytes, bytearray, memoryview)):
+            total += memoryview(item).nbytes
+        elif isinstance(item, dict):
+            total += _SCALAR_BYTES
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            total += _SCALAR_BYTES
+            stack.extend(item)
+        else:
+            nbytes = getattr(item, "nbytes", None)  # numpy arrays
+            total += nbytes if isinstance(nbytes, int) else _SCALAR_BYTES
+    return total
+
+
 class _ContainerReceiverFactory(ConsumerFactory):
-    def __init__(self, on_container: Callable[[ReceivedContainer], Any], max_entries: int) -> None:
+    def __init__(
+        self, on_container: Callable[[ReceivedContainer], Any], max_entries: int, max_bytes: int
+    ) -> None:
         self.on_container = on_container
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
 
     def get_consumer(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> ObjectConsumer:
         peer = fl_ctx.get_peer_context()
@@ -884,11 +930,15 @@ def register_container_receiver(
     topic: str,
     on_container: Callable[[ReceivedContainer], Any],
     *,
-    max_entries: int = 10_000_000,
+    max_entries: int = DEFAULT_CONTAINER_MAX_ENTRIES,
+    max_bytes: int = DEFAULT_CONTAINER_MAX_BYTES,
 ) -> None:
     """Rebuild streamed containers; see ``Site.register_container_receiver``."""
+    for name, value in (("max_entries", max_entries), ("max_bytes", max_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, not {value!r}")
     site.register_stream_processing(
-        channel, topic, _ContainerReceiverFactory(on_container, max_entries)
+        channel, topic, _ContainerReceiverFactory(on_container, max_entries, max_bytes)
     )
 
 

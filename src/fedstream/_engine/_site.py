@@ -850,15 +850,19 @@ class Site:
         topic: str,
         on_container: Callable[[_streamers.ReceivedContainer], Any],
         *,
-        max_entries: int = 10_000_000,
+        max_entries: int = _streamers.DEFAULT_CONTAINER_MAX_ENTRIES,
+        max_bytes: int = _streamers.DEFAULT_CONTAINER_MAX_BYTES,
     ) -> None:
         """Rebuild streamed containers; ``on_container`` runs once per stream.
 
         It gets the container only when the stream ended ``OK``. A stream
-        with more than ``max_entries`` entries ends with ``BAD_REQUEST_DATA``.
+        with more than ``max_entries`` entries (default 10 million), or whose
+        entries hold more than ``max_bytes`` (default 1 GiB: the length of
+        text and bytes, ``nbytes`` of arrays, 8 per other value), ends with
+        ``BAD_REQUEST_DATA`` and the container is dropped.
         """
         _streamers.register_container_receiver(
-            self, channel, topic, on_container, max_entries=max_entries
+            self, channel, topic, on_container, max_entries=max_entries, max_bytes=max_bytes
         )
 
     # ----------------------------------------------------------- shutdown
