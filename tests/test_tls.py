@@ -20,6 +20,7 @@ import trio
 import fedstream
 from engine_helpers import CHANNEL, TOPIC, AsyncRecordingProducer, Recorder, make_factory
 from fedstream import FedstreamError, HandshakeError, ReturnCode, Site, TLSConfig, open_site
+from fedstream._ratelimit import RateLimit
 from tls_certs import deployment, foreign
 
 TLS = "tls://127.0.0.1:0"
@@ -417,3 +418,37 @@ async def test_the_dialer_checks_the_listener_certificate_names_the_host_it_dial
                 await site1.connect(server.address)
             assert server.peers == []
             assert site1.peers == []
+
+
+def test_rate_limit_allows_one_event_per_interval_and_counts_the_rest() -> None:
+    now = [100.0]
+    limit = RateLimit(10.0, clock=lambda: now[0])
+    assert limit.allow() == 0
+    assert [limit.allow() for _ in range(5)] == [None] * 5
+    now[0] += 9.9
+    assert limit.allow() is None
+    now[0] += 0.1
+    assert limit.allow() == 6
+    assert limit.allow() is None
+
+
+async def test_refused_tls_handshakes_warn_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Any client can make a listener refuse a handshake: a flood must not flood the log."""
+    caplog.set_level(logging.DEBUG, logger="fedstream._transport._tls")
+    recorder = Recorder()
+    with trio.fail_after(15):
+        async with open_site("server", listen=TLS, tls=tls("server")) as server:
+            serve(recorder, server)
+            port = int((server.address or "").rsplit(":", 1)[1])
+            for _ in range(5):
+                garbage = await trio.open_tcp_stream("127.0.0.1", port)
+                await garbage.send_all(b"GET / HTTP/1.0\r\n\r\n")
+                while await garbage.receive_some(1024):  # refused (an alert, maybe), closed
+                    pass
+                await garbage.aclose()
+            await still_serves(server, recorder, "after")
+    refusals = [r for r in caplog.records if "refused a connection" in r.getMessage()]
+    assert [r.levelno for r in refusals] == [logging.WARNING] + [logging.DEBUG] * 4
+    assert "0 more refused since the last such warning" in refusals[0].getMessage()

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import random
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, TypedDict
@@ -31,6 +29,7 @@ from .._errors import (
     SiteClosedError,
     UnknownTargetError,
 )
+from .._ratelimit import RateLimit
 from .._shareable import ReturnCode
 from .._tls import TLSConfig, describe_tls_error, proven_names
 from .._transport import Transport, TransportConfig, make_transport, split_url
@@ -1097,19 +1096,15 @@ class _AcceptErrorFilter(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._last = -math.inf
-        self._suppressed = 0
+        self._limit = RateLimit(_ACCEPT_ERROR_LOG_INTERVAL)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        if now - self._last < _ACCEPT_ERROR_LOG_INTERVAL:
-            self._suppressed += 1
+        suppressed = self._limit.allow()
+        if suppressed is None:
             return False
-        record.msg = f"{record.msg} ({self._suppressed} more since the last such message)"
+        record.msg = f"{record.msg} ({suppressed} more since the last such message)"
         record.exc_info = None
         record.exc_text = None
-        self._last = now
-        self._suppressed = 0
         return True
 
 
