@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fedstream._cli import parse_size
+from fedstream._cli import DEFAULT_SERVE_MAX_OBJECT_SIZE, MAX_CHUNK, _parser, parse_size
+from tls_certs import deployment
 
 NOWHERE = "tcp://127.0.0.1:9"
 
@@ -48,9 +49,14 @@ BAD = {
     "timeout nan": ["send", "tx", "{file}", "--connect", NOWHERE, "--to", "rx", "--timeout", "nan"],
     "chunk 0": ["send", "tx", "{file}", "--connect", NOWHERE, "--to", "rx", "--chunk", "0"],
     "chunk junk": ["send", "tx", "{file}", "--connect", NOWHERE, "--to", "rx", "--chunk", "lots"],
+    # above every receiver's default max object size, and held in memory whole
+    "chunk 64GiB": ["send", "tx", "{file}", "--connect", NOWHERE, "--to", "rx", "--chunk", "64GiB"],
+    "chunk 65MiB": ["send", "tx", "{file}", "--connect", NOWHERE, "--to", "rx", "--chunk", "65MiB"],
+    "serve max-object-size 0": ["serve", "rx", "--listen", "tcp://:0", "--max-object-size", "0"],
     "wait 0": ["send", "tx", "{file}", "--connect", NOWHERE, "--to", "rx", "--wait", "0"],
     "missing file": ["send", "tx", "{file}", "nope.bin", "--connect", NOWHERE, "--to", "rx"],
     "no --to": ["send", "tx", "{file}", "--connect", NOWHERE],
+    "duplicate --to": ["send", "tx", "{file}", "--connect", NOWHERE, "--to", "rx", "--to", "rx"],
     "demo clients 0": ["demo", "--clients", "0"],
     "demo objects -1": ["demo", "--objects", "-1"],
     "demo size 0": ["demo", "--size", "0"],
@@ -140,3 +146,50 @@ def test_bench_after_log_options(args: list[str]) -> None:
     result = run(*args)
     assert result.returncode == 0, result.stderr
     assert "--quick" in result.stdout
+
+
+def _tls_cases() -> dict[str, list[str]]:
+    d = deployment()
+    hub_crt, _ = d.files("hub")
+    _, a_key = d.files("a")
+    return {
+        "serve tls:// without --cert": ["serve", "hub", "--listen", "tls://127.0.0.1:0"],
+        "send tls:// without --cert": [
+            "send", "a", "{file}", "--connect", "tls://127.0.0.1:9", "--to", "hub",
+        ],
+        "serve with a key that does not match --cert": [
+            "serve", "hub", "--listen", "tls://127.0.0.1:0",
+            "--cert", str(hub_crt), "--key", str(a_key), "--ca", str(d.ca_path),
+        ],
+        "send with a key that does not match --cert": [
+            "send", "a", "{file}", "--connect", "tls://127.0.0.1:9", "--to", "hub",
+            "--cert", str(hub_crt), "--key", str(a_key), "--ca", str(d.ca_path),
+        ],
+        "serve with a CA file that is no certificate": [
+            "serve", "hub", "--listen", "tls://127.0.0.1:0",
+            "--cert", str(hub_crt), "--key", str(d.files("hub")[1]), "--ca", str(a_key),
+        ],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(_tls_cases()))
+def test_tls_misconfiguration_is_a_usage_error(case: str, afile: str, tmp_path: Path) -> None:
+    """Checked before anything listens or dials (a serve that got past it would not exit)."""
+    args = [a.replace("{file}", afile) for a in _tls_cases()[case]]
+    result = run(*args, cwd=tmp_path)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "error:" in result.stderr
+    assert result.returncode == 2
+
+
+def test_chunk_and_serve_object_size_bounds_agree() -> None:
+    """The largest --chunk fits serve's default --max-object-size, which stays far
+    below the library's 16 GiB default (a file stream needs one chunk per object)."""
+    parser = _parser()
+    serve = parser.parse_args(["serve", "rx", "--listen", "tcp://127.0.0.1:0"])
+    assert serve.max_object_size == DEFAULT_SERVE_MAX_OBJECT_SIZE
+    assert MAX_CHUNK < DEFAULT_SERVE_MAX_OBJECT_SIZE <= 2 * MAX_CHUNK
+    send = parser.parse_args(["send", "tx", "f", "--connect", NOWHERE, "--to", "rx",
+                              "--chunk", "64MiB"])  # fmt: skip
+    assert send.chunk == MAX_CHUNK

@@ -375,3 +375,20 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     assert "/24.0M" in text  # bytes done of the total
     assert "B/s" in text  # rate
     assert "<" in text  # elapsed<remaining (ETA)
+
+
+def test_send_of_an_empty_directory_says_so_and_succeeds(tmp_path: Path) -> None:
+    """Nothing to send is not a failure: exit 0, and the directory is named."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with serving(tmp_path / "out") as (_server, url):
+        status, summary, stderr = run_send(url, empty)
+        human = subprocess.run(send(url, empty), capture_output=True, text=True, timeout=60)
+    assert status == 0, stderr
+    assert summary["ok"] is True
+    assert summary["files"] == [
+        {"path": str(empty), "rc": "OK", "ok": True, "sent": 0,
+         "note": "empty directory, nothing to send"}
+    ]  # fmt: skip
+    assert human.returncode == 0, human.stderr
+    assert f"{empty}: empty directory, nothing to send" in human.stdout

@@ -44,6 +44,7 @@ from fedstream import (
     open_site,
     serve_site,
 )
+from fedstream._wire import ErrorCode
 from tls_certs import deployment
 
 LOOP = "tcp://127.0.0.1:0"
@@ -1055,11 +1056,31 @@ async def test_refused_dialer_is_told_why() -> None:
         async with open_site("srv", listen=LOOP) as srv, open_site("dup", connect=[srv.address]):
             await srv.wait_for_peers(["dup"])
             async with open_site("dup") as second:
-                with pytest.raises(HandshakeError, match="already connected"):
+                with pytest.raises(HandshakeError, match="already connected") as refused:
                     await second.connect(srv.address)
+                assert refused.value.code == ErrorCode.DUPLICATE_SITE
+                assert "tls://" not in str(refused.value)  # no transport hint on a refusal
             async with open_site("srv") as impostor:
-                with pytest.raises(HandshakeError, match="own site name"):
+                with pytest.raises(HandshakeError, match="own site name") as refused:
                     await impostor.connect(srv.address)
+                assert refused.value.code == ErrorCode.DUPLICATE_SITE
+
+
+async def test_a_handshake_that_fails_without_a_refusal_has_no_code() -> None:
+    """Typed, not matched by message text: ``code`` is set only by a GOAWAY refusal."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def hang_up(stream: trio.SocketStream) -> None:
+                await stream.aclose()
+
+            listeners = await nursery.start(partial(trio.serve_tcp, hang_up, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            async with open_site("a", reconnect=False) as a:
+                with pytest.raises(HandshakeError, match="dial it as tls://") as failed:
+                    await a.connect(f"tcp://127.0.0.1:{port}")
+                assert failed.value.code is None
+            nursery.cancel_scope.cancel()
 
 
 async def test_dialer_refuses_a_peer_whose_name_it_already_has() -> None:

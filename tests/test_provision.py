@@ -74,14 +74,28 @@ def test_provision_writes_a_ca_and_one_private_key_and_certificate_per_site(
         (["a", "a"], [], "repeated"),
         (["a"], ["b=1.2.3.4"], "names no site"),
         (["a"], ["a="], "no host"),
+        (["a", "b"], ["1.2.3.4"], "NAME=1.2.3.4"),
+        (["*"], [], "cannot contain"),
+        (["*.example.org"], [], "cannot contain"),
     ],
 )
 def test_provision_refuses_bad_requests(
-    tmp_path: Path, names: list[str], hosts: list[str], message: str
+    tmp_path: Path,
+    names: list[str],
+    hosts: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     with pytest.raises(ValueError, match=message):
         provision(tmp_path, names, hosts=hosts)
-    assert main([str(tmp_path), *names, *(f"--host={h}" for h in hosts)]) == 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main([str(tmp_path), *names, *(f"--host={h}" for h in hosts)])
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert message in stderr
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 async def test_provisioned_certificates_authenticate_sites(tmp_path: Path) -> None:
@@ -176,10 +190,23 @@ def test_cli_provision_then_serve_and_send_over_mutual_tls(tmp_path: Path) -> No
         assert "OK" in sent.stdout
         _read_line(server, r"weights.bin from site-1: OK", 20)
         assert (out / "weights.bin").read_bytes() == payload.read_bytes()
-        # Without certificates, the same send is refused.
+        # Without certificates, the same send is a usage error, before dialing.
         plain = run("send", "site-1", str(payload), "--connect", url, "--to", "server")
-        assert plain.returncode == 1
-        assert "tls:// needs certificates" in plain.stderr
+        assert plain.returncode == 2
+        assert "needs --cert and --key" in plain.stderr
     finally:
         server.kill()
         server.wait(timeout=10)
+
+
+def test_a_listener_host_is_not_put_in_every_site_certificate(tmp_path: Path) -> None:
+    """``provision certs server site-1 --host hub.example.org`` would give site-1 a
+    certificate that passes hostname verification for hub.example.org (any site could
+    stand in for the hub's endpoint). A bare ``--host`` needs exactly one NAME."""
+    with pytest.raises(ValueError, match=r"NAME=hub\.example\.org"):
+        provision(tmp_path, ["server", "site-1"], hosts=["hub.example.org"])
+    assert not list(tmp_path.iterdir())
+    provision(tmp_path, ["server", "site-1"], hosts=["server=hub.example.org"])
+    cert = x509.load_pem_x509_certificate((tmp_path / "site-1.crt").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["site-1"]

@@ -5,6 +5,7 @@ Real loopback sockets (``tcp://`` and ``tls://``), short backoff bounds.
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+import fedstream
 from engine_helpers import CHANNEL, TOPIC, AsyncRecordingProducer, Recorder, make_factory
 from fedstream import (
     ConsumerFactory,
@@ -205,9 +207,35 @@ def _hold_second(hold: trio.Event) -> Any:
     [
         ({"reconnect_min_delay": 0}, ValueError),
         ({"reconnect_min_delay": 2.0, "reconnect_max_delay": 1.0}, ValueError),
+        ({"reconnect_min_delay": math.inf, "reconnect_max_delay": math.inf}, ValueError),
+        ({"reconnect_max_delay": math.inf}, ValueError),
         ({"tls": "site.crt"}, TypeError),
     ],
 )
 def test_reconnect_and_tls_options_are_checked(options: dict[str, Any], error: type) -> None:
     with pytest.raises(error):
         SiteOptions(**options)
+
+
+async def test_a_failed_connect_on_a_url_being_redialed_keeps_it_redialed() -> None:
+    """``connect(url)`` for a URL waiting to be re-dialed "dials at once instead"
+    (docs/semantics.md, Reconnection). If that one dial fails, the URL must
+    still be re-dialed: today the re-dialer was cancelled first, so the site
+    never reconnects when the peer comes back."""
+    with trio.fail_after(20):
+        async with fedstream.open_site("server", listen="tcp://127.0.0.1:0") as server:
+            url = server.address
+            async with fedstream.open_site(
+                "site-1", connect=[url], reconnect_min_delay=0.05, reconnect_max_delay=0.2
+            ) as site1:
+                await server.shutdown_streamer()
+                while site1.peers:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.3)  # the link's task has ended: the URL waits to be re-dialed
+                assert not site1._dialers[url].connected
+                with pytest.raises(fedstream.ConnectionLostError):
+                    await site1.connect(url)
+                async with fedstream.open_site("server", listen=url):
+                    with trio.move_on_after(3):
+                        await site1.wait_for_peers(["server"])
+                    assert site1.peers == ["server"]

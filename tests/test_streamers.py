@@ -260,6 +260,8 @@ async def test_containers_one_entry_per_object(tmp_path: Path) -> None:
         list(range(50)),
         {"x", "y", 3},
         {},
+        {1: "int", b"key": "bytes", 2.5: "float", None: "none"},  # hashable after the wire
+        {b"m", 7, -1.5},
     ]
     with trio.fail_after(20):
         async with fedstream.open_site("rx", listen=LOOP) as rx:
@@ -268,10 +270,10 @@ async def test_containers_one_entry_per_object(tmp_path: Path) -> None:
                 results = [await tx.stream_container("c", "t", ["rx"], d) for d in data]
                 with pytest.raises(TypeError):
                     await tx.stream_container("c", "t", ["rx"], "not a container")  # type: ignore[arg-type]
-    assert [r.ok for r in results] == [True] * 4
-    assert [r.entries for r in results] == [3, 50, 3, 0]
+    assert [r.ok for r in results] == [True] * 6
+    assert [r.entries for r in results] == [3, 50, 3, 0, 4, 3]
     assert [g.container for g in got] == data
-    assert [g.peer for g in got] == ["tx"] * 4
+    assert [g.peer for g in got] == ["tx"] * 6
 
 
 async def test_refused_names_on_the_receiver(tmp_path: Path) -> None:
@@ -380,3 +382,70 @@ async def test_stream_start_and_end_are_logged_on_both_sides(
     assert "stream files/up to rx ended: OK" in lines
     assert "stream files/up from tx started" in lines
     assert "stream files/up from tx ended: OK" in lines
+
+
+async def test_directory_with_a_deep_relative_path_is_sent(tmp_path: Path) -> None:
+    """A 260-character relative path is ordinary (each component < 255, no PATH_MAX issue),
+    but ``stream_directory`` makes the per-file transfer id ``f"{tid}/{rel}"``, and the
+    receiver refuses transfer ids longer than 256 characters."""
+    tree = tmp_path / "data"
+    deep = tree / ("d" * 120) / ("e" * 120)
+    deep.mkdir(parents=True)
+    (deep / "f.bin").write_bytes(b"payload")
+    out = tmp_path / "out"
+    with trio.fail_after(20):
+        async with fedstream.open_site("rx", listen="tcp://127.0.0.1:0") as rx:
+            rx.register_file_receiver("files", "*", out)
+            async with fedstream.open_site("tx", connect=[rx.address]) as tx:
+                results = await tx.stream_directory("files", "up", ["rx"], tree)
+    assert [r.targets for r in results] == [{"rx": "OK"}]
+    assert (out / "data" / ("d" * 120) / ("e" * 120) / "f.bin").read_bytes() == b"payload"
+
+
+async def test_a_container_the_receiver_cannot_rebuild_is_refused_by_the_sender() -> None:
+    """``{(1, 2): "a"}`` and ``{(1, 2)}`` encode fine entry by entry, but tuples decode as
+    lists, which cannot be dict keys or set members: the receiver ends the stream with
+    BAD_REQUEST_DATA after the earlier entries were sent. The object encoder's rule
+    ("refuses exactly what receivers refuse", before anything is sent) should hold for
+    containers too: refuse with a ValueError naming the entry before streaming."""
+    got: list[fedstream.ReceivedContainer] = []
+    with trio.fail_after(15):
+        async with fedstream.open_site("rx", listen="tcp://127.0.0.1:0") as rx:
+            rx.register_container_receiver("c", "*", got.append)
+            async with fedstream.open_site("tx", connect=[rx.address]) as tx:
+                for container in ({"ok": 1, (1, 2): "a"}, {"ok", (1, 2)}):
+                    with pytest.raises(ValueError, match=r"\(1, 2\)|tuple"):
+                        await tx.stream_container("c", "t", ["rx"], container)
+    assert got == []
+
+
+@pytest.mark.parametrize(
+    ("container", "ok"),
+    [
+        ([b"x" * 400, "y" * 400], True),  # 800 bytes of 1000
+        ([b"x" * 400, "y" * 400, b"z" * 400], False),  # 1200 bytes
+        ({"k" * 500: "v" * 600}, False),  # a dict counts its keys too
+        ([[[] for _ in range(200)]], False),  # empty containers are not free
+    ],
+)
+async def test_container_receiver_bounds_the_bytes_it_holds(container: Any, ok: bool) -> None:
+    got: list[ReceivedContainer] = []
+    with trio.fail_after(15):
+        async with fedstream.open_site("rx", listen=LOOP) as rx:
+            rx.register_container_receiver("c", "*", got.append, max_bytes=1000)
+            async with fedstream.open_site("tx", connect=[rx.address]) as tx:
+                result = await tx.stream_container("c", "t", ["rx"], container)
+    assert result.ok is ok
+    [record] = got
+    if ok:
+        assert record.container == container
+    else:
+        assert result.targets == {"rx": ReturnCode.BAD_REQUEST_DATA}
+        assert (record.rc, record.container) == (ReturnCode.BAD_REQUEST_DATA, None)
+
+
+@pytest.mark.parametrize("bad", [{"max_bytes": 0}, {"max_entries": 0}, {"max_bytes": 1.5}])
+async def test_container_receiver_bounds_must_be_positive(bad: dict[str, Any]) -> None:
+    async with fedstream.open_site("rx") as rx:
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            rx.register_container_receiver("c", "*", print, **bad)

@@ -8,6 +8,7 @@ the listener goes on serving a legitimate peer.
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 from pathlib import Path
@@ -19,6 +20,7 @@ import trio
 import fedstream
 from engine_helpers import CHANNEL, TOPIC, AsyncRecordingProducer, Recorder, make_factory
 from fedstream import FedstreamError, HandshakeError, ReturnCode, Site, TLSConfig, open_site
+from fedstream._ratelimit import RateLimit
 from tls_certs import deployment, foreign
 
 TLS = "tls://127.0.0.1:0"
@@ -238,6 +240,8 @@ async def test_plain_tcp_and_tls_do_not_mix(caplog: pytest.LogCaptureFixture) ->
             assert plain.peers == []
             await still_serves(server, recorder, "after")
     assert "does not speak TLS" in caplog.text
+    # The plain listener names the likely cause (a ClientHello is no HELLO).
+    assert "a TLS client dialing a plain listener?" in caplog.text
     assert [key for key in recorder.sessions if key[1] != "after"] == []
 
 
@@ -335,3 +339,116 @@ async def test_a_listener_that_never_answers_the_tls_handshake_times_out() -> No
                     await site1.connect(f"tls://127.0.0.1:{port}")
                 assert trio.current_time() - start < 2
             nursery.cancel_scope.cancel()
+
+
+async def test_a_tls_dial_that_times_out_closes_its_socket() -> None:
+    """``_dial`` wraps ``transport.connect`` in ``fail_after(handshake_timeout)``; that
+    deadline falls before ``TlsTransport._handshake``'s own ``move_on_after`` (started
+    later), so the cancellation escapes ``_handshake`` without ``aclose_forcefully``.
+    The socket then stays open until the garbage collector finds it (a re-dial loop
+    against a silent listener piles up descriptors; ``ResourceWarning: unclosed socket``)."""
+    accepted: list[trio.SocketStream] = []
+
+    async def silent(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        await trio.sleep_forever()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, silent, 0, host="127.0.0.1")
+            )
+            port = listeners[0].socket.getsockname()[1]
+            tls = deployment().config("a")
+            async with fedstream.open_site("a", tls=tls, handshake_timeout=0.3) as a:
+                try:
+                    await a.connect(f"tls://127.0.0.1:{port}")
+                except fedstream.ConnectionLostError:
+                    pass
+                else:
+                    raise AssertionError("a silent listener cannot complete a TLS handshake")
+                assert len(accepted) == 1
+                closed = False
+                with trio.move_on_after(1):
+                    while await accepted[0].receive_some():  # the ClientHello, then EOF
+                        pass
+                    closed = True
+                assert closed, "the dialer's socket is still open after its dial failed"
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_uncertified_claim_does_not_lock_out_the_certified_site() -> None:
+    """Issue 11's attack, on a site that has mutual TLS but also listens on tcp://
+    (nothing warns against that): an impostor claims "site-1" over plain TCP first; the
+    real site-1, proving its name with a certificate, is then refused DUPLICATE_SITE and
+    non-secure streams to "site-1" go to the impostor."""
+    d = deployment()
+    with trio.fail_after(15):
+        async with (
+            fedstream.open_site(
+                "server", listen=["tls://127.0.0.1:0", "tcp://127.0.0.1:0"], tls=d.config("server")
+            ) as server,
+            fedstream.open_site("site-1", connect=[server.addresses[1]], reconnect=False),
+            fedstream.open_site("site-1", tls=d.config("site-1"), reconnect=False) as real,
+        ):
+            await server.wait_for_peers(["site-1"])
+            assert await real.connect(server.addresses[0]) == "server"
+            assert server.peers == ["site-1"]
+            assert server._connections["site-1"] in server._mutual
+
+
+async def test_the_dialer_checks_the_listener_certificate_names_the_host_it_dialed(
+    tmp_path: Path,
+) -> None:
+    """Coverage the TLS tests lack: every test certificate carries 127.0.0.1, so none
+    shows that a listener whose valid certificate (same CA, right site name) does not
+    name the dialed host is refused. This one passes today; it guards check_hostname."""
+    d = deployment()
+    leaf = d.ca.issue_cert("server", "10.9.9.9", common_name="server")
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    tls = fedstream.TLSConfig(cert, key, d.ca_path)
+    with trio.fail_after(15):
+        async with (
+            fedstream.open_site("server", listen="tls://127.0.0.1:0", tls=tls) as server,
+            fedstream.open_site("site-1", tls=d.config("site-1"), reconnect=False) as site1,
+        ):
+            with pytest.raises(fedstream.HandshakeError, match=r"127\.0\.0\.1"):
+                await site1.connect(server.address)
+            assert server.peers == []
+            assert site1.peers == []
+
+
+def test_rate_limit_allows_one_event_per_interval_and_counts_the_rest() -> None:
+    now = [100.0]
+    limit = RateLimit(10.0, clock=lambda: now[0])
+    assert limit.allow() == 0
+    assert [limit.allow() for _ in range(5)] == [None] * 5
+    now[0] += 9.9
+    assert limit.allow() is None
+    now[0] += 0.1
+    assert limit.allow() == 6
+    assert limit.allow() is None
+
+
+async def test_refused_tls_handshakes_warn_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Any client can make a listener refuse a handshake: a flood must not flood the log."""
+    caplog.set_level(logging.DEBUG, logger="fedstream._transport._tls")
+    recorder = Recorder()
+    with trio.fail_after(15):
+        async with open_site("server", listen=TLS, tls=tls("server")) as server:
+            serve(recorder, server)
+            port = int((server.address or "").rsplit(":", 1)[1])
+            for _ in range(5):
+                garbage = await trio.open_tcp_stream("127.0.0.1", port)
+                await garbage.send_all(b"GET / HTTP/1.0\r\n\r\n")
+                while await garbage.receive_some(1024):  # refused (an alert, maybe), closed
+                    pass
+                await garbage.aclose()
+            await still_serves(server, recorder, "after")
+    refusals = [r for r in caplog.records if "refused a connection" in r.getMessage()]
+    assert [r.levelno for r in refusals] == [logging.WARNING] + [logging.DEBUG] * 4
+    assert "0 more refused since the last such warning" in refusals[0].getMessage()

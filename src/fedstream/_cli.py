@@ -92,6 +92,22 @@ def _positive_size(text: str) -> int:
     return size
 
 
+#: Largest ``send --chunk``: the sender holds one chunk of a file in memory
+#: per object, and the receiver must accept it as one object.
+MAX_CHUNK = 64 * 1024**2
+#: ``serve``'s default ``--max-object-size``: the largest ``--chunk`` plus room
+#: for the object's other fields. (The library default, 16 GiB, suits objects
+#: held whole; a file stream never needs more than one chunk per object.)
+DEFAULT_SERVE_MAX_OBJECT_SIZE = MAX_CHUNK + 1024**2
+
+
+def _chunk(text: str) -> int:
+    size = _positive_size(text)
+    if size > MAX_CHUNK:
+        raise argparse.ArgumentTypeError(f"at most {_human(MAX_CHUNK)}, not {text!r}")
+    return size
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -462,7 +478,9 @@ class _ServeReport:
 
 async def _serve(args: argparse.Namespace, stopper: _Stopper) -> int:
     report = _ServeReport(args)
-    async with open_site(args.name, listen=args.listen, tls=args.tls) as site:
+    async with open_site(
+        args.name, listen=args.listen, tls=args.tls, max_object_size=args.max_object_size
+    ) as site:
         stopper.site = site
         site.register_file_receiver(
             args.channel,
@@ -572,6 +590,13 @@ async def _send(args: argparse.Namespace, stopper: _Stopper) -> int:
                 except SiteClosedError:
                     break
                 elapsed = time.perf_counter() - t0
+                if not results:  # an empty directory: nothing to send, and not a failure
+                    note = "empty directory, nothing to send"
+                    records.append(
+                        {"path": str(path), "rc": ReturnCode.OK, "ok": True, "sent": 0,
+                         "note": note}
+                    )  # fmt: skip
+                    _say(args, f"{path}: {note}")
                 for result in results:
                     records.append(_file_record(path, result, elapsed / len(results)))
                     _say(args, _describe(path, result, elapsed / len(results)))
@@ -653,6 +678,25 @@ def _check_files(parser: argparse.ArgumentParser, files: list[str]) -> None:
             problems.append(f"cannot read: {name}")
     if problems:
         parser.error("; ".join(problems))
+
+
+def _check_tls(args: argparse.Namespace) -> None:
+    """A ``tls://`` URL needs ``--cert``/``--key``, and the certificate must load
+    with its key: checked here, so a misconfiguration is a usage error before
+    anything listens or dials.
+
+    Raises:
+        ValueError: a tls:// URL without ``--cert``, or a certificate that
+            does not go with its key.
+        OSError: a file cannot be read (``ssl.SSLError`` for a bad CA file).
+    """
+    urls = [*getattr(args, "listen", []), *args.connect]
+    tls_urls = [url for url in urls if split_url(url)[0] == "tls"]
+    if tls_urls and args.tls is None:
+        raise ValueError(f"{tls_urls[0]} needs --cert and --key (and --ca for mutual TLS)")
+    if args.tls is not None:
+        args.tls.server_context()
+        args.tls.client_context()
 
 
 # ------------------------------------------------------------------- main
@@ -785,6 +829,14 @@ def _parser() -> _Parser:
         "or store the new one as 'NAME (1).EXT'",
     )
     serve.add_argument("--channel", default="files", help="channel to receive on (default files)")
+    serve.add_argument(
+        "--max-object-size",
+        type=_positive_size,
+        default=DEFAULT_SERVE_MAX_OBJECT_SIZE,
+        metavar="SIZE",
+        help=f"largest object accepted, i.e. the largest sender --chunk plus a little "
+        f"(default {_human(DEFAULT_SERVE_MAX_OBJECT_SIZE)})",
+    )
     serve.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
     serve.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no lines")
 
@@ -818,9 +870,10 @@ def _parser() -> _Parser:
     send.add_argument("--topic", default="upload", help="topic (default upload)")
     send.add_argument(
         "--chunk",
-        type=_positive_size,
+        type=_chunk,
         default=parse_size("1MiB"),
-        help="file bytes per object (default 1MiB)",
+        help=f"file bytes per object (default 1MiB, at most {_human(MAX_CHUNK)}; held in "
+        "memory once per object, and receivers refuse objects above their max object size)",
     )
     send.add_argument(
         "--timeout",
@@ -885,10 +938,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("serve", "send"):
         try:
             args.tls = tls_from_args(args)
+            _check_tls(args)
         except (ValueError, OSError) as exc:
             parser.commands[args.command].error(str(exc))
     if args.command == "send":
         _check_files(parser.commands["send"], args.files)
+        repeated = sorted({t for t in args.to if args.to.count(t) > 1})
+        if repeated:
+            parser.commands["send"].error(
+                f"--to {', '.join(map(repr, repeated))} given more than once"
+            )
     if args.command == "serve" and not (args.listen or args.connect):
         parser.commands["serve"].error("serve needs --listen URL, --connect URL, or both")
     runners: dict[str, Callable[[argparse.Namespace, _Stopper], Awaitable[int]]] = {

@@ -65,6 +65,14 @@ class HandshakeError(FedstreamError):
     """The HELLO exchange failed: version mismatch, duplicate or invalid site name,
     timeout, or the peer closed before completing it."""
 
+    def __init__(self, msg: str, *, code: int | None = None) -> None:
+        super().__init__(msg)
+        #: The GOAWAY code of the refusal when one side refused the other
+        #: (``ErrorCode.DUPLICATE_SITE``, ``IDENTITY_MISMATCH``, ...);
+        #: ``None`` when the handshake failed otherwise (timeout, broken
+        #: link, bytes that are not a fedstream HELLO).
+        self.code = code
+
 
 class SiteClosedError(FedstreamError):
     """The local site is shut down (or shutting down); you closed it."""

@@ -80,6 +80,10 @@ def _check_name(name: str) -> None:
             f"site name {name!r} cannot be a certificate's DNS name: "
             "use printable ASCII without spaces"
         )
+    if "*" in name:
+        # In a DNS subject-alternative name "*" is a wildcard: the certificate
+        # would pass hostname checks for other names too.
+        raise ValueError(f"site name {name!r} cannot contain '*'")
 
 
 def _new_key() -> EllipticCurvePrivateKey:
@@ -191,7 +195,7 @@ def _site_cert(
 
 
 def _hosts_for(name: str, hosts: Sequence[str]) -> list[str]:
-    """``--host H`` applies to every name of the run; ``--host NAME=H`` to NAME only."""
+    """``--host H`` (a run with one name) or ``--host NAME=H`` (NAME only)."""
     found = []
     for entry in hosts:
         target, sep, host = entry.partition("=")
@@ -217,8 +221,10 @@ def provision(
 
     Raises:
         ImportError: the ``cryptography`` package is missing.
-        ValueError: a name cannot be a DNS name, a name is repeated, or a
-            ``NAME=HOST`` entry names no site of this run.
+        ValueError: a name cannot be a DNS name (or holds ``*``), a name is
+            repeated, a ``NAME=HOST`` entry names no site of this run, or a
+            bare host is given for more than one name (it would go into every
+            certificate, letting any of those sites pass as that host).
         FileExistsError: a site's files exist already and ``force`` is false.
     """
     try:
@@ -239,6 +245,11 @@ def provision(
             raise ValueError(f"--host {entry!r} names no site of this run")
         if not (host if sep else entry):
             raise ValueError(f"--host {entry!r} has no host")
+        if not sep and len(names) > 1:
+            raise ValueError(
+                f"--host {entry!r} with several site names: write --host NAME={entry} "
+                "for the site that listens there"
+            )
     if days < 1:
         raise ValueError("days must be positive")
     out = Path(outdir)
@@ -264,12 +275,15 @@ def provision(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from ._cli import _Parser  # usage errors in one line, status 2
+
+    parser = _Parser(
         prog="fedstream provision",
         description="Make a CA and a certificate and key per site for mutual TLS links.",
         epilog="A listener's certificate must also name the host peers dial: "
-        "--host server.example.org --host 10.0.0.5, or --host server=10.0.0.5 for one site only. "
-        "Re-running with the same OUTDIR reuses its CA.",
+        "--host server.example.org --host 10.0.0.5 with one NAME, or --host server=10.0.0.5 "
+        "when the run has several. Re-running with the same OUTDIR reuses its CA. "
+        "Exit status: 0 done, 1 files or the cryptography package missing, 2 usage error.",
     )
     parser.add_argument("outdir", help="directory for ca.crt, ca.key and NAME.crt/NAME.key")
     parser.add_argument("names", nargs="+", metavar="NAME", help="site names")
@@ -277,7 +291,8 @@ def _parser() -> argparse.ArgumentParser:
         "--host",
         action="append",
         default=[],
-        help="host name or IP address peers dial (repeatable; NAME=HOST for one site)",
+        help="host name or IP address peers dial (repeatable; NAME=HOST for one site, "
+        "required when there are several NAMEs)",
     )
     parser.add_argument(
         "--days", type=int, default=DEFAULT_DAYS, help=f"validity (default {DEFAULT_DAYS})"
@@ -287,13 +302,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``fedstream provision``: returns the exit status."""
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    """``fedstream provision``: returns the exit status (2 for a usage error)."""
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         written = provision(
             args.outdir, args.names, hosts=args.host, days=args.days, force=args.force
         )
-    except (ImportError, ValueError, OSError) as exc:
+    except ValueError as exc:
+        parser.error(str(exc))
+    except (ImportError, OSError) as exc:
         print(f"fedstream provision: {exc}", file=sys.stderr)
         return 1
     for path in written:

@@ -46,6 +46,7 @@ import trio
 from ._api import ConsumerFactory, ObjectConsumer, ObjectProducer, StreamContextKey
 from ._context import FLContext
 from ._shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
+from ._wire import decode_object, encode_object
 
 if TYPE_CHECKING:
     from ._engine import Site
@@ -362,6 +363,13 @@ def iter_directory(root: Path) -> Iterator[tuple[Path, str]]:
                 yield full, posixpath.join(root.name, rel)
 
 
+def _file_tid(tid: str, rel: str) -> str:
+    """A file's transfer id within a directory transfer: derived from both, so the
+    same transfer resumes, and of bounded length however deep the path (the
+    receiver takes at most 256 characters)."""
+    return hashlib.sha256(f"{tid}\0{rel}".encode()).hexdigest()
+
+
 async def stream_directory(
     site: Site,
     channel: str,
@@ -396,7 +404,7 @@ async def stream_directory(
             targets,
             file,
             name=rel,
-            transfer_id=f"{tid}/{rel}",
+            transfer_id=_file_tid(tid, rel),
             chunk_size=chunk_size,
             object_timeout=object_timeout,
             progress=step,
@@ -720,6 +728,13 @@ def register_file_receiver(
 # -------------------------------------------------------------- containers
 
 _KINDS: Final = {dict: "dict", list: "list", set: "set"}
+#: Entries a container receiver rebuilds at most, by default.
+DEFAULT_CONTAINER_MAX_ENTRIES: Final = 10_000_000
+#: Bytes of entries (as counted by ``_entry_bytes``) a container receiver
+#: holds at most, by default (1 GiB).
+DEFAULT_CONTAINER_MAX_BYTES: Final = 1024**3
+#: What ``_entry_bytes`` counts for a value that is not text, bytes or an array.
+_SCALAR_BYTES: Final = 8
 _END: Final[Any] = object()
 
 
@@ -761,6 +776,27 @@ class _ContainerProducer(ObjectProducer):
         return None
 
 
+def _check_rebuildable(container: Iterable[Any], kind: str) -> None:
+    """Refuse, before anything is sent, a key or set member that the receiver could
+    not use as one: it must survive the wire's round trip as a hashable value
+    (a tuple comes back as a list, for example).
+
+    Raises:
+        ValueError: the first such entry, named (a ``LocalProtocolError`` if
+            it cannot be encoded at all).
+    """
+    what = "key" if kind == "dict" else "member"
+    for entry in container:
+        back = decode_object(encode_object(Shareable(k=entry)).to_bytes())["k"]
+        try:
+            hash(back)
+        except TypeError:
+            raise ValueError(
+                f"{kind} {what} {entry!r:.200} arrives as a {type(back).__name__}, which "
+                f"cannot be a {what} on the receiver; use str, int, bytes, float or bool {what}s"
+            ) from None
+
+
 async def stream_container(
     site: Site,
     channel: str,
@@ -777,6 +813,8 @@ async def stream_container(
         raise TypeError(f"container must be a dict, list or set, not {type(container).__name__}")
     if not object_timeout > 0:
         raise ValueError(f"object_timeout must be positive, not {object_timeout}")
+    if kind != "list":
+        await trio.to_thread.run_sync(_check_rebuildable, container, kind)
     producer = _ContainerProducer(container, kind, object_timeout)
     rc, _ = await site.stream_objects(channel, topic, {}, list(targets), producer, fl_ctx)
     if rc != ReturnCode.OK:
@@ -793,6 +831,8 @@ class _ContainerReceiver(ObjectConsumer):
         self.kind = ""
         self.container: Any = None
         self.entries = 0
+        #: Bytes of the entries held, as ``_entry_bytes`` counts them.
+        self.bytes = 0
 
     async def consume(
         self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
@@ -808,6 +848,11 @@ class _ContainerReceiver(ObjectConsumer):
             return _bad("a container entry needs 'v' (and 'k' for a dict)")
         if self.entries >= self.factory.max_entries:
             return _bad(f"more than {self.factory.max_entries} entries")
+        size = _entry_bytes(shareable["v"])
+        if self.kind == "dict":
+            size += _entry_bytes(shareable["k"])
+        if self.bytes + size > self.factory.max_bytes:
+            return _bad(f"more than {self.factory.max_bytes} bytes of entries")
         try:
             if self.kind == "dict":
                 self.container[shareable["k"]] = shareable["v"]
@@ -818,6 +863,7 @@ class _ContainerReceiver(ObjectConsumer):
         except TypeError as exc:  # an unhashable key or set member
             return _bad(f"bad container entry: {exc}")
         self.entries += 1
+        self.bytes += size
         return True, None
 
     async def finalize(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> None:
@@ -837,10 +883,41 @@ class _ContainerReceiver(ObjectConsumer):
             logger.exception("on_container callback failed")
 
 
+def _entry_bytes(value: Any) -> int:
+    """The bytes a received entry holds, counted as the wire carried it: the
+    length of text and bytes, ``nbytes`` of arrays, and ``_SCALAR_BYTES`` for
+    every other value, container or not (so ``[[]] * n`` is not free).
+
+    The entry was decoded within ``max_object_size``, so the walk is bounded.
+    """
+    total = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, (bytes, bytearray, memoryview)):
+            total += memoryview(item).nbytes
+        elif isinstance(item, dict):
+            total += _SCALAR_BYTES
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            total += _SCALAR_BYTES
+            stack.extend(item)
+        else:
+            nbytes = getattr(item, "nbytes", None)  # numpy arrays
+            total += nbytes if isinstance(nbytes, int) else _SCALAR_BYTES
+    return total
+
+
 class _ContainerReceiverFactory(ConsumerFactory):
-    def __init__(self, on_container: Callable[[ReceivedContainer], Any], max_entries: int) -> None:
+    def __init__(
+        self, on_container: Callable[[ReceivedContainer], Any], max_entries: int, max_bytes: int
+    ) -> None:
         self.on_container = on_container
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
 
     def get_consumer(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> ObjectConsumer:
         peer = fl_ctx.get_peer_context()
@@ -853,11 +930,15 @@ def register_container_receiver(
     topic: str,
     on_container: Callable[[ReceivedContainer], Any],
     *,
-    max_entries: int = 10_000_000,
+    max_entries: int = DEFAULT_CONTAINER_MAX_ENTRIES,
+    max_bytes: int = DEFAULT_CONTAINER_MAX_BYTES,
 ) -> None:
     """Rebuild streamed containers; see ``Site.register_container_receiver``."""
+    for name, value in (("max_entries", max_entries), ("max_bytes", max_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, not {value!r}")
     site.register_stream_processing(
-        channel, topic, _ContainerReceiverFactory(on_container, max_entries)
+        channel, topic, _ContainerReceiverFactory(on_container, max_entries, max_bytes)
     )
 
 

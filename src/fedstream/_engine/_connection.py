@@ -259,7 +259,8 @@ async def dial_handshake(
         raise HandshakeError(f"no HELLO from peer within {limit} s")
     if isinstance(frame, GoAway):
         raise HandshakeError(
-            f"peer refused the connection: {_code_name(frame.code)}: {frame.message}"
+            f"peer refused the connection: {_code_name(frame.code)}: {frame.message}",
+            code=frame.code,
         )
     if not isinstance(frame, Hello):
         raise HandshakeError("peer closed the connection during the handshake")

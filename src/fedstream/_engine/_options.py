@@ -121,8 +121,10 @@ class SiteOptions:
             _check_positive_int(name, getattr(self, name))
         if self.tls is not None and not isinstance(self.tls, TLSConfig):
             raise TypeError(f"tls must be a fedstream.TLSConfig or None, not {self.tls!r}")
-        if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay:
-            raise ValueError("reconnect delays must satisfy 0 < reconnect_min_delay <= max")
+        if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay < math.inf:
+            raise ValueError(
+                "reconnect delays must be finite and satisfy 0 < reconnect_min_delay <= max"
+            )
         if self.peer_timeout <= self.heartbeat_interval:
             raise ValueError("peer_timeout must be longer than heartbeat_interval")
         object.__setattr__(self, "sync_callbacks", SyncMode(self.sync_callbacks))

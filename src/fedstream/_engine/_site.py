@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import random
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, TypedDict
@@ -27,10 +25,12 @@ from .._errors import (
     ConnectionLostError,
     FedstreamError,
     HandshakeError,
+    RemoteProtocolError,
     SiteClosedError,
     UnknownTargetError,
 )
 from .._flare import adapt_factory, adapt_producer, bridge_abort_signal
+from .._ratelimit import RateLimit
 from .._shareable import ReturnCode, Shareable
 from .._tls import TLSConfig, describe_tls_error, proven_names
 from .._transport import Transport, TransportConfig, make_transport, split_url
@@ -258,7 +258,8 @@ class Site:
         jittered exponential backoff between ``reconnect_min_delay`` and
         ``reconnect_max_delay``, whenever that link is lost, until the site
         shuts down. Calling ``connect`` for a URL that is waiting to be
-        re-dialed dials it at once instead.
+        re-dialed dials it at once instead; if that dial fails, the URL
+        goes on being re-dialed.
 
         Raises:
             ConnectionLostError: the address cannot be reached.
@@ -271,7 +272,13 @@ class Site:
         if waiting is not None and not waiting.connected:
             waiting.scope.cancel()
             del self._dialers[url]
-        link = await self._dial(url)
+        try:
+            link = await self._dial(url)
+        except (ConnectionLostError, HandshakeError):
+            if waiting is not None and not waiting.connected:
+                # The re-dialer we cancelled for this one dial takes over again.
+                self._nursery.start_soon(self._keep_dialing, url, None)
+            raise
         if self.options.reconnect:
             await self._nursery.start(self._keep_dialing, url, link)
         else:
@@ -317,7 +324,7 @@ class Site:
                             f"{describe_tls_error(broke)}"
                         ) from exc
                     raise
-                if "GOAWAY" in str(exc) or "refused" in str(exc):
+                if exc.code is not None:  # the peer answered with a refusal
                     raise
                 raise HandshakeError(
                     f"{exc} (if {url} listens with TLS, dial it as tls://)"
@@ -327,7 +334,7 @@ class Site:
                 problem = f"{url}: {problem}"
                 with trio.move_on_after(1):
                     await stream.send_all(protocol.send(GoAway(code, problem)))
-                raise HandshakeError(problem)
+                raise HandshakeError(problem, code=code)
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
@@ -338,11 +345,13 @@ class Site:
     async def _keep_dialing(
         self,
         url: str,
-        link: tuple[trio.abc.Stream, FrameProtocol, Hello, bool],
+        link: tuple[trio.abc.Stream, FrameProtocol, Hello, bool] | None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run the link to ``url``; each time it is lost, dial again until it is back.
+
+        With ``link=None`` the link is down already, and re-dialing starts at once.
 
         The backoff starts again from ``reconnect_min_delay`` only after a
         link that lasted ``reconnect_max_delay``: a link that keeps dropping
@@ -355,19 +364,21 @@ class Site:
         try:
             with dialer.scope:
                 while True:
+                    if link is None:
+                        try:
+                            link, delay = await self._redial(url, delay)
+                        except SiteClosedError:  # shutting down, before our task is cancelled
+                            return
                     dialer.connected = True
                     started = trio.current_time()
                     await self._run_connection(*link, True, url, task_status=task_status)
                     task_status = trio.TASK_STATUS_IGNORED
+                    link = None
                     dialer.connected = False
                     if self._closing:
                         return
                     if trio.current_time() - started >= self.options.reconnect_max_delay:
                         delay = self.options.reconnect_min_delay
-                    try:
-                        link, delay = await self._redial(url, delay)
-                    except SiteClosedError:  # shutting down, before our task is cancelled
-                        return
         finally:
             if self._dialers.get(url) is dialer:
                 del self._dialers[url]
@@ -481,23 +492,29 @@ class Site:
 
         def decide(hello: Hello) -> Hello | GoAway:
             old = self._connections.get(hello.site)
-            if (
-                old is not None
-                and not old.dialer
-                and old in self._mutual
-                and self._is_mutual(hello, proven)
-            ):
-                # The same certified site dials us again: it restarted or
-                # lost the link, and the old one is dead or about to be.
-                # Whoever holds the key is that site, so the new link wins at
-                # once. (Links we dialed are not replaced: two sites dialing
-                # each other would take turns forever.)
+            if old is not None and old in self._mutual:
+                if not old.dialer and self._is_mutual(hello, proven):
+                    # The same certified site dials us again: it restarted or
+                    # lost the link, and the old one is dead or about to be.
+                    # Whoever holds the key is that site, so the new link wins at
+                    # once. (Links we dialed are not replaced: two sites dialing
+                    # each other would take turns forever.)
+                    logger.warning(
+                        "site %s: %r connected again with its certificate; dropping its old link",
+                        self.name,
+                        hello.site,
+                    )
+                    old.lose(f"replaced by a new link from {hello.site!r}")
+            elif old is not None and self._is_mutual(hello, proven):
+                # A name proven by a certificate beats the same name merely
+                # claimed (plain TCP, or TLS without a client certificate).
                 logger.warning(
-                    "site %s: %r connected again with its certificate; dropping its old link",
+                    "site %s: %r proved its name with a certificate; dropping the link "
+                    "that claimed it without one",
                     self.name,
                     hello.site,
                 )
-                old.lose(f"replaced by a new link from {hello.site!r}")
+                old.lose(f"replaced by a link from {hello.site!r} proven by its certificate")
             problem, code = self._name_problem(hello.site, proven)
             if problem:
                 logger.warning("refusing connection: %s", problem)
@@ -512,7 +529,9 @@ class Site:
             )
         except HandshakeError as exc:
             hint = ""
-            if not isinstance(stream, trio.SSLStream) and "invalid handshake" in str(exc):
+            if not isinstance(stream, trio.SSLStream) and isinstance(
+                exc.__cause__, RemoteProtocolError
+            ):
                 hint = " (not a fedstream peer, or a TLS client dialing a plain listener?)"
             logger.warning("incoming handshake failed on %s: %s%s", self.name, exc, hint)
             for name in reserved:
@@ -856,6 +875,9 @@ class Site:
 
         Keys and values must be CBOR-encodable (see the README); the
         receivers rebuild the container with :meth:`register_container_receiver`.
+        Dict keys and set members must still be hashable after the wire's
+        round trip (a tuple arrives as a list): each is checked before
+        anything is sent, and the first that is not raises ``ValueError``.
         """
         return await _streamers.stream_container(
             self, channel, topic, targets, container, object_timeout=object_timeout, fl_ctx=fl_ctx
@@ -867,15 +889,19 @@ class Site:
         topic: str,
         on_container: Callable[[_streamers.ReceivedContainer], Any],
         *,
-        max_entries: int = 10_000_000,
+        max_entries: int = _streamers.DEFAULT_CONTAINER_MAX_ENTRIES,
+        max_bytes: int = _streamers.DEFAULT_CONTAINER_MAX_BYTES,
     ) -> None:
         """Rebuild streamed containers; ``on_container`` runs once per stream.
 
         It gets the container only when the stream ended ``OK``. A stream
-        with more than ``max_entries`` entries ends with ``BAD_REQUEST_DATA``.
+        with more than ``max_entries`` entries (default 10 million), or whose
+        entries hold more than ``max_bytes`` (default 1 GiB: the length of
+        text and bytes, ``nbytes`` of arrays, 8 per other value), ends with
+        ``BAD_REQUEST_DATA`` and the container is dropped.
         """
         _streamers.register_container_receiver(
-            self, channel, topic, on_container, max_entries=max_entries
+            self, channel, topic, on_container, max_entries=max_entries, max_bytes=max_bytes
         )
 
     def _set_engine(self, fl_ctx: FLContext) -> None:
@@ -1155,19 +1181,15 @@ class _AcceptErrorFilter(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._last = -math.inf
-        self._suppressed = 0
+        self._limit = RateLimit(_ACCEPT_ERROR_LOG_INTERVAL)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        if now - self._last < _ACCEPT_ERROR_LOG_INTERVAL:
-            self._suppressed += 1
+        suppressed = self._limit.allow()
+        if suppressed is None:
             return False
-        record.msg = f"{record.msg} ({self._suppressed} more since the last such message)"
+        record.msg = f"{record.msg} ({suppressed} more since the last such message)"
         record.exc_info = None
         record.exc_text = None
-        self._last = now
-        self._suppressed = 0
         return True
 
 

@@ -15,6 +15,7 @@ import ssl
 import trio
 
 from .._errors import HandshakeError
+from .._ratelimit import RateLimit
 from .._tls import TLSConfig, describe_tls_error
 from ._base import ConnectionHandler, Transport, TransportConfig, register_transport, split_url
 from ._tcp import TcpTransport
@@ -22,6 +23,10 @@ from ._tcp import TcpTransport
 __all__ = ["TlsTransport"]
 
 logger = logging.getLogger(__name__)
+
+#: At most one warning per this many seconds, per listening site, about
+#: refused TLS handshakes (any client can cause them); the rest go to debug.
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 class TlsTransport(TcpTransport):
@@ -34,12 +39,17 @@ class TlsTransport(TcpTransport):
         self.handshake_timeout = handshake_timeout
         self._server_context = tls.server_context()
         self._client_context = tls.client_context()
+        self._refusals = RateLimit(REFUSAL_LOG_INTERVAL)
 
     async def connect(self, url: str) -> trio.abc.Stream:
         _, host, _ = split_url(url)
         stream = await super().connect(url)
         ssl_stream = trio.SSLStream(stream, self._client_context, server_hostname=host)
-        await self._handshake(ssl_stream, f"with {url}", HandshakeError)
+        try:
+            await self._handshake(ssl_stream, f"with {url}", HandshakeError)
+        except BaseException:  # the caller's deadline included: never leak the socket
+            await trio.aclose_forcefully(ssl_stream)
+            raise
         return ssl_stream
 
     async def _handshake(
@@ -72,7 +82,15 @@ class TlsTransport(TcpTransport):
             try:
                 await self._handshake(ssl_stream, where, _Refused)
             except _Refused as exc:
-                logger.warning("refused a connection: %s", exc)
+                suppressed = self._refusals.allow()
+                if suppressed is None:
+                    logger.debug("refused a connection: %s", exc)
+                else:
+                    logger.warning(
+                        "refused a connection: %s (%d more refused since the last such warning)",
+                        exc,
+                        suppressed,
+                    )
                 return
             await handler(ssl_stream)
 
