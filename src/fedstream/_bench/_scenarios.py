@@ -269,9 +269,15 @@ class _Env:
             from .._provision import provision
 
             directory = Path(self._stack.enter_context(tempfile.TemporaryDirectory()))
-            names = ["sender", *(f"site-{i}" for i in range(16))]
+            receivers = [f"site-{i}" for i in range(16)]
             try:
-                provision(directory, names, hosts=["127.0.0.1"])
+                # Only the receivers listen, so only their certificates name
+                # the address that is dialed.
+                provision(
+                    directory,
+                    ["sender", *receivers],
+                    hosts=[f"{name}=127.0.0.1" for name in receivers],
+                )
             except ImportError as exc:
                 raise BenchError(
                     "the tls scenario needs certificates: pip install 'fedstream[provision]'"
