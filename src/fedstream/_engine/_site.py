@@ -8,6 +8,7 @@ caller's cancel scopes apply to it as well.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -228,7 +229,9 @@ class Site:
         self._check_open()
         transport = self._transport(url)
         _rate_limit_accept_errors()
-        bound: str = await self._nursery.start(transport.serve, url, self._handle_incoming)
+        bound: str = await self._nursery.start(
+            transport.serve, url, functools.partial(self._handle_incoming, transport)
+        )
         self._addresses.append(bound)
         logger.info("site %s listening on %s", self.name, bound)
         return bound
@@ -426,27 +429,38 @@ class Site:
             return f"site {self.name!r} is shutting down", ErrorCode.SHUTDOWN
         return "", ErrorCode.NO_ERROR
 
-    async def _handle_incoming(self, stream: trio.abc.Stream) -> None:
+    async def _handle_incoming(self, transport: Transport, stream: trio.abc.Stream) -> None:
         try:
-            await self._accept(stream)
+            await self._accept(transport, stream)
         except Exception:
             logger.exception("site %s: error while serving an incoming connection", self.name)
 
-    async def _accept(self, stream: trio.abc.Stream) -> None:
+    async def _accept(self, transport: Transport, stream: trio.abc.Stream) -> None:
+        """Admit, upgrade (TLS), exchange HELLOs, then serve an incoming connection.
+
+        Everything up to a valid HELLO counts against
+        ``max_pending_handshakes``, the transport's own handshake included.
+        """
         limit = self.options.max_pending_handshakes
         if self._pending_handshakes >= limit:
             # Refused at once rather than queued: a queued connection would
             # still hold its descriptor, which is what such a flood exhausts.
             logger.debug("refusing a connection: %d handshakes pending", limit)
-            with trio.move_on_after(1):
-                try:
-                    await stream.send_all(_TOO_MANY_HANDSHAKES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
+            if not transport.upgrades:  # a TLS peer could not read a GOAWAY
+                with trio.move_on_after(1):
+                    try:
+                        await stream.send_all(_TOO_MANY_HANDSHAKES)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
             await trio.aclose_forcefully(stream)
             return
         self._pending_handshakes += 1
         try:
+            try:
+                stream = await transport.upgrade(stream)
+            except HandshakeError as exc:
+                logger.warning("site %s refused a connection: %s", self.name, exc)
+                return
             accepted = await self._handshake(stream)
         finally:
             self._pending_handshakes -= 1
