@@ -416,12 +416,12 @@ async def test_peer_loss_is_declared_within_peer_timeout_of_the_last_frame(
         tx_conn = await connection_of(tx, "rx")
         # The last frame rx gets comes off its heartbeat's beat.
         await trio.sleep(2.5)
-        before = rx_conn._last_receive
+        before = rx_conn.last_receive
         tx_conn.send_control(Ping(7))
-        while rx_conn._last_receive == before:
+        while rx_conn.last_receive == before:
             await trio.sleep(0.001)
         blackhole(tx_conn)
-        last = rx_conn._last_receive
+        last = rx_conn.last_receive
         with trio.fail_after(3 * timeout):
             while "tx" in rx.peers:
                 await trio.sleep(0.01)

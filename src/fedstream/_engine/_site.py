@@ -46,7 +46,8 @@ from .._wire import (
 )
 from ._budget import SiteBudget
 from ._callbacks import CallbackRunner, SyncMode, current_session
-from ._connection import Connection, ReceiveHandler, accept_handshake, dial_handshake
+from ._connection import Connection
+from ._handshake import accept_handshake, dial_handshake
 from ._options import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_FINALIZE_TIMEOUT,
@@ -65,6 +66,7 @@ from ._options import (
     DEFAULT_WINDOW,
     SiteOptions,
 )
+from ._reader import ReceiveHandler
 from ._receiver import ReceiverSession, Registration
 from ._sender import StreamSession, TargetLink
 from ._stats import ConnectionStats
