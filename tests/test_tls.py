@@ -9,6 +9,7 @@ the listener goes on serving a legitimate peer.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -335,3 +336,28 @@ async def test_a_listener_that_never_answers_the_tls_handshake_times_out() -> No
                     await site1.connect(f"tls://127.0.0.1:{port}")
                 assert trio.current_time() - start < 2
             nursery.cancel_scope.cancel()
+
+
+# -------------------------------------------------------------------- writes
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_NOTSENT_LOWAT"), reason="no TCP_NOTSENT_LOWAT")
+async def test_the_socket_under_a_tls_link_takes_a_whole_frame_at_once() -> None:
+    """Both ends raise trio's 16 KiB unsent limit under the TLS stream, as on plain TCP.
+
+    With trio's limit, each encrypted 1 MiB chunk went out in 16 KiB pieces,
+    the writer waking for each: about three times the sends and waits.
+    """
+    with trio.fail_after(15):
+        async with (
+            open_site("server", listen=TLS, tls=tls("server")) as server,
+            open_site("site-1", connect=[server.address or ""], tls=tls("site-1")) as site1,
+        ):
+            await server.wait_for_peers(["site-1"])
+            for site, peer in ((site1, "server"), (server, "site-1")):
+                conn = site._connections[peer]
+                assert isinstance(conn.stream, trio.SSLStream)
+                raw = conn.stream.transport_stream
+                assert isinstance(raw, trio.SocketStream)
+                unsent = raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+                assert unsent > conn.max_body, (site.name, unsent)

@@ -11,9 +11,9 @@ it coalesces small frames into one ``send_all`` and writes large bodies
 without copying them.
 
 On a plain ``trio.SocketStream`` frames go straight to the socket's
-descriptor when nothing is queued (one non-blocking ``writev``), and the
-kernel may take a whole frame at once (``TCP_NOTSENT_LOWAT``); every other
-stream is written through ``send_all``.
+descriptor when nothing is queued (one non-blocking ``writev``); every other
+stream (TLS included) is written through ``send_all``. On TCP, TLS or not,
+the kernel may take a whole frame at once (``TCP_NOTSENT_LOWAT``).
 """
 
 from __future__ import annotations
@@ -161,14 +161,22 @@ class Writer:
         Replies, and objects to a peer that announced window 0, are not
         bounded that way: for them this limit is what keeps the kernel to
         about one frame unsent (trio's kept it to 16 KiB).
+
+        Under a TLS stream the TCP socket beneath gets the same limit (plus
+        the records' overhead): with trio's, each encrypted chunk went out in
+        16 KiB pieces too, three times the sends and waits of a whole-frame
+        write. Only the descriptor path (``writev``) is plain TCP's alone.
         """
-        if not (
-            isinstance(self.stream, trio.SocketStream) and hasattr(socket, "TCP_NOTSENT_LOWAT")
-        ):
+        raw = self.stream
+        if isinstance(raw, trio.SSLStream):
+            # TLS adds a few bytes per 16 KiB record to the frame.
+            raw = raw.transport_stream
+            frame_bytes += frame_bytes // 256
+        if not (isinstance(raw, trio.SocketStream) and hasattr(socket, "TCP_NOTSENT_LOWAT")):
             return
         whole = min(frame_bytes, 0x7FFF_FFFF)
         try:
-            self.stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, whole)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, whole)
         except OSError:  # keep trio's limit
             logger.debug("could not set TCP_NOTSENT_LOWAT on the connection to %s", peer)
 
