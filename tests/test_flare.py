@@ -7,10 +7,14 @@ exactly as it would get FLARE's engine.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +215,33 @@ def test_container_streamer(sites: tuple[BlockingSite, BlockingSite], container:
     assert type(got[0][1]) is type(container)
 
 
+def _stream_log_in_thread(
+    client: BlockingSite, topic: str, log: Path, stop: threading.Event, liveness_interval: float
+) -> tuple[threading.Thread, list[Any]]:
+    """FLARE's ``LogStreamer.stream_log`` tailing ``log`` to ``server`` on a thread of its own.
+
+    It returns once ``stop`` is set; its ``(rc, result)`` then is the only item of the list.
+    """
+    outcome: list[Any] = []
+    sender = threading.Thread(
+        target=lambda: outcome.append(
+            LogStreamer.stream_log(
+                channel=CH,
+                topic=topic,
+                stream_ctx={},
+                targets=["server"],
+                file_name=str(log),
+                fl_ctx=client.new_context(),
+                stop_event=stop,
+                poll_interval=0.05,
+                liveness_interval=liveness_interval,
+            )
+        )
+    )
+    sender.start()
+    return sender, outcome
+
+
 def test_log_streamer_tails_a_growing_file(
     sites: tuple[BlockingSite, BlockingSite], tmp_path: Path
 ) -> None:
@@ -228,23 +259,7 @@ def test_log_streamer_tails_a_growing_file(
         idle_timeout=5.0,
     )
     stop = threading.Event()
-    outcome: list[Any] = []
-    sender = threading.Thread(
-        target=lambda: outcome.append(
-            LogStreamer.stream_log(
-                channel=CH,
-                topic="log",
-                stream_ctx={},
-                targets=["server"],
-                file_name=str(log),
-                fl_ctx=client.new_context(),
-                stop_event=stop,
-                poll_interval=0.05,
-                liveness_interval=1.0,
-            )
-        )
-    )
-    sender.start()
+    sender, outcome = _stream_log_in_thread(client, "log", log, stop, liveness_interval=1.0)
     lines = [f"line {i}\n".encode() for i in range(20)]
     for line in lines:
         with log.open("ab") as f:
@@ -275,23 +290,8 @@ def test_log_streamer_receiver_ends_an_idle_stream_with_timeout(
         idle_timeout=0.5,
     )
     stop = threading.Event()
-    outcome: list[Any] = []
-    sender = threading.Thread(
-        target=lambda: outcome.append(
-            LogStreamer.stream_log(
-                channel=CH,
-                topic="idle",
-                stream_ctx={},
-                targets=["server"],
-                file_name=str(log),
-                fl_ctx=client.new_context(),
-                stop_event=stop,
-                poll_interval=0.05,
-                liveness_interval=30.0,  # the sender stays silent past the idle timeout
-            )
-        )
-    )
-    sender.start()
+    # liveness_interval: the sender stays silent past the idle timeout
+    sender, outcome = _stream_log_in_thread(client, "idle", log, stop, liveness_interval=30.0)
     _wait(lambda: done, "the idle timeout")
     assert done == [ReturnCode.TIMEOUT]
     stop.set()
@@ -419,76 +419,53 @@ def test_a_flare_style_user_pair_runs_unchanged(sites: tuple[BlockingSite, Block
 # ------------------------------------------------- across two processes
 
 
-@pytest.mark.slow
-def test_flare_streamers_and_retrievers_across_two_processes(tmp_path: Path) -> None:
-    import json
-    import subprocess
-    import sys
+@contextlib.contextmanager
+def remote_server(
+    tmp_path: Path, *options: str
+) -> Iterator[tuple[BlockingSite, Callable[[], dict[str, Any]]]]:
+    """``tests/flare_proc_site.py`` as ``server`` in its own OS process, ``site-1`` here.
 
+    The remote site serves ``tmp_path/"owner"`` to FileRetriever requests and
+    writes what it receives under ``tmp_path/"received"``; ``options`` go to
+    its command line. Yields the connected local site and a function that
+    reads the remote site's next JSON record. On a normal exit the remote
+    process must exit 0 once its stdin is closed; a hang guard kills it after
+    120 s (its blocking reads then fail instead of hanging the test).
+    """
     source_dir = tmp_path / "owner"
-    source_dir.mkdir()
-    (source_dir / "shard.bin").write_bytes(os.urandom(2 * 1024 * 1024 + 5))
     dest_dir = tmp_path / "received"
-    dest_dir.mkdir()
-    mine = tmp_path / "mine.bin"
-    mine.write_bytes(os.urandom(3 * 1024 * 1024 + 1))
+    source_dir.mkdir(exist_ok=True)
+    dest_dir.mkdir(exist_ok=True)
     proc = subprocess.Popen(
         [
             sys.executable,
             str(Path(__file__).parent / "flare_proc_site.py"),
             str(source_dir),
             str(dest_dir),
+            *options,
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
-    watchdog = threading.Timer(120, proc.kill)  # a hang guard for the blocking reads below
+    assert proc.stdout is not None
+    assert proc.stdin is not None
+    stdout = proc.stdout
+
+    def next_record() -> dict[str, Any]:
+        line = stdout.readline()
+        assert line, "the server process ended"
+        record: dict[str, Any] = json.loads(line)
+        return record
+
+    watchdog = threading.Timer(120, proc.kill)
     watchdog.start()
     try:
-        assert proc.stdout is not None
-        assert proc.stdin is not None
-        first = proc.stdout.readline()
+        first = stdout.readline()
         assert first.startswith("listening "), first
         with BlockingSite("site-1", connect=[first.split()[1]], finalize_timeout=5.0) as client:
-            rc, _ = FileStreamer.stream_file(
-                channel=CH,
-                topic="file",
-                stream_ctx={},
-                targets=["server"],
-                file_name=str(mine),
-                fl_ctx=client.new_context(),
-            )
-            assert rc == OK
-            record = json.loads(proc.stdout.readline())
-            assert record["rc"] == OK
-            assert record["peer"] == "site-1"
-            assert Path(record["file"]).read_bytes() == mine.read_bytes()
-
-            rc, ok = ContainerStreamer.stream_container(
-                channel=CH,
-                topic="container",
-                stream_ctx={},
-                targets=["server"],
-                container={"a": 1, "b": [2, 3]},
-                fl_ctx=client.new_context(),
-            )
-            assert (rc, ok) == (OK, True)
-            assert json.loads(proc.stdout.readline()) == {"container": [["a", 1], ["b", [2, 3]]]}
-
-            files = FileRetriever(source_dir=str(tmp_path), dest_dir=str(dest_dir))
-            containers = ContainerRetriever()
-            files.handle_event(EventType.START_RUN, client.new_context())
-            containers.handle_event(EventType.START_RUN, client.new_context())
-            rc, location = files.retrieve_file(
-                from_site="server", fl_ctx=client.new_context(), timeout=20.0, file_name="shard.bin"
-            )
-            assert rc == OK
-            assert Path(location).read_bytes() == (source_dir / "shard.bin").read_bytes()
-            rc, params = containers.retrieve_container(
-                from_site="server", fl_ctx=client.new_context(), timeout=20.0, name="params"
-            )
-            assert (rc, params) == (OK, {"lr": 0.5, "rounds": 3})
+            client.wait_for_peers(["server"], timeout=10.0)
+            yield client, next_record
         proc.stdin.close()
         assert proc.wait(30) == 0
     finally:
@@ -498,17 +475,144 @@ def test_flare_streamers_and_retrievers_across_two_processes(tmp_path: Path) -> 
             proc.wait(10)
 
 
+@pytest.mark.slow
+def test_flare_streamers_and_retrievers_across_two_processes(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.bin"
+    mine.write_bytes(os.urandom(3 * 1024 * 1024 + 1))
+    with remote_server(tmp_path) as (client, next_record):
+        shard = tmp_path / "owner" / "shard.bin"
+        shard.write_bytes(os.urandom(2 * 1024 * 1024 + 5))
+        rc, _ = FileStreamer.stream_file(
+            channel=CH,
+            topic="file",
+            stream_ctx={},
+            targets=["server"],
+            file_name=str(mine),
+            fl_ctx=client.new_context(),
+        )
+        assert rc == OK
+        record = next_record()
+        assert record["rc"] == OK
+        assert record["peer"] == "site-1"
+        assert Path(record["file"]).read_bytes() == mine.read_bytes()
+
+        rc, ok = ContainerStreamer.stream_container(
+            channel=CH,
+            topic="container",
+            stream_ctx={},
+            targets=["server"],
+            container={"a": 1, "b": [2, 3]},
+            fl_ctx=client.new_context(),
+        )
+        assert (rc, ok) == (OK, True)
+        assert next_record() == {"container": [["a", 1], ["b", [2, 3]]]}
+
+        files = FileRetriever(source_dir=str(tmp_path), dest_dir=str(tmp_path / "received"))
+        containers = ContainerRetriever()
+        files.handle_event(EventType.START_RUN, client.new_context())
+        containers.handle_event(EventType.START_RUN, client.new_context())
+        rc, location = files.retrieve_file(
+            from_site="server", fl_ctx=client.new_context(), timeout=20.0, file_name="shard.bin"
+        )
+        assert rc == OK
+        assert Path(location).read_bytes() == shard.read_bytes()
+        rc, params = containers.retrieve_container(
+            from_site="server", fl_ctx=client.new_context(), timeout=20.0, name="params"
+        )
+        assert (rc, params) == (OK, {"lr": 0.5, "rounds": 3})
+
+
+@pytest.mark.slow
+def test_log_streamer_tails_and_times_out_across_two_processes(tmp_path: Path) -> None:
+    log = tmp_path / "run.log"
+    log.write_bytes(b"")
+    quiet = tmp_path / "quiet.log"
+    quiet.write_bytes(b"first\n")
+    lines = [f"line {i}\n" for i in range(20)]
+    with remote_server(tmp_path) as (client, next_record):
+        stop = threading.Event()
+        sender, outcome = _stream_log_in_thread(client, "log", log, stop, liveness_interval=1.0)
+        try:
+            # Each half arrives at the remote site while the file is still open and growing.
+            for half in (lines[:10], lines[10:]):
+                for line in half:
+                    with log.open("a") as f:
+                        f.write(line)
+                    time.sleep(0.01)
+                tailed = ""
+                while len(tailed) < len("".join(half)):
+                    tailed += next_record()["log"]
+                assert tailed == "".join(half)
+        finally:
+            stop.set()
+            sender.join(20)
+        assert not sender.is_alive()
+        ((rc, _result),) = outcome
+        assert rc == OK
+        assert next_record() == {"log-done": OK}
+
+        # The remote receiver ends a stream that stays silent past its idle timeout.
+        stop = threading.Event()
+        sender, outcome = _stream_log_in_thread(client, "idle", quiet, stop, liveness_interval=30.0)
+        try:
+            assert next_record() == {"idle-done": ReturnCode.TIMEOUT}
+        finally:
+            stop.set()
+            sender.join(20)
+        assert not sender.is_alive()
+        ((rc, _result),) = outcome
+        assert rc != OK
+
+
 # ------------------------------------------------- the tensor streamer
+
+
+def _sample_tensors(torch: Any) -> dict[str, Any]:
+    return {
+        "encoder": {
+            "weight": torch.randn(256, 128),
+            "bias": torch.zeros(128, dtype=torch.bfloat16),
+        },
+        "head": torch.arange(1000, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+    }
+
+
+def _assert_same_tensors(torch: Any, got: dict[str, Any], sent: dict[str, Any]) -> None:
+    assert got.keys() == sent.keys()
+    for key, want in sent.items():
+        if isinstance(want, dict):
+            _assert_same_tensors(torch, got[key], want)
+        else:
+            assert type(got[key]) is torch.Tensor, key
+            assert got[key].dtype == want.dtype, key
+            assert torch.equal(got[key], want), key
+
+
+def _stream_tensors(client: BlockingSite, tensors: dict[str, Any], task_id: str) -> str:
+    """FLARE's TensorProducer sends ``tensors`` to ``server``; returns the rc."""
+    from nvflare.app_opt.tensor_stream.producer import TensorProducer
+    from nvflare.app_opt.tensor_stream.types import TENSORS_CHANNEL, TensorTopics
+
+    from fedstream import FLContext
+
+    ctx = client.new_context()
+    ctx.set_peer_context(FLContext(identity_name="server"))  # as a FLARE task context has
+    rc, _ = client.stream_objects(
+        TENSORS_CHANNEL,
+        TensorTopics.TASK_RESULT,
+        {},
+        ["server"],
+        TensorProducer(tensors, task_id, 10.0),
+        ctx,
+    )
+    return str(rc)
 
 
 def test_flares_tensor_streamer_runs_unchanged(sites: tuple[BlockingSite, BlockingSite]) -> None:
     torch = pytest.importorskip("torch")
-    pytest.importorskip("safetensors")
     from nvflare.app_opt.tensor_stream.consumer import TensorConsumerFactory
-    from nvflare.app_opt.tensor_stream.producer import TensorProducer
     from nvflare.app_opt.tensor_stream.types import TENSORS_CHANNEL, TensorCustomKeys, TensorTopics
-
-    from fedstream import FLContext
 
     server, client = sites
     got: list[Any] = []
@@ -525,33 +629,24 @@ def test_flares_tensor_streamer_runs_unchanged(sites: tuple[BlockingSite, Blocki
     server.register_stream_processing(
         TENSORS_CHANNEL, TensorTopics.TASK_RESULT, TensorConsumerFactory(), stream_done_cb=done
     )
-    tensors = {
-        "encoder": {
-            "weight": torch.randn(256, 128),
-            "bias": torch.zeros(128, dtype=torch.bfloat16),
-        },
-        "head": torch.arange(1000, dtype=torch.int64),
-        "mask": torch.tensor([True, False, True]),
-    }
-    ctx = client.new_context()
-    ctx.set_peer_context(FLContext(identity_name="server"))  # as a FLARE task context has
-    rc, _ = client.stream_objects(
-        TENSORS_CHANNEL,
-        TensorTopics.TASK_RESULT,
-        {},
-        ["server"],
-        TensorProducer(tensors, "task-1", 10.0),
-        ctx,
-    )
-    assert rc == OK
+    tensors = _sample_tensors(torch)
+    assert _stream_tensors(client, tensors, "task-1") == OK
     _wait(lambda: got, "stream_done_cb")
     ((done_rc, params, task_id),) = got
     assert (done_rc, task_id) == (OK, "task-1")
-    assert torch.equal(params["encoder"]["weight"], tensors["encoder"]["weight"])
-    assert params["encoder"]["bias"].dtype == torch.bfloat16
-    assert torch.equal(params["encoder"]["bias"], tensors["encoder"]["bias"])
-    assert torch.equal(params["head"], tensors["head"])
-    assert torch.equal(params["mask"], tensors["mask"])
+    _assert_same_tensors(torch, params, tensors)
+
+
+@pytest.mark.slow
+def test_flares_tensor_streamer_across_two_processes(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    tensors = _sample_tensors(torch)
+    with remote_server(tmp_path, "--tensors") as (client, next_record):
+        assert _stream_tensors(client, tensors, "task-2") == OK
+        record = next_record()
+    saved = tmp_path / "received" / "task-2.pt"
+    assert record == {"tensors": str(saved), "rc": OK, "task_id": "task-2"}
+    _assert_same_tensors(torch, torch.load(saved, weights_only=True), tensors)
 
 
 def test_fedstream_classes_may_produce_and_reply_with_nvflare_shareables(

@@ -37,6 +37,7 @@ from fedstream import (
     Shareable,
     Site,
     StreamContextKey,
+    TLSConfig,
     open_site,
 )
 from fedstream._engine._callbacks import CallbackRunner, SyncMode
@@ -66,6 +67,7 @@ from test_engine_hostile import (
     raw_peer,
     wait_until,
 )
+from tls_certs import deployment
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -109,6 +111,10 @@ async def connection_of(site: Site, name: str) -> Connection:
     """The site's connection to ``name`` (registered just after the site's HELLO went out)."""
     await wait_until(lambda: name in site._connections)
     return site._connections[name]
+
+
+def tls_config(name: str) -> TLSConfig:
+    return deployment().config(name)
 
 
 def traced_memory() -> int:
@@ -267,6 +273,67 @@ async def test_pending_handshakes_are_few_small_and_give_their_memory_back() -> 
     assert after < 2 * MIB, after  # a 256 KiB buffer each would be 100 MiB
 
 
+async def _closed_at_once(streams: list[trio.SocketStream], within: float) -> list[bool]:
+    """For each stream, whether the site closed it within ``within`` seconds, sending nothing."""
+    closed = [False] * len(streams)
+
+    async def watch(index: int, stream: trio.SocketStream) -> None:
+        with trio.move_on_after(within):
+            try:
+                closed[index] = await stream.receive_some(1) == b""
+            except trio.BrokenResourceError:
+                closed[index] = True
+
+    async with trio.open_nursery() as nursery:
+        for index, stream in enumerate(streams):
+            nursery.start_soon(watch, index, stream)
+    return closed
+
+
+async def test_tls_handshakes_are_pending_handshakes_from_the_tcp_accept() -> None:
+    """Connections to a ``tls://`` port that never send a ClientHello.
+
+    They count against ``max_pending_handshakes`` from the TCP accept on
+    (the TLS handshake is part of the acceptance); beyond it a connection is
+    closed at once, before any TLS; each pending one holds a few KiB (no TLS
+    state until its peer has sent a byte); a legitimate TLS peer connects
+    while the pending ones are within the limit and after the flood.
+    """
+    limit = DEFAULT_MAX_PENDING_HANDSHAKES
+    count = 400 * SCALE
+    tracemalloc.start()
+    try:
+        async with open_site(
+            "hub", listen="tls://127.0.0.1:0", tls=tls_config("hub"), handshake_timeout=30
+        ) as hub:
+            address = hub.address
+            await trio.sleep(0.05)
+            before = traced_memory()
+            first = await _silent_dialers(address, limit - 8)
+            await wait_until(lambda: hub._pending_handshakes == limit - 8)
+            with trio.fail_after(10):
+                async with open_site("ok-1", connect=[address], tls=tls_config("ok-1")):
+                    pass
+            rest = await _silent_dialers(address, count - len(first))
+            await trio.sleep(0.5)  # the site accepts them all
+            during = traced_memory() - before
+            pending = hub._pending_handshakes
+            closed = await _closed_at_once(rest, within=3.0)
+            for dialer in first + rest:
+                await dialer.aclose()
+            del first, rest
+            await wait_until(lambda: hub._pending_handshakes == 0)
+            with trio.fail_after(10):
+                async with open_site("ok-2", connect=[address], tls=tls_config("ok-2")):
+                    pass
+    finally:
+        tracemalloc.stop()
+    assert pending == limit
+    # The first 8 of the second wave were admitted, the others refused at once.
+    assert closed.count(True) == count - limit, closed.count(True)
+    assert during < limit * 24 * KIB, during
+
+
 async def test_a_dialer_that_gave_up_is_never_registered(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -349,12 +416,12 @@ async def test_peer_loss_is_declared_within_peer_timeout_of_the_last_frame(
         tx_conn = await connection_of(tx, "rx")
         # The last frame rx gets comes off its heartbeat's beat.
         await trio.sleep(2.5)
-        before = rx_conn._last_receive
+        before = rx_conn.last_receive
         tx_conn.send_control(Ping(7))
-        while rx_conn._last_receive == before:
+        while rx_conn.last_receive == before:
             await trio.sleep(0.001)
         blackhole(tx_conn)
-        last = rx_conn._last_receive
+        last = rx_conn.last_receive
         with trio.fail_after(3 * timeout):
             while "tx" in rx.peers:
                 await trio.sleep(0.01)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -436,7 +437,7 @@ async def test_refused_tls_handshakes_warn_once_per_interval(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Any client can make a listener refuse a handshake: a flood must not flood the log."""
-    caplog.set_level(logging.DEBUG, logger="fedstream._transport._tls")
+    caplog.set_level(logging.DEBUG, logger="fedstream._engine._site")
     recorder = Recorder()
     with trio.fail_after(15):
         async with open_site("server", listen=TLS, tls=tls("server")) as server:
@@ -452,3 +453,28 @@ async def test_refused_tls_handshakes_warn_once_per_interval(
     refusals = [r for r in caplog.records if "refused a connection" in r.getMessage()]
     assert [r.levelno for r in refusals] == [logging.WARNING] + [logging.DEBUG] * 4
     assert "0 more refused since the last such warning" in refusals[0].getMessage()
+
+
+# -------------------------------------------------------------------- writes
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_NOTSENT_LOWAT"), reason="no TCP_NOTSENT_LOWAT")
+async def test_the_socket_under_a_tls_link_takes_a_whole_frame_at_once() -> None:
+    """Both ends raise trio's 16 KiB unsent limit under the TLS stream, as on plain TCP.
+
+    With trio's limit, each encrypted 1 MiB chunk went out in 16 KiB pieces,
+    the writer waking for each: about three times the sends and waits.
+    """
+    with trio.fail_after(15):
+        async with (
+            open_site("server", listen=TLS, tls=tls("server")) as server,
+            open_site("site-1", connect=[server.address or ""], tls=tls("site-1")) as site1,
+        ):
+            await server.wait_for_peers(["site-1"])
+            for site, peer in ((site1, "server"), (server, "site-1")):
+                conn = site._connections[peer]
+                assert isinstance(conn.stream, trio.SSLStream)
+                raw = conn.stream.transport_stream
+                assert isinstance(raw, trio.SocketStream)
+                unsent = raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+                assert unsent > conn.max_body, (site.name, unsent)

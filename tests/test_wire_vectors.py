@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from fedstream import RemoteProtocolError
 from fedstream._shareable import Shareable
 from fedstream._wire import (
     CLOSED,
@@ -34,6 +35,7 @@ from fedstream._wire import (
     Ping,
     Pong,
     Reply,
+    _arrays,
     _payload,
     _protocol,
     decode_head,
@@ -55,7 +57,7 @@ NAMESPACE: dict[str, Any] = {
     },
 }
 
-_BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+_BLOCK = re.compile(r"^```([\w-]+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 _KEY = re.compile(r"^([a-z][a-z-]*):\s?(.*)$")
 
 
@@ -99,6 +101,7 @@ def _section(title_word: str) -> str:
 VECTORS = _blocks("vector")
 FRAME_VECTORS = [v for v in VECTORS if "frame" in v]
 OBJECT_VECTORS = [v for v in VECTORS if "object" in v]
+TENSOR_VECTORS = _blocks("tensor-vector")
 
 
 def test_doc_has_vectors() -> None:
@@ -136,6 +139,56 @@ def test_object_vector(vector: dict[str, str]) -> None:
         assert b"".join(bytes(p) for p in encoded.parts[1:]) == tail
         data = head + tail
     assert_same_payload(decode_object(data), expected_payload(obj))
+
+
+def test_doc_has_tensor_vectors() -> None:
+    assert {v["name"] for v in TENSOR_VECTORS} >= {"tensor-float32", "tensor-bfloat16"}
+    refused = [v["without-torch"] == "refused" for v in TENSOR_VECTORS]
+    assert any(refused)  # a dtype NumPy lacks
+    assert not all(refused)  # and one that decodes to NumPy
+
+
+@pytest.mark.parametrize("vector", TENSOR_VECTORS, ids=[v["name"] for v in TENSOR_VECTORS])
+def test_tensor_vector_with_torch(vector: dict[str, str]) -> None:
+    """The object encodes to exactly the bytes, which decode to equal tensors."""
+    torch = pytest.importorskip("torch")
+    # torch imports its own modules lazily from C, through the caller's builtins.
+    scope = {**NAMESPACE, "__builtins__": {"__import__": __import__}, "torch": torch}
+    obj = eval(vector["object"], scope)
+    data = _hex(vector["hex"])
+    assert encode_object(obj).to_bytes().hex() == data.hex()
+    got = decode_object(bytearray(data))
+    assert list(got) == list(obj)
+    for key, want in obj.items():
+        if key == "__headers__":
+            continue
+        assert type(got[key]) is torch.Tensor
+        assert (got[key].dtype, got[key].shape) == (want.dtype, want.shape)
+        assert torch.equal(got[key], want)
+
+
+@pytest.mark.parametrize("vector", TENSOR_VECTORS, ids=[v["name"] for v in TENSOR_VECTORS])
+def test_tensor_vector_without_torch(vector: dict[str, str], monkeypatch: Any) -> None:
+    """A site without torch decodes the bytes to NumPy arrays, or refuses them.
+
+    Needs NumPy only: the decoder is made to see no torch whether or not it is installed.
+    """
+    np = pytest.importorskip("numpy")
+    monkeypatch.setattr(_arrays, "_torch", lambda: None)
+    data = _hex(vector["hex"])
+    if vector["without-torch"] == "refused":
+        with pytest.raises(RemoteProtocolError, match="install torch"):
+            decode_object(bytearray(data))
+        return
+    want = eval(vector["without-torch"], {**NAMESPACE, "numpy": np})
+    got = decode_object(bytearray(data))
+    assert list(got) == list(want)
+    for key, array in want.items():
+        if key == "__headers__":
+            continue
+        assert type(got[key]) is np.ndarray
+        assert (got[key].dtype.str, got[key].shape) == (array.dtype.str, array.shape)
+        assert got[key].tobytes() == array.tobytes()
 
 
 def test_frame_vectors_form_a_valid_connection() -> None:

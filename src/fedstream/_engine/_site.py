@@ -8,6 +8,7 @@ caller's cancel scopes apply to it as well.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -47,7 +48,8 @@ from .._wire import (
 from ._aux import AUX_CHANNEL, AuxEndpoint
 from ._budget import SiteBudget
 from ._callbacks import CallbackRunner, SyncMode, current_session
-from ._connection import Connection, ReceiveHandler, accept_handshake, dial_handshake
+from ._connection import Connection
+from ._handshake import accept_handshake, dial_handshake
 from ._options import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_FINALIZE_TIMEOUT,
@@ -66,6 +68,7 @@ from ._options import (
     DEFAULT_WINDOW,
     SiteOptions,
 )
+from ._reader import ReceiveHandler
 from ._receiver import ReceiverSession, Registration
 from ._sender import StreamSession, TargetLink
 from ._stats import ConnectionStats
@@ -76,6 +79,9 @@ if TYPE_CHECKING:  # Unpack for **kwargs is in typing from Python 3.11 (PEP 692)
 __all__ = ["Site", "SiteKeywords", "open_site", "serve_site"]
 
 logger = logging.getLogger(__name__)
+
+#: At most one warning per this many seconds about refused TLS handshakes.
+_REFUSAL_LOG_INTERVAL = 10.0
 
 _WILDCARD = "*"
 #: FLARE's ``ReservedKey.ENGINE``: the ``fl_ctx`` property ``get_engine`` reads.
@@ -124,6 +130,9 @@ class Site:
         self._dialers: dict[str, _Dialer] = {}
         #: Incoming connections whose handshake is under way.
         self._pending_handshakes = 0
+        #: Any client can make a listener refuse its TLS handshake: warn once
+        #: per interval, with a count of the refusals in between.
+        self._refusals = RateLimit(_REFUSAL_LOG_INTERVAL)
         #: What ``fl_ctx.get_engine()`` returns in this site's callbacks.
         self._engine: Any = self
         self._aux = AuxEndpoint(self)
@@ -246,7 +255,9 @@ class Site:
         self._check_open()
         transport = self._transport(url)
         _rate_limit_accept_errors()
-        bound: str = await self._nursery.start(transport.serve, url, self._handle_incoming)
+        bound: str = await self._nursery.start(
+            transport.serve, url, functools.partial(self._handle_incoming, transport)
+        )
         self._addresses.append(bound)
         logger.info("site %s listening on %s", self.name, bound)
         return bound
@@ -455,27 +466,48 @@ class Site:
             return f"site {self.name!r} is shutting down", ErrorCode.SHUTDOWN
         return "", ErrorCode.NO_ERROR
 
-    async def _handle_incoming(self, stream: trio.abc.Stream) -> None:
+    async def _handle_incoming(self, transport: Transport, stream: trio.abc.Stream) -> None:
         try:
-            await self._accept(stream)
+            await self._accept(transport, stream)
         except Exception:
             logger.exception("site %s: error while serving an incoming connection", self.name)
 
-    async def _accept(self, stream: trio.abc.Stream) -> None:
+    async def _accept(self, transport: Transport, stream: trio.abc.Stream) -> None:
+        """Admit, upgrade (TLS), exchange HELLOs, then serve an incoming connection.
+
+        Everything up to a valid HELLO counts against
+        ``max_pending_handshakes``, the transport's own handshake included.
+        """
         limit = self.options.max_pending_handshakes
         if self._pending_handshakes >= limit:
             # Refused at once rather than queued: a queued connection would
             # still hold its descriptor, which is what such a flood exhausts.
             logger.debug("refusing a connection: %d handshakes pending", limit)
-            with trio.move_on_after(1):
-                try:
-                    await stream.send_all(_TOO_MANY_HANDSHAKES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
+            if not transport.upgrades:  # a TLS peer could not read a GOAWAY
+                with trio.move_on_after(1):
+                    try:
+                        await stream.send_all(_TOO_MANY_HANDSHAKES)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
             await trio.aclose_forcefully(stream)
             return
         self._pending_handshakes += 1
         try:
+            try:
+                stream = await transport.upgrade(stream)
+            except HandshakeError as exc:
+                suppressed = self._refusals.allow()
+                if suppressed is None:
+                    logger.debug("site %s refused a connection: %s", self.name, exc)
+                else:
+                    logger.warning(
+                        "site %s refused a connection: %s "
+                        "(%d more refused since the last such warning)",
+                        self.name,
+                        exc,
+                        suppressed,
+                    )
+                return
             accepted = await self._handshake(stream)
         finally:
             self._pending_handshakes -= 1

@@ -29,7 +29,8 @@ __all__ = [
     "transport_schemes",
 ]
 
-#: Called with each accepted stream; owns it and must close it.
+#: Called with each accepted stream, before the transport's own handshake
+#: (see :meth:`Transport.upgrade`); owns the stream and must close it.
 ConnectionHandler = Callable[[trio.abc.Stream], Awaitable[None]]
 
 
@@ -52,6 +53,10 @@ class Transport(ABC):
 
     #: The URL scheme this transport serves, e.g. ``"tcp"``.
     scheme: str
+    #: Whether :meth:`upgrade` runs a handshake of the transport's own. A
+    #: stream turned away before it is upgraded then gets no fedstream bytes:
+    #: its peer expects the transport's handshake first.
+    upgrades: bool = False
 
     @abstractmethod
     async def connect(self, url: str) -> trio.abc.Stream:
@@ -74,10 +79,26 @@ class Transport(ABC):
         """Accept streams on ``url`` and run ``handler`` for each, until cancelled.
 
         Calls ``task_status.started(bound_url)`` once it is accepting, with the
-        URL actually bound (port 0 replaced by the real port). A stream whose
-        transport handshake fails is closed without reaching ``handler``;
-        one peer's handshake never holds up another's.
+        URL actually bound (port 0 replaced by the real port). Each stream
+        reaches ``handler`` (in its own task) as soon as it is accepted,
+        before the transport's own handshake: the handler completes that
+        with :meth:`upgrade`, so that the site counts and bounds the whole
+        acceptance, and can turn a connection away before spending anything
+        on it.
         """
+
+    async def upgrade(self, stream: trio.abc.Stream) -> trio.abc.Stream:
+        """Complete the transport's own handshake on a stream :meth:`serve`
+        handed to its handler; return the stream to speak fedstream on.
+
+        Bounded by the config's ``handshake_timeout``. The default has no
+        handshake and returns ``stream`` itself.
+
+        Raises:
+            HandshakeError: the handshake failed or timed out (``stream`` is
+                closed by then).
+        """
+        return stream
 
 
 #: Makes a site's transport for one scheme.

@@ -1,10 +1,16 @@
 """TLS over TCP: ``tls://host:port``.
 
-Streams are ``trio.SSLStream``s whose TLS handshake is complete before the
-site sees them, bounded by the site's ``handshake_timeout``. A listener runs
-each accepted connection's TLS handshake in that connection's own task, so
-a slow or hostile peer never holds up another; a failed one is logged and
-closed without reaching the site.
+Streams are ``trio.SSLStream``s. A dialer's TLS handshake is complete when
+:meth:`TlsTransport.connect` returns. A listener hands each TCP stream to the
+site as soon as it is accepted, and the site runs the TLS handshake through
+:meth:`TlsTransport.upgrade` as the first step of its own acceptance, so
+that connections in the TLS handshake count against the site's
+``max_pending_handshakes`` and one beyond it is closed before any TLS.
+
+While pending, a connection holds little: no TLS state exists until the
+peer has sent its first bytes (a silent peer holds a socket and a task), and
+OpenSSL releases its record buffers while they are empty (CPython sets
+``SSL_MODE_RELEASE_BUFFERS``).
 """
 
 from __future__ import annotations
@@ -15,90 +21,78 @@ import ssl
 import trio
 
 from .._errors import HandshakeError
-from .._ratelimit import RateLimit
 from .._tls import TLSConfig, describe_tls_error
-from ._base import ConnectionHandler, Transport, TransportConfig, register_transport, split_url
+from ._base import Transport, TransportConfig, register_transport, split_url
 from ._tcp import TcpTransport
 
 __all__ = ["TlsTransport"]
 
 logger = logging.getLogger(__name__)
 
-#: At most one warning per this many seconds, per listening site, about
-#: refused TLS handshakes (any client can cause them); the rest go to debug.
-REFUSAL_LOG_INTERVAL = 10.0
-
 
 class TlsTransport(TcpTransport):
     """TLS 1.2+ over TCP with this site's certificate; mutual when the config has a CA."""
 
     scheme = "tls"
+    upgrades = True
 
     def __init__(self, tls: TLSConfig, *, handshake_timeout: float) -> None:
         self.tls = tls
         self.handshake_timeout = handshake_timeout
         self._server_context = tls.server_context()
         self._client_context = tls.client_context()
-        self._refusals = RateLimit(REFUSAL_LOG_INTERVAL)
 
     async def connect(self, url: str) -> trio.abc.Stream:
         _, host, _ = split_url(url)
         stream = await super().connect(url)
         ssl_stream = trio.SSLStream(stream, self._client_context, server_hostname=host)
-        try:
-            await self._handshake(ssl_stream, f"with {url}", HandshakeError)
-        except BaseException:  # the caller's deadline included: never leak the socket
-            await trio.aclose_forcefully(ssl_stream)
-            raise
+        deadline = trio.current_time() + self.handshake_timeout
+        await self._handshake(ssl_stream, f"with {url}", deadline)
+        return ssl_stream
+
+    async def upgrade(self, stream: trio.abc.Stream) -> trio.abc.Stream:
+        """The listener's TLS handshake on an accepted TCP stream.
+
+        It waits for the peer's first bytes before it makes any TLS state, so
+        a peer that stays silent costs a socket and a task, not an SSL object.
+        """
+        deadline = trio.current_time() + self.handshake_timeout
+        where = "from an unknown peer"
+        if isinstance(stream, trio.SocketStream):
+            try:
+                host, port = stream.socket.getpeername()[:2]
+                where = f"from {host}:{port}"
+            except OSError:
+                pass
+            try:
+                with trio.move_on_at(deadline):
+                    await trio.lowlevel.wait_readable(stream.socket)
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+        ssl_stream = trio.SSLStream(stream, self._server_context, server_side=True)
+        await self._handshake(ssl_stream, where, deadline)
         return ssl_stream
 
     async def _handshake(
-        self, stream: trio.SSLStream[trio.abc.Stream], where: str, error: type[Exception]
+        self, stream: trio.SSLStream[trio.abc.Stream], where: str, deadline: float
     ) -> None:
-        """Complete the TLS handshake within the timeout, or close the stream and raise."""
-        limit = self.handshake_timeout
+        """Complete the TLS handshake by ``deadline``, or close the stream and raise."""
         problem = ""
-        with trio.move_on_after(limit) as scope:
-            try:
-                await stream.do_handshake()
-            except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-                problem = describe_tls_error(exc)
-        if scope.cancelled_caught:
-            problem = f"no TLS handshake within {limit} s"
+        try:
+            with trio.move_on_at(deadline) as scope:
+                try:
+                    await stream.do_handshake()
+                except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+                    problem = describe_tls_error(exc)
+            if scope.cancelled_caught:
+                problem = f"no TLS handshake within {self.handshake_timeout} s"
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
         if problem:
             await trio.aclose_forcefully(stream)
-            raise error(f"TLS handshake {where} failed: {problem}")
-
-    def _accepting(self, handler: ConnectionHandler) -> ConnectionHandler:
-        async def accept(stream: trio.abc.Stream) -> None:
-            where = "from an unknown peer"
-            if isinstance(stream, trio.SocketStream):
-                try:
-                    host, port = stream.socket.getpeername()[:2]
-                    where = f"from {host}:{port}"
-                except OSError:
-                    pass
-            ssl_stream = trio.SSLStream(stream, self._server_context, server_side=True)
-            try:
-                await self._handshake(ssl_stream, where, _Refused)
-            except _Refused as exc:
-                suppressed = self._refusals.allow()
-                if suppressed is None:
-                    logger.debug("refused a connection: %s", exc)
-                else:
-                    logger.warning(
-                        "refused a connection: %s (%d more refused since the last such warning)",
-                        exc,
-                        suppressed,
-                    )
-                return
-            await handler(ssl_stream)
-
-        return accept
-
-
-class _Refused(Exception):
-    """An incoming connection failed its TLS handshake (logged, never raised out)."""
+            raise HandshakeError(f"TLS handshake {where} failed: {problem}")
 
 
 def _tls(config: TransportConfig) -> Transport:

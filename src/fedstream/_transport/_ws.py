@@ -424,6 +424,14 @@ class WebSocketTransport(Transport):
         path = urlsplit(url).path or "/"
 
         async def upgrade(stream: trio.abc.Stream) -> None:
+            # The inner transport hands over the accepted TCP stream; for
+            # wss:// its TLS handshake comes first (it closes the stream
+            # itself when that fails).
+            try:
+                stream = await self._inner.upgrade(stream)
+            except HandshakeError as exc:
+                logger.warning("refused a connection: %s", exc)
+                return
             await self._serve_one(stream, path, handler)
 
         async with trio.open_nursery() as nursery:
