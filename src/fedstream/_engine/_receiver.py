@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import logging
 import math
 import mmap
@@ -487,6 +488,11 @@ class ReceiverSession:
 
     async def _consume_all(self, consumer: ObjectConsumer) -> None:
         reg = self.registration
+        # Plain consume and consumed_cb share one worker-thread hop per object.
+        callbacks = [consumer.consume]
+        if reg.consumed_cb is not None:
+            callbacks.append(reg.consumed_cb)
+        one_hop = self.runner.one_hop(*callbacks)
         while True:
             while not self._inbox:
                 if self._end_received:
@@ -511,14 +517,19 @@ class ReceiverSession:
             del raw
             self._busy = True
             try:
-                result = await self.runner(
-                    consumer.consume, shareable, self.stream_ctx, self.fl_ctx
-                )
-                keep_going, reply = _check_consume_result(result)
-                if reg.consumed_cb is not None:
-                    await self.runner(
-                        reg.consumed_cb, self.stream_ctx, self.fl_ctx, **reg.cb_kwargs
+                if one_hop:
+                    keep_going, reply = await self.runner.call_plain(
+                        self._consume_in_thread, consumer, shareable
                     )
+                else:
+                    result = await self.runner(
+                        consumer.consume, shareable, self.stream_ctx, self.fl_ctx
+                    )
+                    keep_going, reply = _check_consume_result(result)
+                    if reg.consumed_cb is not None:
+                        await self.runner(
+                            reg.consumed_cb, self.stream_ctx, self.fl_ctx, **reg.cb_kwargs
+                        )
             except Exception as exc:
                 if self.rc is not None:  # already ending; the error is a consequence
                     logger.debug(
@@ -549,6 +560,28 @@ class ReceiverSession:
             if not keep_going:
                 self.rc = end_rc or str(reply.get_return_code(ReturnCode.OK))
                 return
+
+    def _consume_in_thread(self, consumer: ObjectConsumer, shareable: Shareable) -> Any:
+        """In a worker thread: ``consume``, then ``consumed_cb``; returns
+        ``(keep_going, reply)``, or an awaitable of it for trio to await when
+        a plain callback returned an awaitable."""
+        reg = self.registration
+        result = consumer.consume(shareable, self.stream_ctx, self.fl_ctx)
+        if inspect.isawaitable(result):
+            return self._consume_rest(result)
+        checked = _check_consume_result(result)
+        if reg.consumed_cb is not None:
+            done = reg.consumed_cb(self.stream_ctx, self.fl_ctx, **reg.cb_kwargs)
+            if inspect.isawaitable(done):
+                return _then(done, checked)
+        return checked
+
+    async def _consume_rest(self, pending: Awaitable[Any]) -> tuple[bool, Shareable | None]:
+        checked = _check_consume_result(await pending)
+        reg = self.registration
+        if reg.consumed_cb is not None:
+            await self.runner(reg.consumed_cb, self.stream_ctx, self.fl_ctx, **reg.cb_kwargs)
+        return checked
 
     async def _send_reply(self, seq: int, reply: Shareable, *, last: bool) -> None:
         sid = self.sid
@@ -656,6 +689,11 @@ class ReceiverSession:
                     await self.conn.send_data(Done(self.sid, rc, None))
             except ConnectionLostError:
                 pass
+
+
+async def _then(pending: Awaitable[Any], value: Any) -> Any:
+    await pending
+    return value
 
 
 def _overridden(bound: Callable[..., Any], default: Callable[..., Any]) -> bool:

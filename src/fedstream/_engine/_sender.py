@@ -19,6 +19,7 @@ target's DONE: ``stream_objects`` returns only after the receivers finalized.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -68,6 +69,9 @@ END_RESULTS: Final = "__end_results__"
 #: The encoding of the plain OK reply (``make_reply(OK)``), the most common one.
 _PLAIN_OK_BYTES: Final = encode_object(make_reply(ReturnCode.OK)).to_bytes()
 _PLAIN_OK_SIZE: Final = len(_PLAIN_OK_BYTES)
+
+#: Stands for "no object produced yet" in the producer loop.
+_NOT_PRODUCED: Final = object()
 
 
 #: A part this small is sent in one write with the part after it.
@@ -588,13 +592,22 @@ class StreamSession:
                 raise LocalProtocolError(
                     f"stream_ctx cannot be sent to {link.name}: {exc}"
                 ) from exc
+        producer = self.producer
+        # Plain produce and process_replies share one worker-thread hop per
+        # object: process_replies of one object, then produce of the next.
+        one_hop = self.runner.one_hop(producer.produce, producer.process_replies)
+        produced: Any = _NOT_PRODUCED
         while True:
             if signal.triggered:
                 return ReturnCode.TASK_ABORTED, None, False
-            produced = await self.runner(self.producer.produce, self.stream_ctx, self.fl_ctx)
+            if produced is _NOT_PRODUCED:
+                produced = await self.runner(producer.produce, self.stream_ctx, self.fl_ctx)
+            elif inspect.isawaitable(produced):
+                produced = await produced
             if signal.triggered:  # produce itself may have fired it
                 return ReturnCode.TASK_ABORTED, None, False
             shareable, timeout = _check_produced(produced)
+            produced = _NOT_PRODUCED
             if shareable is None:
                 return ReturnCode.OK, None, True
             encoded = encode_object(shareable)
@@ -619,15 +632,42 @@ class StreamSession:
             for name in self.missing:
                 replies[name] = make_reply(ReturnCode.COMMUNICATION_ERROR)
             seq += 1
-            outcome = await self.runner(
-                self.producer.process_replies, replies, self.stream_ctx, self.fl_ctx
-            )
+            if one_hop:
+                outcome, produced = await self.runner.call_plain(
+                    self._replies_then_produce, replies, signal
+                )
+                if inspect.isawaitable(outcome):
+                    outcome = await outcome
+            else:
+                outcome = await self.runner(
+                    producer.process_replies, replies, self.stream_ctx, self.fl_ctx
+                )
             if outcome is not None:
                 if signal.triggered:
                     return ReturnCode.TASK_ABORTED, outcome, False
                 return (ReturnCode.OK if outcome else ReturnCode.ERROR), outcome, True
-            if all(link.ended_rc is not None for link in self.links):
+            if produced is _NOT_PRODUCED and self._all_ended():
+                # (An object already produced is still offered: its targets'
+                # replies say they ended, and the stream ends after it.)
                 return self._all_ended_rc(), None, True
+
+    def _replies_then_produce(self, replies: dict[str, Shareable], signal: Any) -> tuple[Any, Any]:
+        """In a worker thread: ``process_replies``, then (if the stream goes on)
+        the next ``produce``; returns ``(outcome, produced)``.
+
+        ``produced`` is :data:`_NOT_PRODUCED` when the stream does not go on
+        (``process_replies`` ended it, the abort signal fired, every target
+        ended) or when ``process_replies`` returned an awaitable, which the
+        caller awaits before anything else.
+        """
+        producer = self.producer
+        outcome = producer.process_replies(replies, self.stream_ctx, self.fl_ctx)
+        if outcome is not None or signal.triggered or self._all_ended():
+            return outcome, _NOT_PRODUCED
+        return None, producer.produce(self.stream_ctx, self.fl_ctx)
+
+    def _all_ended(self) -> bool:
+        return all(link.ended_rc is not None for link in self.links)
 
     async def _deliver(
         self,
