@@ -161,8 +161,48 @@ _RESERVED_TAGS: Final = frozenset(
 )
 
 
+#: Leaf types every receiver accepts whatever their value.
+_PLAIN_LEAVES: Final = frozenset({str, bytes, bytearray, float, bool, type(None)})
+#: Integers in this range are CBOR major types 0 and 1 (no big-number tags).
+_INT_LIMIT: Final = 2**64
+#: Containers nested deeper than this are checked by decoding: the walk below
+#: stays far inside :data:`MAX_OBJECT_DEPTH` however the decoder counts tags.
+_PLAIN_DEPTH: Final = 16
+
+
+def _plain(value: Any, depth: int) -> bool:
+    """Whether ``value`` holds only values every receiver accepts: str-keyed
+    ``dict``/``Shareable`` maps, lists and tuples (at most ``depth`` deep),
+    and :data:`_PLAIN_LEAVES` or 64-bit integers (exact types, no subclasses).
+
+    Such an object needs no checking by decoding, and its maps need no key
+    check while encoding.
+    """
+    kind = type(value)
+    if kind in _PLAIN_LEAVES:
+        return True
+    if kind is int:
+        return bool(-_INT_LIMIT <= value < _INT_LIMIT)
+    if depth <= 0:
+        return False
+    if kind is dict or kind is Shareable:
+        for key, item in value.items():
+            if type(key) is not str:
+                return False
+            if type(item) not in _PLAIN_LEAVES and not _plain(item, depth - 1):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        for item in value:
+            if type(item) not in _PLAIN_LEAVES and not _plain(item, depth - 1):
+                return False
+        return True
+    return False
+
+
 def _encode_value(obj: Mapping[str, Any]) -> tuple[bytes, list[memoryview]]:
-    """The CBOR value of ``obj`` and its out-of-band buffers, checked by decoding.
+    """The CBOR value of ``obj`` and its out-of-band buffers, checked by decoding
+    unless it holds only values every receiver accepts (:func:`_plain`).
 
     Raises:
         Exception: whatever the encoder raised for a value it cannot encode.
@@ -191,7 +231,17 @@ def _encode_value(obj: Mapping[str, Any]) -> tuple[bytes, list[memoryview]]:
             raise TypeError(f"tag {value.tag} is reserved by fedstream's object encoding")
         encoder.encode_semantic(value.tag, value.value)
 
-    encoders: dict[type, Any] = {
+    plain = (type(obj) is dict or type(obj) is Shareable) and _plain(obj, _PLAIN_DEPTH)
+    if plain:
+        # Keys already checked: plain maps use cbor2's own encoder.
+        encoders: dict[type, Any] = {
+            bytes: encode_bytes,
+            bytearray: encode_bytes,
+            Shareable: lambda encoder, value: encoder.encode_semantic(TAG_SHAREABLE, dict(value)),
+        }
+        value = cbor2.dumps(dict(obj), encoders=encoders)
+        return value, buffers
+    encoders = {
         bytes: encode_bytes,
         bytearray: encode_bytes,
         memoryview: encode_bytes,
