@@ -159,6 +159,17 @@ class CallbackRunner:
             raise
 
 
+def not_awaitable(result: Any) -> Any:
+    """Refuse an awaitable returned by a plain callback in a worker thread, as
+    ``trio.to_thread.run_sync`` does for a single callback."""
+    if inspect.isawaitable(result):
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+        raise TypeError("a plain callback run in a worker thread returned an awaitable")
+    return result
+
+
 def _is_async(fn: Callable[..., Any]) -> bool:
     while isinstance(fn, functools.partial):
         fn = fn.func

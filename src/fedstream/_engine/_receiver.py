@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import inspect
 import logging
 import math
 import mmap
@@ -50,7 +49,7 @@ from .._wire import (
 )
 from .._wire._frames import FREE_REPLY_MAX, OPENER_ABORT_RCS
 from ._budget import ObjectHolds
-from ._callbacks import current_session
+from ._callbacks import current_session, not_awaitable
 from ._stats import StreamStats
 
 if TYPE_CHECKING:
@@ -561,26 +560,16 @@ class ReceiverSession:
                 self.rc = end_rc or str(reply.get_return_code(ReturnCode.OK))
                 return
 
-    def _consume_in_thread(self, consumer: ObjectConsumer, shareable: Shareable) -> Any:
-        """In a worker thread: ``consume``, then ``consumed_cb``; returns
-        ``(keep_going, reply)``, or an awaitable of it for trio to await when
-        a plain callback returned an awaitable."""
+    def _consume_in_thread(
+        self, consumer: ObjectConsumer, shareable: Shareable
+    ) -> tuple[bool, Shareable | None]:
+        """In a worker thread: ``consume``, then ``consumed_cb``."""
         reg = self.registration
-        result = consumer.consume(shareable, self.stream_ctx, self.fl_ctx)
-        if inspect.isawaitable(result):
-            return self._consume_rest(result)
-        checked = _check_consume_result(result)
+        checked = _check_consume_result(
+            not_awaitable(consumer.consume(shareable, self.stream_ctx, self.fl_ctx))
+        )
         if reg.consumed_cb is not None:
-            done = reg.consumed_cb(self.stream_ctx, self.fl_ctx, **reg.cb_kwargs)
-            if inspect.isawaitable(done):
-                return _then(done, checked)
-        return checked
-
-    async def _consume_rest(self, pending: Awaitable[Any]) -> tuple[bool, Shareable | None]:
-        checked = _check_consume_result(await pending)
-        reg = self.registration
-        if reg.consumed_cb is not None:
-            await self.runner(reg.consumed_cb, self.stream_ctx, self.fl_ctx, **reg.cb_kwargs)
+            not_awaitable(reg.consumed_cb(self.stream_ctx, self.fl_ctx, **reg.cb_kwargs))
         return checked
 
     async def _send_reply(self, seq: int, reply: Shareable, *, last: bool) -> None:
@@ -689,11 +678,6 @@ class ReceiverSession:
                     await self.conn.send_data(Done(self.sid, rc, None))
             except ConnectionLostError:
                 pass
-
-
-async def _then(pending: Awaitable[Any], value: Any) -> Any:
-    await pending
-    return value
 
 
 def _overridden(bound: Callable[..., Any], default: Callable[..., Any]) -> bool:

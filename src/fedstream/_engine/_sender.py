@@ -19,7 +19,6 @@ target's DONE: ``stream_objects`` returns only after the receivers finalized.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -47,7 +46,7 @@ from .._wire import (
 )
 from .._wire._frames import FREE_REPLY_MAX
 from ._budget import ObjectHolds
-from ._callbacks import current_session
+from ._callbacks import current_session, not_awaitable
 from ._stats import StreamStats
 
 if TYPE_CHECKING:
@@ -602,8 +601,6 @@ class StreamSession:
                 return ReturnCode.TASK_ABORTED, None, False
             if produced is _NOT_PRODUCED:
                 produced = await self.runner(producer.produce, self.stream_ctx, self.fl_ctx)
-            elif inspect.isawaitable(produced):
-                produced = await produced
             if signal.triggered:  # produce itself may have fired it
                 return ReturnCode.TASK_ABORTED, None, False
             shareable, timeout = _check_produced(produced)
@@ -636,8 +633,6 @@ class StreamSession:
                 outcome, produced = await self.runner.call_plain(
                     self._replies_then_produce, replies, signal
                 )
-                if inspect.isawaitable(outcome):
-                    outcome = await outcome
             else:
                 outcome = await self.runner(
                     producer.process_replies, replies, self.stream_ctx, self.fl_ctx
@@ -657,14 +652,13 @@ class StreamSession:
 
         ``produced`` is :data:`_NOT_PRODUCED` when the stream does not go on
         (``process_replies`` ended it, the abort signal fired, every target
-        ended) or when ``process_replies`` returned an awaitable, which the
-        caller awaits before anything else.
+        ended).
         """
         producer = self.producer
-        outcome = producer.process_replies(replies, self.stream_ctx, self.fl_ctx)
+        outcome = not_awaitable(producer.process_replies(replies, self.stream_ctx, self.fl_ctx))
         if outcome is not None or signal.triggered or self._all_ended():
             return outcome, _NOT_PRODUCED
-        return None, producer.produce(self.stream_ctx, self.fl_ctx)
+        return None, not_awaitable(producer.produce(self.stream_ctx, self.fl_ctx))
 
     def _all_ended(self) -> bool:
         return all(link.ended_rc is not None for link in self.links)
