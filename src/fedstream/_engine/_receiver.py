@@ -50,6 +50,7 @@ from .._wire import (
 from .._wire._frames import FREE_REPLY_MAX, OPENER_ABORT_RCS
 from ._budget import ObjectHolds
 from ._callbacks import current_session, not_awaitable
+from ._sender import MAX_IN_FLIGHT
 from ._stats import StreamStats
 
 if TYPE_CHECKING:
@@ -60,9 +61,10 @@ __all__ = ["ReceiverSession", "Registration", "send_object"]
 
 logger = logging.getLogger(__name__)
 
-#: Objects that may wait in a session's inbox. The sender waits for a reply
-#: before it sends the next object, so a well-behaved peer never exceeds 1.
-_INBOX_LIMIT = 2
+#: Objects that may wait in a session's inbox: a pipelined sender keeps at
+#: most MAX_IN_FLIGHT objects unanswered (a stop-and-wait sender, one). The
+#: receive budget bounds their bytes; this bounds their number.
+_INBOX_LIMIT: Final = MAX_IN_FLIGHT
 
 
 @dataclass(frozen=True, slots=True)
