@@ -248,3 +248,26 @@ async def test_a_call_that_returns_normally_wakes_trio_once(
         release.set()
     assert sent == [1]
     assert 0.3 <= waited[0] < 4.0
+
+
+async def test_pipelined_sender_chains_process_replies_and_produce_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Window 3, 6 objects: 3 hops fill the window, then each process_replies
+    carries the next produce (4 hops, the last produce returning None), then
+    the 2 process_replies left alone: 9 on the sender, 1 + 6 on the receiver."""
+    hops = _count_hops(monkeypatch)
+    log = _Log()
+    with trio.fail_after(10):
+        async with _pair() as (rx, tx):
+            rx.register_stream_processing("c", "t", _Factory(_Log()))
+            before = hops[0]
+            rc, _ = await tx.stream_objects(
+                "c", "t", {}, ["rx"], _Producer(log, 6), None, max_in_flight=3
+            )
+            total = hops[0] - before
+    assert rc == ReturnCode.OK
+    names = [name for name, _ in log.calls]
+    assert names.count("produce") == 7
+    assert names.count("process_replies") == 6
+    assert total == 9 + 7

@@ -753,16 +753,21 @@ class StreamSession:
             link.pipeline()
         # (seq, timeout, replies known at once) per object in flight, oldest first.
         in_flight: collections.deque[tuple[int, float, dict[str, Shareable]]] = collections.deque()
+        producer = self.producer
+        one_hop = self.runner.one_hop(producer.produce, producer.process_replies)
+        produced: Any = _NOT_PRODUCED
         seq = 0
         exhausted = False
         while True:
             while not exhausted and len(in_flight) < self.max_in_flight:
                 if signal.triggered:
                     return ReturnCode.TASK_ABORTED, None, False
-                produced = await self.runner(self.producer.produce, self.stream_ctx, self.fl_ctx)
+                if produced is _NOT_PRODUCED:
+                    produced = await self.runner(producer.produce, self.stream_ctx, self.fl_ctx)
                 if signal.triggered:
                     return ReturnCode.TASK_ABORTED, None, False
                 shareable, timeout = _check_produced(produced)
+                produced = _NOT_PRODUCED
                 if shareable is None:
                     exhausted = True
                     break
@@ -798,9 +803,15 @@ class StreamSession:
                         nursery.start_soon(self._collect, link, replies, oldest, timeout)
             for name in self.missing:
                 replies[name] = make_reply(ReturnCode.COMMUNICATION_ERROR)
-            outcome = await self.runner(
-                self.producer.process_replies, replies, self.stream_ctx, self.fl_ctx
-            )
+            if one_hop and not exhausted:
+                # The window has room again: the next produce joins this hop.
+                outcome, produced = await self.runner.call_plain(
+                    self._replies_then_produce, replies, signal
+                )
+            else:
+                outcome = await self.runner(
+                    producer.process_replies, replies, self.stream_ctx, self.fl_ctx
+                )
             if outcome is not None:
                 if signal.triggered:
                     return ReturnCode.TASK_ABORTED, outcome, False
