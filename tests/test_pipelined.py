@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine_helpers import (
     CHANNEL,
@@ -294,3 +296,105 @@ async def test_max_in_flight_must_be_an_int_from_1_to_64(bad: Any) -> None:
                     max_in_flight=bad,
                 )  # fmt: skip
     assert recorder.sessions == {}
+
+
+# ------------------------------------------------------------------ property
+
+FAULTS = ["none", "process_end", "consumer_stop", "consumer_raise", "abort", "produce_raise"]
+
+
+async def _run_case(
+    window: int, count: int, targets: int, fault: str, at: int
+) -> tuple[Recorder, _Producer, str | None, list[str]]:
+    fl_ctx = FLContext(identity_name="tx")
+
+    async def producer_hook(phase: str, seq: int) -> None:
+        if fault == "abort" and phase == "process_replies" and seq == at:
+            fl_ctx.get_run_abort_signal().trigger("stop")
+        if fault == "produce_raise" and phase == "produce" and seq == at:
+            raise RuntimeError("produce failed")
+
+    async def consume_hook(site: str, stream: str, seq: int, *args: Any) -> Any:
+        if site == "rx0" and seq == at:
+            if fault == "consumer_stop":
+                return STOP
+            if fault == "consumer_raise":
+                raise RuntimeError("consume failed")
+        return None
+
+    recorder = Recorder()
+    producer = _Producer(
+        "s", [100 * (i % 3) + 40_000 * (i % 2) for i in range(count)],
+        end_at=at if fault == "process_end" else -1, hook=producer_hook,
+    )  # fmt: skip
+    names = [f"rx{i}" for i in range(targets)]
+    rc: str | None = None
+    with trio.fail_after(30):
+        async with _sites(recorder, targets=targets, consume_hook=consume_hook) as (tx, _):
+            try:
+                rc, _ = await tx.stream_objects(
+                    CHANNEL, TOPIC, {"stream": "s"}, names, producer, fl_ctx,
+                    max_in_flight=window,
+                )  # fmt: skip
+            except RuntimeError:
+                rc = None
+    return recorder, producer, rc, names
+
+
+@given(
+    window=st.integers(1, 6),
+    count=st.integers(0, 8),
+    targets=st.integers(1, 2),
+    fault=st.sampled_from(FAULTS),
+    at=st.integers(0, 7),
+)
+def test_any_window_and_fault_point_keeps_order_and_finalizes_once(
+    window: int, count: int, targets: int, fault: str, at: int
+) -> None:
+    recorder, producer, rc, names = trio.run(_run_case, window, count, targets, fault, at)
+    assert recorder.all_problems() == []
+    assert producer.problems == []
+    produced = producer.next_seq
+    # The window bounds what is unanswered, and replies are processed in order.
+    assert max(producer.in_flight_at_produce, default=0) <= window - 1
+    assert len(producer.replies) <= produced
+    for index, replies in enumerate(producer.replies):
+        assert sorted(replies) == names
+        for name in names:
+            ack = replies[name].get("ack")
+            assert ack is None or ack == index
+    for name in names:
+        log = recorder.session(name, "s")
+        # Each target consumed a prefix of what was produced, in order ...
+        assert log.seqs == list(range(len(log.seqs)))
+        assert len(log.seqs) <= produced
+        # ... and its session, if one was opened, finalized exactly once.
+        if log.count("get_consumer"):
+            assert len(log.rcs("finalize")) == 1
+    fired = at < count or (fault == "produce_raise" and at == count)
+    if fault == "none" or not fired:
+        assert rc == ReturnCode.OK
+        assert len(producer.replies) == count
+        for name in names:
+            assert recorder.session(name, "s").seqs == list(range(count))
+    elif fault == "process_end":
+        assert rc == ReturnCode.OK
+        assert len(producer.replies) == at + 1
+        for name in names:
+            assert at + 1 <= len(recorder.session(name, "s").seqs) <= produced
+    elif fault == "abort":
+        assert rc == ReturnCode.TASK_ABORTED
+        assert len(producer.replies) == at + 1
+    elif fault == "produce_raise":
+        assert rc is None
+        assert len(producer.replies) <= at
+    else:  # consumer_stop / consumer_raise on rx0
+        assert recorder.session("rx0", "s").seqs == list(range(at + 1))
+        end_rc = ReturnCode.OK if fault == "consumer_stop" else ReturnCode.EXECUTION_EXCEPTION
+        assert recorder.session("rx0", "s").rcs("finalize") == [end_rc]
+        if targets == 1:
+            assert rc == end_rc
+            assert len(producer.replies) == at + 1
+        else:
+            assert rc == ReturnCode.OK
+            assert len(producer.replies) == count

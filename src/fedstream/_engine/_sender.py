@@ -816,6 +816,8 @@ class StreamSession:
                 if signal.triggered:
                     return ReturnCode.TASK_ABORTED, outcome, False
                 return (ReturnCode.OK if outcome else ReturnCode.ERROR), outcome, True
+            if signal.triggered:
+                return ReturnCode.TASK_ABORTED, None, False
             if all(link.ended_rc is not None and not link.replies_waiting() for link in self.links):
                 # Every target ended, and no reply behind this object is left
                 # to report (replies run ahead of process_replies).
