@@ -12,6 +12,11 @@ moving is never killed, while a target that stops granting credit or does
 not reply within ``timeout`` of the last progress gets a ``TIMEOUT`` reply and
 its session is aborted with ``TIMEOUT``; the other targets carry on.
 
+A pipelined stream (``max_in_flight`` above 1) sends up to that many
+objects before the oldest one's replies are in: each target link keeps the
+replies that arrive, by sequence number, until the producer loop collects
+them in order (:meth:`TargetLink.await_reply`).
+
 At the end, every live target is told END (normal) or ABORT (with the rc),
 and the sender waits, bounded by ``finalize_timeout``, for each reachable
 target's DONE: ``stream_objects`` returns only after the receivers finalized.
@@ -105,7 +110,8 @@ class TargetLink:
         self._pending_seq = -1
         #: Objects whose first frame went out (the END count).
         self.sent_count = 0
-        #: With several objects in flight (:meth:`send`, :meth:`await_reply`):
+        #: With several objects in flight (:meth:`deliver` with
+        #: ``wait_reply=False``, then :meth:`await_reply`):
         #: replies that arrived, by seq, with their ``last`` flag; the reply
         #: expected next is ``_pending_seq``'s, and replies come in order.
         self.pipelined = False
