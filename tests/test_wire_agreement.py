@@ -340,3 +340,13 @@ async def test_a_refused_value_fails_the_stream_locally_and_aborts_receivers(
     assert log.rcs("finalize") == [ReturnCode.EXECUTION_EXCEPTION]
     assert recorder.all_problems() == []
     assert len(producer.replies) == 1
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [cbor2.CBORTag(1, False), cbor2.CBORTag(0, "2020-01-01T00:00:00Z"), cbor2.CBORTag(258, [1])],
+)
+def test_caller_tags_the_decoder_would_turn_into_other_values_are_refused(tag: Any) -> None:
+    """CBORTag(1, False) came back as a datetime: refused now, by name."""
+    with pytest.raises(LocalProtocolError, match=r"shareable\['t'\] \(CBORTag\).*not come back"):
+        encode_object(Shareable({"t": tag}))

@@ -200,6 +200,13 @@ def _plain(value: Any, depth: int) -> bool:
     return False
 
 
+#: Tags the receivers' CBOR decoder turns into other values (datetimes,
+#: sets, UUIDs, addresses...): a ``CBORTag`` of the caller's with one of
+#: these would not come back as itself. (Tag 0 over a text string too; tags
+#: that receivers refuse are left to the check by decoding, which says so.)
+_DECODED_TAGS: Final = frozenset({1, 36, 37, 52, 54, 100, 258, 260, 261, 1004, 43000, 55799})
+
+
 def _encode_value(obj: Mapping[str, Any]) -> tuple[bytes, list[memoryview]]:
     """The CBOR value of ``obj`` and its out-of-band buffers, checked by decoding
     unless it holds only values every receiver accepts (:func:`_plain`).
@@ -229,6 +236,11 @@ def _encode_value(obj: Mapping[str, Any]) -> tuple[bytes, list[memoryview]]:
     def encode_tag(encoder: cbor2.CBOREncoder, value: cbor2.CBORTag) -> None:
         if value.tag in _RESERVED_TAGS:
             raise TypeError(f"tag {value.tag} is reserved by fedstream's object encoding")
+        if value.tag in _DECODED_TAGS or (value.tag == 0 and isinstance(value.value, str)):
+            raise TypeError(
+                f"tag {value.tag} would not come back as a tag (receivers' decoder "
+                "gives it a meaning): send the value it stands for instead"
+            )
         encoder.encode_semantic(value.tag, value.value)
 
     plain = (type(obj) is dict or type(obj) is Shareable) and _plain(obj, _PLAIN_DEPTH)
