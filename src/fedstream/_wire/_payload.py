@@ -166,8 +166,55 @@ _RESERVED_TAGS: Final = frozenset(
 )
 
 
+#: Leaf types every receiver accepts whatever their value.
+_PLAIN_LEAVES: Final = frozenset({str, bytes, bytearray, float, bool, type(None)})
+#: Integers in this range are CBOR major types 0 and 1 (no big-number tags).
+_INT_LIMIT: Final = 2**64
+#: Containers nested deeper than this are checked by decoding: the walk below
+#: stays far inside :data:`MAX_OBJECT_DEPTH` however the decoder counts tags.
+_PLAIN_DEPTH: Final = 16
+
+
+def _plain(value: Any, depth: int) -> bool:
+    """Whether ``value`` holds only values every receiver accepts: str-keyed
+    ``dict``/``Shareable`` maps, lists and tuples (at most ``depth`` deep),
+    and :data:`_PLAIN_LEAVES` or 64-bit integers (exact types, no subclasses).
+
+    Such an object needs no checking by decoding, and its maps need no key
+    check while encoding.
+    """
+    kind = type(value)
+    if kind in _PLAIN_LEAVES:
+        return True
+    if kind is int:
+        return bool(-_INT_LIMIT <= value < _INT_LIMIT)
+    if depth <= 0:
+        return False
+    if kind is dict or isinstance(value, Shareable):  # nvflare's mix-in is a subclass
+        for key, item in value.items():
+            if type(key) is not str:
+                return False
+            if type(item) not in _PLAIN_LEAVES and not _plain(item, depth - 1):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        for item in value:
+            if type(item) not in _PLAIN_LEAVES and not _plain(item, depth - 1):
+                return False
+        return True
+    return False
+
+
+#: Tags the receivers' CBOR decoder turns into other values (datetimes,
+#: sets, UUIDs, addresses...): a ``CBORTag`` of the caller's with one of
+#: these would not come back as itself. (Tag 0 over a text string too; tags
+#: that receivers refuse are left to the check by decoding, which says so.)
+_DECODED_TAGS: Final = frozenset({1, 36, 37, 52, 54, 100, 258, 260, 261, 1004, 43000, 55799})
+
+
 def _encode_value(obj: Mapping[str, Any]) -> tuple[bytes, list[memoryview]]:
-    """The CBOR value of ``obj`` and its out-of-band buffers, checked by decoding.
+    """The CBOR value of ``obj`` and its out-of-band buffers, checked by decoding
+    unless it holds only values every receiver accepts (:func:`_plain`).
 
     Raises:
         Exception: whatever the encoder raised for a value it cannot encode.
@@ -194,9 +241,29 @@ def _encode_value(obj: Mapping[str, Any]) -> tuple[bytes, list[memoryview]]:
     def encode_tag(encoder: cbor2.CBOREncoder, value: cbor2.CBORTag) -> None:
         if value.tag in _RESERVED_TAGS:
             raise TypeError(f"tag {value.tag} is reserved by fedstream's object encoding")
+        if value.tag in _DECODED_TAGS or (value.tag == 0 and isinstance(value.value, str)):
+            raise TypeError(
+                f"tag {value.tag} would not come back as a tag (receivers' decoder "
+                "gives it a meaning): send the value it stands for instead"
+            )
         encoder.encode_semantic(value.tag, value.value)
 
-    encoders: dict[type, Any] = {
+    plain = (type(obj) is dict or isinstance(obj, Shareable)) and _plain(obj, _PLAIN_DEPTH)
+    if plain:
+        # Keys already checked: plain maps use cbor2's own encoder.
+        def tag_shareable(encoder: cbor2.CBOREncoder, value: Shareable) -> None:
+            encoder.encode_semantic(TAG_SHAREABLE, dict(value))
+
+        encoders: dict[type, Any] = {
+            bytes: encode_bytes,
+            bytearray: encode_bytes,
+            Shareable: tag_shareable,
+        }
+        for sub in _subclasses(Shareable):  # nvflare's mix-in among them
+            encoders[sub] = tag_shareable
+        value = cbor2.dumps(dict(obj), encoders=encoders)
+        return value, buffers
+    encoders = {
         bytes: encode_bytes,
         bytearray: encode_bytes,
         memoryview: encode_bytes,
