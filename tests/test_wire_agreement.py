@@ -13,6 +13,7 @@ import decimal
 import fractions
 import math
 import re
+import struct
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -42,7 +43,7 @@ from fedstream._wire import (
     decode_object,
     encode_object,
 )
-from fedstream._wire._payload import MAX_OBJECT_DEPTH
+from fedstream._wire._payload import MAX_OBJECT_DEPTH, TAG_INT_MAP
 from strategies import U64_MAX, blobs, unicode_texts
 
 
@@ -350,3 +351,50 @@ def test_caller_tags_the_decoder_would_turn_into_other_values_are_refused(tag: A
     """CBORTag(1, False) came back as a datetime: refused now, by name."""
     with pytest.raises(LocalProtocolError, match=r"shareable\['t'\] \(CBORTag\).*not come back"):
         encode_object(Shareable({"t": tag}))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {1: "a", 2: "b"},
+        {-(2**63): None, 2**64 - 1: 1.5},
+        {0: {1: [b"x" * 40_000]}, "name": "mixed", b"raw": 2},
+        [{7: {"nested": {8: 9}}}],
+    ],
+    ids=["ints", "extremes", "mixed-keys-and-buffer", "nested"],
+)
+def test_dicts_with_integer_keys_round_trip(value: Any) -> None:
+    encoded = encode_object(Shareable({"v": value}))
+    decoded = decode_object(bytearray(encoded.to_bytes()))
+    assert decoded["v"] == value
+    assert type(decoded["v"]) is type(value)
+
+
+@pytest.mark.parametrize("key", [True, 1.5, (1, 2), 2**70])
+def test_other_map_keys_are_refused_before_sending(key: Any) -> None:
+    with pytest.raises(LocalProtocolError, match=r"shareable\['v'\]"):
+        encode_object(Shareable({"v": {2: "int", key: "other"}}))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"not": "a list"},
+        [[1]],
+        [[1, 2, 3]],
+        [[1.5, "float key"]],
+        [[[1], "list key"]],
+        [[1, "a"], [1, "duplicate"]],
+    ],
+    ids=["not-a-list", "short-pair", "long-pair", "float-key", "list-key", "duplicate"],
+)
+def test_malformed_integer_keyed_maps_are_remote_protocol_errors(content: Any) -> None:
+    # Spliced by hand into a valid encoding: the encoder never makes these.
+    raw = encode_object(Shareable({"t": content})).to_bytes()
+    (length,) = struct.unpack(">I", raw[:4])
+    head, rest = raw[4 : 4 + length], raw[4 + length :]
+    key = head.index(b"\xa2\x61t") + 3  # the map's first key, "t"
+    tag = cbor2.dumps(cbor2.CBORTag(TAG_INT_MAP, None))[:-1]  # the tag's head alone
+    head = head[:key] + tag + head[key:]
+    with pytest.raises(RemoteProtocolError):
+        decode_object(bytearray(struct.pack(">I", len(head)) + head + rest))

@@ -59,6 +59,7 @@ __all__ = [
     "OUT_OF_BAND_MIN",
     "TAG_BUFFER",
     "TAG_COLUMN_MAJOR",
+    "TAG_INT_MAP",
     "TAG_NDARRAY",
     "TAG_ROW_MAJOR",
     "TAG_SHAREABLE",
@@ -79,6 +80,12 @@ OUT_OF_BAND_MIN: Final = 32 * 1024
 TAG_BUFFER: Final = 0xFED5
 #: Tag wrapping a nested ``Shareable`` map (private-use tag number).
 TAG_SHAREABLE: Final = 0xFED6
+#: Tag wrapping ``[[key, value], ...]``: a map with integer keys (and any
+#: text or byte-string keys beside them). Plain CBOR maps carry text and
+#: byte-string keys only, because receivers decode them with cbor2's
+#: ``strict_hashable_types``; integers get this tag, whose decoder admits
+#: 64-bit integers, text and byte strings and nothing else (private-use tag).
+TAG_INT_MAP: Final = 0xFED9
 #: Nesting bound for decoded objects.
 MAX_OBJECT_DEPTH: Final = 64
 
@@ -162,7 +169,16 @@ def encode_object(obj: Mapping[str, Any]) -> EncodedObject:
 #: Tags that the object encoding gives a meaning: a ``CBORTag`` of the
 #: caller's with one of these would come back as something else.
 _RESERVED_TAGS: Final = frozenset(
-    {TAG_BUFFER, TAG_SHAREABLE, TAG_NDARRAY, TAG_ROW_MAJOR, TAG_COLUMN_MAJOR, *range(64, 88)}
+    {
+        TAG_BUFFER,
+        TAG_SHAREABLE,
+        TAG_INT_MAP,
+        TAG_NDARRAY,
+        TAG_ROW_MAJOR,
+        TAG_COLUMN_MAJOR,
+        TAG_TENSOR,
+        *range(64, 88),
+    }
 )
 
 
@@ -235,8 +251,16 @@ def _encode_value(obj: Mapping[str, Any]) -> tuple[bytes, list[memoryview]]:
         encoder.encode_semantic(TAG_SHAREABLE, dict(value))
 
     def encode_map(encoder: cbor2.CBOREncoder, value: dict[Any, Any]) -> None:
-        _check_keys(value)
-        encoder.encode_map(value)
+        if not _has_int_key(value):
+            _check_keys(value)
+            encoder.encode_map(value)
+            return
+        encoder.encode_length(6, TAG_INT_MAP)
+        encoder.encode_length(4, len(value))
+        for key, item in value.items():
+            encoder.encode_length(4, 2)
+            encoder.encode(key)
+            encoder.encode(item)
 
     def encode_tag(encoder: cbor2.CBOREncoder, value: cbor2.CBORTag) -> None:
         if value.tag in _RESERVED_TAGS:
@@ -422,6 +446,20 @@ _REJECTED_TAGS: Final = {
 }
 
 
+def _has_int_key(mapping: Mapping[Any, Any]) -> bool:
+    """Whether ``mapping`` travels as :data:`TAG_INT_MAP`: an ``int`` key
+    (``bool`` aside), the others ``int``, ``str`` or ``bytes``."""
+    found = False
+    for key in mapping:
+        if isinstance(key, int) and not isinstance(key, bool):
+            found = True
+        elif not isinstance(key, (str, bytes)):
+            raise LocalProtocolError(
+                f"map keys must be str, bytes or int, not {type(key).__name__} ({key!r:.40})"
+            )
+    return found
+
+
 def _check_keys(mapping: Mapping[Any, Any]) -> None:
     # Receivers refuse other key types (see decode_object); fail here instead.
     for key in mapping:
@@ -560,6 +598,30 @@ def _shareable_hook(value: Any, immutable: bool) -> Any:
     return Shareable(value)
 
 
+def _int_map_hook(value: Any, immutable: bool) -> Any:
+    """A :data:`TAG_INT_MAP`: a dict whose keys are 64-bit integers, text or bytes.
+
+    Integers beyond 64 bits never decode (their tags are refused), and at
+    most about 17 integers of that range share a Python hash, so a peer
+    cannot make this map's hash table degrade.
+    """
+    if type(value) is not list:
+        raise RemoteProtocolError("an integer-keyed map must be a list of pairs")
+    result: dict[Any, Any] = {}
+    for pair in value:
+        if type(pair) is not list or len(pair) != 2:
+            raise RemoteProtocolError("an integer-keyed map entry must be a [key, value] pair")
+        key, item = pair
+        if type(key) not in (int, str, bytes):
+            raise RemoteProtocolError(
+                f"an integer-keyed map's keys must be int, str or bytes, not {type(key).__name__}"
+            )
+        if key in result:
+            raise RemoteProtocolError(f"duplicate key {key!r:.40} in an integer-keyed map")
+        result[key] = item
+    return result
+
+
 def _no_buffer_hook(index: Any, immutable: bool) -> Any:
     raise ValueError(f"bad out-of-band buffer index {index!r}")
 
@@ -580,6 +642,7 @@ _OBJECT_DECODERS: Final = {
     **_REJECTED_TAGS,
     **_ARRAY_DECODERS,
     TAG_SHAREABLE: _shareable_hook,
+    TAG_INT_MAP: _int_map_hook,
 }
 #: Hooks for an object without out-of-band buffers.
 _NO_BUFFER_DECODERS: Final = {**_OBJECT_DECODERS, TAG_BUFFER: _no_buffer_hook}
