@@ -13,6 +13,7 @@ import decimal
 import fractions
 import math
 import re
+import struct
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -42,7 +43,7 @@ from fedstream._wire import (
     decode_object,
     encode_object,
 )
-from fedstream._wire._payload import MAX_OBJECT_DEPTH
+from fedstream._wire._payload import MAX_OBJECT_DEPTH, TAG_INT_MAP
 from strategies import U64_MAX, blobs, unicode_texts
 
 
@@ -265,10 +266,46 @@ def test_large_bytes_are_not_copied_to_check_an_object() -> None:
         seen.extend(buffers)
         return real(fp, head_len, buffers, check_only=check_only)
 
+    # A tag makes the object one that is checked by decoding.
     with mock.patch.object(_payload, "_decode_value", spy):
-        encoded = encode_object(Shareable({"blob": blob}))
+        encoded = encode_object(Shareable({"blob": blob, "tag": cbor2.CBORTag(99, 1)}))
     assert encoded.parts[1].obj is blob
     assert [b.obj for b in seen] == [blob]
+
+
+@pytest.mark.parametrize(
+    ("value", "checked"),
+    [
+        ({"a": [1, -(2**64), 2**64 - 1, 2.5, "x", b"y", bytearray(b"z"), None, True]}, False),
+        ({"a": (1, {"b": Shareable({"c": [[]]})})}, False),
+        ({"big": bytes(OUT_OF_BAND_MIN)}, False),
+        ({"a": 2.5, "b": [1.0, 2**63]}, False),
+        ({"a": {b"k": 2}}, True),
+        ({"a": memoryview(b"xy")}, True),
+        ({"a": cbor2.CBORTag(99, 1)}, True),
+        ({"a": _nested(0, 20)}, True),
+        ({"a": frozenset({"x"})}, True),
+    ],
+)
+def test_only_objects_beyond_plain_values_are_checked_by_decoding(
+    value: dict[str, Any], checked: bool
+) -> None:
+    """Objects made only of values every receiver accepts (str-keyed maps,
+    lists, tuples, str, bytes, 64-bit ints, floats, bools, None, not too
+    deep) skip the decoding check; anything else is decoded. Either way the
+    receiver decodes the same value."""
+    real = _payload._decode_value
+    calls: list[bool] = []
+
+    def spy(fp: Any, head_len: int, buffers: Any, *, check_only: bool = False) -> Any:
+        calls.append(check_only)
+        return real(fp, head_len, buffers, check_only=check_only)
+
+    obj = Shareable(value)
+    with mock.patch.object(_payload, "_decode_value", spy):
+        encoded = encode_object(obj)
+    assert calls == ([True] if checked else [])
+    assert same(decode_object(bytearray(encoded.to_bytes())), obj)
 
 
 # ------------------------------------------------------------ through a site pair
@@ -304,3 +341,60 @@ async def test_a_refused_value_fails_the_stream_locally_and_aborts_receivers(
     assert log.rcs("finalize") == [ReturnCode.EXECUTION_EXCEPTION]
     assert recorder.all_problems() == []
     assert len(producer.replies) == 1
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [cbor2.CBORTag(1, False), cbor2.CBORTag(0, "2020-01-01T00:00:00Z"), cbor2.CBORTag(258, [1])],
+)
+def test_caller_tags_the_decoder_would_turn_into_other_values_are_refused(tag: Any) -> None:
+    """CBORTag(1, False) came back as a datetime: refused now, by name."""
+    with pytest.raises(LocalProtocolError, match=r"shareable\['t'\] \(CBORTag\).*not come back"):
+        encode_object(Shareable({"t": tag}))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {1: "a", 2: "b"},
+        {-(2**63): None, 2**64 - 1: 1.5},
+        {0: {1: [b"x" * 40_000]}, "name": "mixed", b"raw": 2},
+        [{7: {"nested": {8: 9}}}],
+    ],
+    ids=["ints", "extremes", "mixed-keys-and-buffer", "nested"],
+)
+def test_dicts_with_integer_keys_round_trip(value: Any) -> None:
+    encoded = encode_object(Shareable({"v": value}))
+    decoded = decode_object(bytearray(encoded.to_bytes()))
+    assert decoded["v"] == value
+    assert type(decoded["v"]) is type(value)
+
+
+@pytest.mark.parametrize("key", [True, 1.5, (1, 2), 2**70])
+def test_other_map_keys_are_refused_before_sending(key: Any) -> None:
+    with pytest.raises(LocalProtocolError, match=r"shareable\['v'\]"):
+        encode_object(Shareable({"v": {2: "int", key: "other"}}))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"not": "a list"},
+        [[1]],
+        [[1, 2, 3]],
+        [[1.5, "float key"]],
+        [[[1], "list key"]],
+        [[1, "a"], [1, "duplicate"]],
+    ],
+    ids=["not-a-list", "short-pair", "long-pair", "float-key", "list-key", "duplicate"],
+)
+def test_malformed_integer_keyed_maps_are_remote_protocol_errors(content: Any) -> None:
+    # Spliced by hand into a valid encoding: the encoder never makes these.
+    raw = encode_object(Shareable({"t": content})).to_bytes()
+    (length,) = struct.unpack(">I", raw[:4])
+    head, rest = raw[4 : 4 + length], raw[4 + length :]
+    key = head.index(b"\xa2\x61t") + 3  # the map's first key, "t"
+    tag = cbor2.dumps(cbor2.CBORTag(TAG_INT_MAP, None))[:-1]  # the tag's head alone
+    head = head[:key] + tag + head[key:]
+    with pytest.raises(RemoteProtocolError):
+        decode_object(bytearray(struct.pack(">I", len(head)) + head + rest))

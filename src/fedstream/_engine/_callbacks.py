@@ -56,17 +56,36 @@ class CallbackRunner:
         # behind a bound method: the check is on the per-object hot path.
         self._async: dict[Any, bool] = {}
 
-    async def __call__(
-        self, fn: Callable[..., Any], *args: Any, abandon_on_cancel: bool = False, **kwargs: Any
-    ) -> Any:
+    def is_async(self, fn: Callable[..., Any]) -> bool:
+        """Whether ``fn`` is a coroutine function (cached: this is on the hot path)."""
         key = getattr(fn, "__func__", fn)
         is_async = self._async.get(key)
         if is_async is None:
             is_async = self._async[key] = _is_async(fn)
             if len(self._async) > 4096:
                 self._async.clear()
-        if is_async:
+        return is_async
+
+    def one_hop(self, *fns: Callable[..., Any]) -> bool:
+        """Whether plain callbacks ``fns`` should run together in one worker-thread
+        hop (:meth:`call_plain`): all of them are plain and run in threads."""
+        return self.mode is SyncMode.THREAD and not any(self.is_async(fn) for fn in fns)
+
+    async def __call__(
+        self, fn: Callable[..., Any], *args: Any, abandon_on_cancel: bool = False, **kwargs: Any
+    ) -> Any:
+        if self.is_async(fn):
             return await fn(*args, **kwargs)
+        return await self.call_plain(fn, *args, abandon_on_cancel=abandon_on_cancel, **kwargs)
+
+    async def call_plain(
+        self, fn: Callable[..., Any], *args: Any, abandon_on_cancel: bool = False, **kwargs: Any
+    ) -> Any:
+        """Run the plain function ``fn`` as a plain callback (no coroutine check).
+
+        The engine uses it for a function of its own that calls several user
+        callbacks in a row, so they cost one thread hop together.
+        """
         if self.mode is SyncMode.INLINE:
             result = fn(*args, **kwargs)
         else:
@@ -86,13 +105,17 @@ class CallbackRunner:
         keeps a callback that blocks forever and ignores the abort signal from
         holding its session (and the site's exit) forever. An abandoned thread
         still holds its place under ``max_threads`` until it returns.
+
+        The thread signals its return to trio only when a cancelled caller is
+        waiting for it: a call that returns normally costs one wake-up (trio's
+        own, delivering the result), not two.
         """
         token = trio.lowlevel.current_trio_token()
         returned = trio.Event()
-        # Whether the call started in its thread, or must not start any more
-        # (cancelled while waiting for a thread): decided under the lock.
+        # Where the call is (waiting for a thread, running, returned) and
+        # whether a cancelled caller waits for it: decided under the lock.
         lock = threading.Lock()
-        state = {"started": False, "dropped": False}
+        state = {"started": False, "dropped": False, "returned": False, "waiting": False}
 
         def worker() -> Any:
             with lock:
@@ -102,10 +125,14 @@ class CallbackRunner:
             try:
                 return call()
             finally:
-                try:
-                    token.run_sync_soon(returned.set)
-                except trio.RunFinishedError:
-                    pass
+                with lock:
+                    state["returned"] = True
+                    waiting = state["waiting"]
+                if waiting:
+                    try:
+                        token.run_sync_soon(returned.set)
+                    except trio.RunFinishedError:
+                        pass
 
         try:
             return await trio.to_thread.run_sync(
@@ -116,6 +143,9 @@ class CallbackRunner:
                 if not state["started"]:
                     state["dropped"] = True
                     raise
+                if state["returned"]:
+                    raise
+                state["waiting"] = True
             if grace <= 0:
                 raise  # the caller chose to abandon at once, and says so itself
             with trio.CancelScope(shield=True), trio.move_on_after(grace):
@@ -127,6 +157,17 @@ class CallbackRunner:
                     grace,
                 )
             raise
+
+
+def not_awaitable(result: Any) -> Any:
+    """Refuse an awaitable returned by a plain callback in a worker thread, as
+    ``trio.to_thread.run_sync`` does for a single callback."""
+    if inspect.isawaitable(result):
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+        raise TypeError("a plain callback run in a worker thread returned an awaitable")
+    return result
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

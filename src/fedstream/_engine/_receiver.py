@@ -50,7 +50,8 @@ from .._wire import (
 )
 from .._wire._frames import FREE_REPLY_MAX, OPENER_ABORT_RCS
 from ._budget import ObjectHolds
-from ._callbacks import current_session
+from ._callbacks import current_session, not_awaitable
+from ._sender import MAX_IN_FLIGHT
 from ._stats import StreamStats
 
 if TYPE_CHECKING:
@@ -61,9 +62,10 @@ __all__ = ["ReceiverSession", "Registration", "send_object"]
 
 logger = logging.getLogger(__name__)
 
-#: Objects that may wait in a session's inbox. The sender waits for a reply
-#: before it sends the next object, so a well-behaved peer never exceeds 1.
-_INBOX_LIMIT = 2
+#: Objects that may wait in a session's inbox: a pipelined sender keeps at
+#: most MAX_IN_FLIGHT objects unanswered (a stop-and-wait sender, one). The
+#: receive budget bounds their bytes; this bounds their number.
+_INBOX_LIMIT: Final = MAX_IN_FLIGHT
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,6 +490,11 @@ class ReceiverSession:
 
     async def _consume_all(self, consumer: ObjectConsumer) -> None:
         reg = self.registration
+        # Plain consume and consumed_cb share one worker-thread hop per object.
+        callbacks = [consumer.consume]
+        if reg.consumed_cb is not None:
+            callbacks.append(reg.consumed_cb)
+        one_hop = self.runner.one_hop(*callbacks)
         while True:
             while not self._inbox:
                 if self._end_received:
@@ -512,18 +519,23 @@ class ReceiverSession:
             del raw
             self._busy = True
             try:
-                result = await self.runner(
-                    consumer.consume, shareable, self.stream_ctx, self.fl_ctx
-                )
-                keep_going, reply = _check_consume_result(result)
-                if reg.consumed_cb is not None:
-                    await self.runner(  # FLARE's convention: the consume result first
-                        reg.consumed_cb,
-                        (keep_going, reply),
-                        self.stream_ctx,
-                        self.fl_ctx,
-                        **reg.cb_kwargs,
+                if one_hop:
+                    keep_going, reply = await self.runner.call_plain(
+                        self._consume_in_thread, consumer, shareable
                     )
+                else:
+                    result = await self.runner(
+                        consumer.consume, shareable, self.stream_ctx, self.fl_ctx
+                    )
+                    keep_going, reply = _check_consume_result(result)
+                    if reg.consumed_cb is not None:
+                        await self.runner(  # FLARE's convention: the consume result first
+                            reg.consumed_cb,
+                            (keep_going, reply),
+                            self.stream_ctx,
+                            self.fl_ctx,
+                            **reg.cb_kwargs,
+                        )
             except Exception as exc:
                 if self.rc is not None:  # already ending; the error is a consequence
                     logger.debug(
@@ -554,6 +566,18 @@ class ReceiverSession:
             if not keep_going:
                 self.rc = end_rc or str(reply.get_return_code(ReturnCode.OK))
                 return
+
+    def _consume_in_thread(
+        self, consumer: ObjectConsumer, shareable: Shareable
+    ) -> tuple[bool, Shareable | None]:
+        """In a worker thread: ``consume``, then ``consumed_cb``."""
+        reg = self.registration
+        checked = _check_consume_result(
+            not_awaitable(consumer.consume(shareable, self.stream_ctx, self.fl_ctx))
+        )
+        if reg.consumed_cb is not None:  # FLARE's convention: the consume result first
+            not_awaitable(reg.consumed_cb(checked, self.stream_ctx, self.fl_ctx, **reg.cb_kwargs))
+        return checked
 
     async def _send_reply(self, seq: int, reply: Shareable, *, last: bool) -> None:
         sid = self.sid

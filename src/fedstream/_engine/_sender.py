@@ -12,6 +12,11 @@ moving is never killed, while a target that stops granting credit or does
 not reply within ``timeout`` of the last progress gets a ``TIMEOUT`` reply and
 its session is aborted with ``TIMEOUT``; the other targets carry on.
 
+A pipelined stream (``max_in_flight`` above 1) sends up to that many
+objects before the oldest one's replies are in: each target link keeps the
+replies that arrive, by sequence number, until the producer loop collects
+them in order (:meth:`TargetLink.await_reply`).
+
 At the end, every live target is told END (normal) or ABORT (with the rc),
 and the sender waits, bounded by ``finalize_timeout``, for each reachable
 target's DONE: ``stream_objects`` returns only after the receivers finalized.
@@ -19,6 +24,7 @@ target's DONE: ``stream_objects`` returns only after the receivers finalized.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -47,14 +53,14 @@ from .._wire import (
 )
 from .._wire._frames import FREE_REPLY_MAX
 from ._budget import ObjectHolds
-from ._callbacks import current_session
+from ._callbacks import current_session, not_awaitable
 from ._stats import StreamStats
 
 if TYPE_CHECKING:
     from ._callbacks import CallbackRunner
     from ._connection import Connection
 
-__all__ = ["END_RESULT", "END_RESULTS", "StreamSession", "TargetLink"]
+__all__ = ["END_RESULT", "END_RESULTS", "MAX_IN_FLIGHT", "StreamSession", "TargetLink"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +74,16 @@ FLARE_END_RESULT: Final = "ObjectStreamer.END_RESULT"
 END_RESULTS: Final = "__end_results__"
 
 
+#: The largest ``max_in_flight`` of a pipelined stream; receivers queue at
+#: most this many objects of one stream for its consumer.
+MAX_IN_FLIGHT: Final = 64
+
 #: The encoding of the plain OK reply (``make_reply(OK)``), the most common one.
 _PLAIN_OK_BYTES: Final = encode_object(make_reply(ReturnCode.OK)).to_bytes()
 _PLAIN_OK_SIZE: Final = len(_PLAIN_OK_BYTES)
+
+#: Stands for "no object produced yet" in the producer loop.
+_NOT_PRODUCED: Final = object()
 
 
 #: A part this small is sent in one write with the part after it.
@@ -98,6 +111,18 @@ class TargetLink:
         self.done_rc: str | None = None
         self.done_result: Any = None
         self._pending_seq = -1
+        #: Objects whose first frame went out (the END count).
+        self.sent_count = 0
+        #: With several objects in flight (:meth:`deliver` with
+        #: ``wait_reply=False``, then :meth:`await_reply`):
+        #: replies that arrived, by seq, with their ``last`` flag; the reply
+        #: expected next is ``_pending_seq``'s, and replies come in order.
+        self.pipelined = False
+        self._replies: dict[int, tuple[Shareable, bool]] = {}
+        #: When the reply to expect next started to count down: the later of
+        #: the previous reply's arrival and its own object's last byte sent.
+        self._reply_clock = 0.0
+        self._sent_at: dict[int, float] = {}
         #: Whether seq 0 went out, i.e. the target has (or had) a session to finalize.
         self.opened = False
         self._reply: Shareable | None = None
@@ -153,6 +178,7 @@ class TargetLink:
             self._use_reply_credit(len(frame.body))
         if (
             frame.seq != self._pending_seq
+            or frame.seq >= self.sent_count
             or self._reply is not None
             or self.ended_rc is not None
             or self._assembler is not None
@@ -284,7 +310,12 @@ class TargetLink:
         self._set_reply(reply, last=self._reply_last)
 
     def _set_reply(self, reply: Shareable, *, last: bool) -> None:
-        self._reply = reply
+        if self.pipelined:
+            self._replies[self._pending_seq] = (reply, last)
+            self._pending_seq += 1
+            self._reply_clock = trio.current_time()
+        else:
+            self._reply = reply
         if last:
             self.ended_rc = self.ended_rc or str(reply.get_return_code(ReturnCode.OK))
         self._notify()
@@ -343,8 +374,15 @@ class TargetLink:
         channel: str,
         topic: str,
         ctx: dict[str, Any] | None,
-    ) -> Shareable:
-        """Send object ``seq`` and return this target's reply (or a failure reply)."""
+        *,
+        wait_reply: bool = True,
+    ) -> Shareable | None:
+        """Send object ``seq`` and return this target's reply (or a failure reply).
+
+        With ``wait_reply=False`` (a pipelined stream) return None once the
+        object is handed to the connection (or a failure reply at once); its
+        reply is collected by :meth:`await_reply`.
+        """
         if self.ended_rc is not None:
             return make_reply(self.ended_rc)
         if encoded.size > self.conn.peer_max_object_size:
@@ -355,10 +393,12 @@ class TargetLink:
             )
             self.conn.send_control(Abort(self.sid, ReturnCode.BAD_REQUEST_DATA, message, ""))
             return make_reply(ReturnCode.BAD_REQUEST_DATA, {ReservedHeaderKey.ERROR: message})
-        self._pending_seq = seq
-        self._reply = None
-        if self._assembler is not None or self._staged is not None:
-            self.release()  # an earlier object's reply that never completed
+        self.sent_count = seq + 1
+        if not self.pipelined:
+            self._pending_seq = seq
+            self._reply = None
+            if self._assembler is not None or self._staged is not None:
+                self.release()  # an earlier object's reply that never completed
         conn = self.conn
         offset = 0
         written: trio.Event | None = None
@@ -414,6 +454,9 @@ class TargetLink:
                         deadline = scope.deadline = trio.current_time() + no_progress
                     else:
                         self.objects_sent += 1
+                if not wait_reply and not self._ended():
+                    self._sent_at[seq] = trio.current_time()
+                    return None
                 if written is None and not armed and not self._ended():
                     if not conn.pending(self.sid):
                         armed = True  # written at once: the consumer's time starts now
@@ -456,6 +499,60 @@ class TargetLink:
                 await self._attach_end_result(reply)
             return reply
         return make_reply(self.ended_rc or ReturnCode.COMMUNICATION_ERROR)
+
+    def pipeline(self) -> None:
+        """Take replies for several objects in flight (before the first is sent)."""
+        self.pipelined = True
+        self._pending_seq = 0
+        self._reply_clock = trio.current_time()
+
+    def replies_waiting(self) -> bool:
+        """Whether replies arrived that a pipelined stream has not collected yet."""
+        return bool(self._replies)
+
+    async def await_reply(self, seq: int, no_progress: float) -> Shareable:
+        """A pipelined stream's reply to object ``seq`` (or a failure reply).
+
+        The reply times out ``no_progress`` after the later of the reply
+        before it arriving and the object's last byte being handed over,
+        pushed back while this stream's bytes are still being written: the
+        receiver consumes one object at a time, so that is the consumer's
+        own time for it.
+        """
+        conn = self.conn
+        deadline = max(self._reply_clock, self._sent_at.get(seq, 0.0)) + no_progress
+        while True:
+            with trio.move_on_at(deadline) as scope:
+                await self._wait(lambda: seq in self._replies or self.ended_rc is not None)
+            if not scope.cancelled_caught:
+                break
+            now = trio.current_time()
+            later = max(self._reply_clock, self._sent_at.get(seq, 0.0)) + no_progress
+            if conn.pending(self.sid) and conn.last_write + no_progress > now:
+                later = max(later, conn.last_write + no_progress)
+            if later > now:
+                deadline = later
+                continue
+            logger.warning(
+                "no reply to object %d on stream %d from %s for %s s: TIMEOUT",
+                seq,
+                self.sid,
+                self.name,
+                no_progress,
+            )
+            self.ended_rc = ReturnCode.TIMEOUT
+            await self._tell(
+                Abort(self.sid, ReturnCode.TIMEOUT, f"no progress for {no_progress} s", "")
+            )
+            break
+        self._sent_at.pop(seq, None)
+        entry = self._replies.pop(seq, None)
+        if entry is None:
+            return make_reply(self.ended_rc or ReturnCode.COMMUNICATION_ERROR)
+        reply, last = entry
+        if last:
+            await self._attach_end_result(reply)
+        return reply
 
     async def _tell(self, frame: Abort | End) -> None:
         """Send END or ABORT in order behind this stream's data (bounded, shielded)."""
@@ -501,8 +598,11 @@ class StreamSession:
         fl_ctx: FLContext,
         runner: CallbackRunner,
         finalize_timeout: float,
+        max_in_flight: int = 1,
     ) -> None:
         self.site_name = site_name
+        #: Objects that may be sent before the oldest one's replies are in.
+        self.max_in_flight = max_in_flight
         self.channel = channel
         self.topic = topic
         self.stream_ctx = stream_ctx
@@ -596,10 +696,18 @@ class StreamSession:
                 raise LocalProtocolError(
                     f"stream_ctx cannot be sent to {link.name}: {exc}"
                 ) from exc
+        if self.max_in_flight > 1:
+            return await self._pipelined_loop(signal, wire_ctx)
+        producer = self.producer
+        # Plain produce and process_replies share one worker-thread hop per
+        # object: process_replies of one object, then produce of the next.
+        one_hop = self.runner.one_hop(producer.produce, producer.process_replies)
+        produced: Any = _NOT_PRODUCED
         while True:
             if signal.triggered:
                 return ReturnCode.TASK_ABORTED, None, False
-            produced = await self.runner(self.producer.produce, self.stream_ctx, self.fl_ctx)
+            if produced is _NOT_PRODUCED:
+                produced = await self.runner(producer.produce, self.stream_ctx, self.fl_ctx)
             if signal.triggered:  # produce itself may have fired it
                 return ReturnCode.TASK_ABORTED, None, False
             stopped = self._stopped()
@@ -609,6 +717,7 @@ class StreamSession:
                 # runs after a stop.
                 return stopped, None, False
             shareable, timeout = _check_produced(produced)
+            produced = _NOT_PRODUCED
             if shareable is None:
                 return ReturnCode.OK, None, True
             encoded = encode_object(shareable)
@@ -636,15 +745,159 @@ class StreamSession:
             stopped = self._stopped()
             if stopped is not None:
                 return stopped, None, False
-            outcome = await self.runner(
-                self.producer.process_replies, replies, self.stream_ctx, self.fl_ctx
-            )
+            if one_hop:
+                outcome, produced = await self.runner.call_plain(
+                    self._replies_then_produce, replies, signal
+                )
+            else:
+                outcome = await self.runner(
+                    producer.process_replies, replies, self.stream_ctx, self.fl_ctx
+                )
             if outcome is not None:
                 if signal.triggered:
                     return ReturnCode.TASK_ABORTED, outcome, False
                 return (ReturnCode.OK if outcome else ReturnCode.ERROR), outcome, True
-            if all(link.ended_rc is not None for link in self.links):
+            if produced is _NOT_PRODUCED and self._all_ended():
+                # (An object already produced is still offered: its targets'
+                # replies say they ended, and the stream ends after it.)
                 return self._all_ended_rc(), None, True
+
+    async def _pipelined_loop(self, signal: Any, wire_ctx: dict[str, Any]) -> tuple[str, Any, bool]:
+        """Keep up to ``max_in_flight`` objects sent ahead of their replies.
+
+        Each object goes to every live target as soon as it is produced
+        (while the window is not full); then the oldest object's replies are
+        collected and passed to ``process_replies``, in order, once each.
+        The stream ends after the object whose ``process_replies`` result or
+        replies end it: objects produced after that one get no
+        ``process_replies`` call (see docs/semantics.md, pipelined streams).
+        """
+        for link in self.links:
+            link.pipeline()
+        # (seq, timeout, replies known at once) per object in flight, oldest first.
+        in_flight: collections.deque[tuple[int, float, dict[str, Shareable]]] = collections.deque()
+        producer = self.producer
+        one_hop = self.runner.one_hop(producer.produce, producer.process_replies)
+        produced: Any = _NOT_PRODUCED
+        seq = 0
+        exhausted = False
+        while True:
+            while not exhausted and len(in_flight) < self.max_in_flight:
+                if signal.triggered:
+                    return ReturnCode.TASK_ABORTED, None, False
+                if produced is _NOT_PRODUCED:
+                    produced = await self.runner(producer.produce, self.stream_ctx, self.fl_ctx)
+                if signal.triggered:
+                    return ReturnCode.TASK_ABORTED, None, False
+                stopped = self._stopped()
+                if stopped is not None:
+                    return stopped, None, False
+                shareable, timeout = _check_produced(produced)
+                produced = _NOT_PRODUCED
+                if shareable is None:
+                    exhausted = True
+                    break
+                encoded = encode_object(shareable)
+                if len(encoded.parts) > 1 and encoded.size <= _COALESCE_MAX:
+                    encoded = EncodedObject((memoryview(encoded.to_bytes()),), encoded.size)
+                replies: dict[str, Shareable] = {}
+                ctx = wire_ctx if seq == 0 else None
+                live = [link for link in self.links if link.ended_rc is None]
+                if len(live) == 1:
+                    await self._send(live[0], replies, seq, encoded, timeout, ctx)
+                else:
+                    async with trio.open_nursery() as nursery:
+                        for link in live:
+                            nursery.start_soon(
+                                self._send, link, replies, seq, encoded, timeout, ctx
+                            )
+                if self._delivery_error is not None:
+                    raise self._delivery_error
+                in_flight.append((seq, timeout, replies))
+                seq += 1
+                if self._all_ended():
+                    break  # nothing more can go anywhere
+            if not in_flight:
+                return ReturnCode.OK, None, True
+            oldest, timeout, replies = in_flight.popleft()
+            waiting = [link for link in self.links if link.name not in replies]
+            if len(waiting) == 1:
+                await self._collect(waiting[0], replies, oldest, timeout)
+            elif waiting:
+                async with trio.open_nursery() as nursery:
+                    for link in waiting:
+                        nursery.start_soon(self._collect, link, replies, oldest, timeout)
+            for name in self.missing:
+                replies[name] = make_reply(ReturnCode.COMMUNICATION_ERROR)
+            if one_hop and not exhausted:
+                # The window has room again: the next produce joins this hop.
+                outcome, produced = await self.runner.call_plain(
+                    self._replies_then_produce, replies, signal
+                )
+            else:
+                outcome = await self.runner(
+                    producer.process_replies, replies, self.stream_ctx, self.fl_ctx
+                )
+            if outcome is not None:
+                if signal.triggered:
+                    return ReturnCode.TASK_ABORTED, outcome, False
+                return (ReturnCode.OK if outcome else ReturnCode.ERROR), outcome, True
+            if signal.triggered:
+                return ReturnCode.TASK_ABORTED, None, False
+            if all(link.ended_rc is not None and not link.replies_waiting() for link in self.links):
+                # Every target ended, and no reply behind this object is left
+                # to report (replies run ahead of process_replies).
+                return self._all_ended_rc(), None, True
+
+    async def _send(
+        self,
+        link: TargetLink,
+        replies: dict[str, Shareable],
+        seq: int,
+        encoded: EncodedObject,
+        no_progress: float,
+        ctx: dict[str, Any] | None,
+    ) -> None:
+        """Send one object of a pipelined stream; a failure is its reply at once."""
+        try:
+            failed = await link.deliver(
+                seq, encoded, no_progress, self.channel, self.topic, ctx, wait_reply=False
+            )
+        except ConnectionLostError:
+            link.on_connection_lost()
+            failed = make_reply(ReturnCode.COMMUNICATION_ERROR)
+        except Exception as exc:
+            if self._delivery_error is None:
+                self._delivery_error = exc
+            failed = make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        if failed is not None:
+            replies[link.name] = failed
+
+    async def _collect(
+        self, link: TargetLink, replies: dict[str, Shareable], seq: int, no_progress: float
+    ) -> None:
+        try:
+            replies[link.name] = await link.await_reply(seq, no_progress)
+        except ConnectionLostError:
+            link.on_connection_lost()
+            replies[link.name] = make_reply(ReturnCode.COMMUNICATION_ERROR)
+
+    def _replies_then_produce(self, replies: dict[str, Shareable], signal: Any) -> tuple[Any, Any]:
+        """In a worker thread: ``process_replies``, then (if the stream goes on)
+        the next ``produce``; returns ``(outcome, produced)``.
+
+        ``produced`` is :data:`_NOT_PRODUCED` when the stream does not go on
+        (``process_replies`` ended it, the abort signal fired, every target
+        ended).
+        """
+        producer = self.producer
+        outcome = not_awaitable(producer.process_replies(replies, self.stream_ctx, self.fl_ctx))
+        if outcome is not None or signal.triggered or self._all_ended():
+            return outcome, _NOT_PRODUCED
+        return None, not_awaitable(producer.produce(self.stream_ctx, self.fl_ctx))
+
+    def _all_ended(self) -> bool:
+        return all(link.ended_rc is not None for link in self.links)
 
     async def _deliver(
         self,
@@ -656,9 +909,9 @@ class StreamSession:
         ctx: dict[str, Any] | None,
     ) -> None:
         try:
-            replies[link.name] = await link.deliver(
-                seq, encoded, no_progress, self.channel, self.topic, ctx
-            )
+            reply = await link.deliver(seq, encoded, no_progress, self.channel, self.topic, ctx)
+            assert reply is not None
+            replies[link.name] = reply
         except ConnectionLostError:
             link.on_connection_lost()
             replies[link.name] = make_reply(ReturnCode.COMMUNICATION_ERROR)
@@ -682,7 +935,7 @@ class StreamSession:
             for link in self.links:
                 if link.ended_rc is None and link.opened:
                     if normal_end:
-                        nursery.start_soon(link._tell, End(link.sid, link._pending_seq + 1))
+                        nursery.start_soon(link._tell, End(link.sid, link.sent_count))
                     else:
                         nursery.start_soon(
                             link._tell, Abort(link.sid, rc, self._stop_reason, self.site_name)

@@ -70,7 +70,7 @@ from ._options import (
 )
 from ._reader import ReceiveHandler
 from ._receiver import ReceiverSession, Registration
-from ._sender import StreamSession, TargetLink
+from ._sender import MAX_IN_FLIGHT, StreamSession, TargetLink
 from ._stats import ConnectionStats
 
 if TYPE_CHECKING:  # Unpack for **kwargs is in typing from Python 3.11 (PEP 692)
@@ -690,10 +690,22 @@ class Site:
         fl_ctx: FLContext | None,
         optional: bool = False,
         secure: bool = False,
+        *,
+        max_in_flight: int = 1,
     ) -> tuple[str, Any]:
         """Stream the producer's objects to ``targets``; return ``(rc, result)``.
 
         See ``docs/semantics.md`` for every way a stream can end.
+
+        ``max_in_flight`` (1 to 64) is how many objects may be sent before the
+        oldest one's replies are in. The default, 1, is the FLARE contract's
+        stop-and-wait: ``produce`` is called only after ``process_replies``
+        saw the previous object's replies. With more, the stream is
+        *pipelined*: for producers that do not need an object's replies to
+        produce the next, over links whose round trip is long. Objects still
+        reach every consumer in order, one at a time, and ``process_replies``
+        is still called once per object, in order; docs/semantics.md says
+        what happens to the objects in flight when the stream ends early.
 
         Raises:
             UnknownTargetError: ``targets`` is empty, or names a site that is
@@ -702,13 +714,22 @@ class Site:
             SiteClosedError: the site is shut down.
             FedstreamError: ``secure=True`` and some target is not on a
                 mutually authenticated TLS link (nothing was produced or sent).
-            ValueError: the producer returned something invalid.
+            ValueError: the producer returned something invalid, or
+                ``max_in_flight`` is not an int from 1 to 64.
             Exception: whatever ``produce`` or ``process_replies`` raised.
         """
         if channel == AUX_CHANNEL:
             raise ValueError(f"channel {AUX_CHANNEL!r} is reserved for aux messages")
         return await self._stream_objects(
-            channel, topic, stream_ctx, targets, producer, fl_ctx, optional, secure
+            channel,
+            topic,
+            stream_ctx,
+            targets,
+            producer,
+            fl_ctx,
+            optional,
+            secure,
+            max_in_flight=max_in_flight,
         )
 
     async def _stream_objects(
@@ -721,8 +742,18 @@ class Site:
         fl_ctx: FLContext | None,
         optional: bool = False,
         secure: bool = False,
+        *,
+        max_in_flight: int = 1,
     ) -> tuple[str, Any]:
         self._check_open()
+        if (
+            isinstance(max_in_flight, bool)
+            or not isinstance(max_in_flight, int)
+            or not 1 <= max_in_flight <= MAX_IN_FLIGHT
+        ):
+            raise ValueError(
+                f"max_in_flight must be an int from 1 to {MAX_IN_FLIGHT}, not {max_in_flight!r}"
+            )
         producer = adapt_producer(producer)
         if not isinstance(producer, ObjectProducer):
             raise TypeError(f"producer must be an ObjectProducer, not {type(producer).__name__}")
@@ -759,6 +790,7 @@ class Site:
             fl_ctx=fl_ctx,
             runner=self._runner,
             finalize_timeout=self.options.finalize_timeout,
+            max_in_flight=max_in_flight,
         )
         self._senders.add(session)
         logger.info("stream %s/%s to %s started", channel, topic, ", ".join(names))

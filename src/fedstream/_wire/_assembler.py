@@ -27,6 +27,7 @@ from ._payload import (
     _REJECTED_TAGS,
     OUT_OF_BAND_MIN,
     TAG_BUFFER,
+    TAG_INT_MAP,
     TAG_SHAREABLE,
     BytesLike,
     ScatteredObject,
@@ -86,6 +87,7 @@ def _scan_buffers(fp: io.BytesIO, count: int) -> list[bool]:
         TAG_ROW_MAJOR: _ignore,
         TAG_COLUMN_MAJOR: _ignore,
         TAG_SHAREABLE: _ignore,
+        TAG_INT_MAP: _ignore,
         TAG_TENSOR: _ignore,
         TAG_BUFFER: scan.buffer,
     }

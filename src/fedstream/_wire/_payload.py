@@ -59,6 +59,7 @@ __all__ = [
     "OUT_OF_BAND_MIN",
     "TAG_BUFFER",
     "TAG_COLUMN_MAJOR",
+    "TAG_INT_MAP",
     "TAG_NDARRAY",
     "TAG_ROW_MAJOR",
     "TAG_SHAREABLE",
@@ -79,6 +80,12 @@ OUT_OF_BAND_MIN: Final = 32 * 1024
 TAG_BUFFER: Final = 0xFED5
 #: Tag wrapping a nested ``Shareable`` map (private-use tag number).
 TAG_SHAREABLE: Final = 0xFED6
+#: Tag wrapping ``[[key, value], ...]``: a map with integer keys (and any
+#: text or byte-string keys beside them). Plain CBOR maps carry text and
+#: byte-string keys only, because receivers decode them with cbor2's
+#: ``strict_hashable_types``; integers get this tag, whose decoder admits
+#: 64-bit integers, text and byte strings and nothing else (private-use tag).
+TAG_INT_MAP: Final = 0xFED9
 #: Nesting bound for decoded objects.
 MAX_OBJECT_DEPTH: Final = 64
 
@@ -162,12 +169,68 @@ def encode_object(obj: Mapping[str, Any]) -> EncodedObject:
 #: Tags that the object encoding gives a meaning: a ``CBORTag`` of the
 #: caller's with one of these would come back as something else.
 _RESERVED_TAGS: Final = frozenset(
-    {TAG_BUFFER, TAG_SHAREABLE, TAG_NDARRAY, TAG_ROW_MAJOR, TAG_COLUMN_MAJOR, *range(64, 88)}
+    {
+        TAG_BUFFER,
+        TAG_SHAREABLE,
+        TAG_INT_MAP,
+        TAG_NDARRAY,
+        TAG_ROW_MAJOR,
+        TAG_COLUMN_MAJOR,
+        TAG_TENSOR,
+        *range(64, 88),
+    }
 )
 
 
+#: Leaf types every receiver accepts whatever their value.
+_PLAIN_LEAVES: Final = frozenset({str, bytes, bytearray, float, bool, type(None)})
+#: Integers in this range are CBOR major types 0 and 1 (no big-number tags).
+_INT_LIMIT: Final = 2**64
+#: Containers nested deeper than this are checked by decoding: the walk below
+#: stays far inside :data:`MAX_OBJECT_DEPTH` however the decoder counts tags.
+_PLAIN_DEPTH: Final = 16
+
+
+def _plain(value: Any, depth: int) -> bool:
+    """Whether ``value`` holds only values every receiver accepts: str-keyed
+    ``dict``/``Shareable`` maps, lists and tuples (at most ``depth`` deep),
+    and :data:`_PLAIN_LEAVES` or 64-bit integers (exact types, no subclasses).
+
+    Such an object needs no checking by decoding, and its maps need no key
+    check while encoding.
+    """
+    kind = type(value)
+    if kind in _PLAIN_LEAVES:
+        return True
+    if kind is int:
+        return bool(-_INT_LIMIT <= value < _INT_LIMIT)
+    if depth <= 0:
+        return False
+    if kind is dict or isinstance(value, Shareable):  # nvflare's mix-in is a subclass
+        for key, item in value.items():
+            if type(key) is not str:
+                return False
+            if type(item) not in _PLAIN_LEAVES and not _plain(item, depth - 1):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        for item in value:
+            if type(item) not in _PLAIN_LEAVES and not _plain(item, depth - 1):
+                return False
+        return True
+    return False
+
+
+#: Tags the receivers' CBOR decoder turns into other values (datetimes,
+#: sets, UUIDs, addresses...): a ``CBORTag`` of the caller's with one of
+#: these would not come back as itself. (Tag 0 over a text string too; tags
+#: that receivers refuse are left to the check by decoding, which says so.)
+_DECODED_TAGS: Final = frozenset({1, 36, 37, 52, 54, 100, 258, 260, 261, 1004, 43000, 55799})
+
+
 def _encode_value(obj: Mapping[str, Any]) -> tuple[bytes, list[memoryview]]:
-    """The CBOR value of ``obj`` and its out-of-band buffers, checked by decoding.
+    """The CBOR value of ``obj`` and its out-of-band buffers, checked by decoding
+    unless it holds only values every receiver accepts (:func:`_plain`).
 
     Raises:
         Exception: whatever the encoder raised for a value it cannot encode.
@@ -188,15 +251,43 @@ def _encode_value(obj: Mapping[str, Any]) -> tuple[bytes, list[memoryview]]:
         encoder.encode_semantic(TAG_SHAREABLE, dict(value))
 
     def encode_map(encoder: cbor2.CBOREncoder, value: dict[Any, Any]) -> None:
-        _check_keys(value)
-        encoder.encode_map(value)
+        if not _has_int_key(value):
+            _check_keys(value)
+            encoder.encode_map(value)
+            return
+        encoder.encode_length(6, TAG_INT_MAP)
+        encoder.encode_length(4, len(value))
+        for key, item in value.items():
+            encoder.encode_length(4, 2)
+            encoder.encode(key)
+            encoder.encode(item)
 
     def encode_tag(encoder: cbor2.CBOREncoder, value: cbor2.CBORTag) -> None:
         if value.tag in _RESERVED_TAGS:
             raise TypeError(f"tag {value.tag} is reserved by fedstream's object encoding")
+        if value.tag in _DECODED_TAGS or (value.tag == 0 and isinstance(value.value, str)):
+            raise TypeError(
+                f"tag {value.tag} would not come back as a tag (receivers' decoder "
+                "gives it a meaning): send the value it stands for instead"
+            )
         encoder.encode_semantic(value.tag, value.value)
 
-    encoders: dict[type, Any] = {
+    plain = (type(obj) is dict or isinstance(obj, Shareable)) and _plain(obj, _PLAIN_DEPTH)
+    if plain:
+        # Keys already checked: plain maps use cbor2's own encoder.
+        def tag_shareable(encoder: cbor2.CBOREncoder, value: Shareable) -> None:
+            encoder.encode_semantic(TAG_SHAREABLE, dict(value))
+
+        encoders: dict[type, Any] = {
+            bytes: encode_bytes,
+            bytearray: encode_bytes,
+            Shareable: tag_shareable,
+        }
+        for sub in _subclasses(Shareable):  # nvflare's mix-in among them
+            encoders[sub] = tag_shareable
+        value = cbor2.dumps(dict(obj), encoders=encoders)
+        return value, buffers
+    encoders = {
         bytes: encode_bytes,
         bytearray: encode_bytes,
         memoryview: encode_bytes,
@@ -355,6 +446,20 @@ _REJECTED_TAGS: Final = {
 }
 
 
+def _has_int_key(mapping: Mapping[Any, Any]) -> bool:
+    """Whether ``mapping`` travels as :data:`TAG_INT_MAP`: an ``int`` key
+    (``bool`` aside), the others ``int``, ``str`` or ``bytes``."""
+    found = False
+    for key in mapping:
+        if isinstance(key, int) and not isinstance(key, bool):
+            found = True
+        elif not isinstance(key, (str, bytes)):
+            raise LocalProtocolError(
+                f"map keys must be str, bytes or int, not {type(key).__name__} ({key!r:.40})"
+            )
+    return found
+
+
 def _check_keys(mapping: Mapping[Any, Any]) -> None:
     # Receivers refuse other key types (see decode_object); fail here instead.
     for key in mapping:
@@ -493,6 +598,30 @@ def _shareable_hook(value: Any, immutable: bool) -> Any:
     return Shareable(value)
 
 
+def _int_map_hook(value: Any, immutable: bool) -> Any:
+    """A :data:`TAG_INT_MAP`: a dict whose keys are 64-bit integers, text or bytes.
+
+    Integers beyond 64 bits never decode (their tags are refused), and at
+    most about 17 integers of that range share a Python hash, so a peer
+    cannot make this map's hash table degrade.
+    """
+    if type(value) is not list:
+        raise RemoteProtocolError("an integer-keyed map must be a list of pairs")
+    result: dict[Any, Any] = {}
+    for pair in value:
+        if type(pair) is not list or len(pair) != 2:
+            raise RemoteProtocolError("an integer-keyed map entry must be a [key, value] pair")
+        key, item = pair
+        if type(key) not in (int, str, bytes):
+            raise RemoteProtocolError(
+                f"an integer-keyed map's keys must be int, str or bytes, not {type(key).__name__}"
+            )
+        if key in result:
+            raise RemoteProtocolError(f"duplicate key {key!r:.40} in an integer-keyed map")
+        result[key] = item
+    return result
+
+
 def _no_buffer_hook(index: Any, immutable: bool) -> Any:
     raise ValueError(f"bad out-of-band buffer index {index!r}")
 
@@ -513,6 +642,7 @@ _OBJECT_DECODERS: Final = {
     **_REJECTED_TAGS,
     **_ARRAY_DECODERS,
     TAG_SHAREABLE: _shareable_hook,
+    TAG_INT_MAP: _int_map_hook,
 }
 #: Hooks for an object without out-of-band buffers.
 _NO_BUFFER_DECODERS: Final = {**_OBJECT_DECODERS, TAG_BUFFER: _no_buffer_hook}
