@@ -24,6 +24,7 @@ import os
 import threading
 import tracemalloc
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import trio
@@ -236,7 +237,8 @@ async def test_the_site_wide_budget_bounds_what_many_peer_names_can_make_a_site_
 
 async def _silent_dialers(address: str | None, count: int) -> list[trio.SocketStream]:
     assert address is not None
-    port = int(address.rsplit(":", 1)[1])
+    port = urlsplit(address).port
+    assert port is not None
     return [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(count)]
 
 
@@ -290,21 +292,28 @@ async def _closed_at_once(streams: list[trio.SocketStream], within: float) -> li
     return closed
 
 
-async def test_tls_handshakes_are_pending_handshakes_from_the_tcp_accept() -> None:
-    """Connections to a ``tls://`` port that never send a ClientHello.
+@pytest.mark.parametrize(
+    "listen", ["tls://127.0.0.1:0", "ws://127.0.0.1:0/fs", "wss://127.0.0.1:0/fs"]
+)
+async def test_transport_handshakes_are_pending_handshakes_from_the_tcp_accept(
+    listen: str,
+) -> None:
+    """Connections to a ``tls://``, ``ws://`` or ``wss://`` port that never
+    send a byte.
 
     They count against ``max_pending_handshakes`` from the TCP accept on
-    (the TLS handshake is part of the acceptance); beyond it a connection is
-    closed at once, before any TLS; each pending one holds a few KiB (no TLS
-    state until its peer has sent a byte); a legitimate TLS peer connects
-    while the pending ones are within the limit and after the flood.
+    (the TLS handshake and the WebSocket upgrade are part of the acceptance);
+    beyond it a connection is closed at once, before any TLS or HTTP; each
+    pending one holds a few KiB (no TLS state until its peer has sent a
+    byte); a legitimate peer connects while the pending ones are within the
+    limit and after the flood.
     """
     limit = DEFAULT_MAX_PENDING_HANDSHAKES
     count = 400 * SCALE
     tracemalloc.start()
     try:
         async with open_site(
-            "hub", listen="tls://127.0.0.1:0", tls=tls_config("hub"), handshake_timeout=30
+            "hub", listen=listen, tls=tls_config("hub"), handshake_timeout=30
         ) as hub:
             address = hub.address
             await trio.sleep(0.05)

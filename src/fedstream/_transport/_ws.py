@@ -324,6 +324,8 @@ class _Reader:
 class WebSocketTransport(Transport):
     """``ws://`` over TCP, or ``wss://`` over the ``tls://`` transport's TLS."""
 
+    upgrades = True
+
     def __init__(self, scheme: str, config: TransportConfig) -> None:
         self.scheme = scheme
         self.handshake_timeout = config.handshake_timeout
@@ -415,33 +417,48 @@ class WebSocketTransport(Transport):
         *,
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept WebSocket upgrades for ``url``'s path; other paths get HTTP 404.
+        """Accept TCP connections for ``url`` and hand them to ``handler`` at once.
 
-        A connection whose TLS handshake or upgrade request fails, or does
-        not complete within ``handshake_timeout``, is logged and closed
-        without reaching ``handler``.
+        The handler (the site) then calls :meth:`upgrade`, which runs the TLS
+        handshake (``wss://``) and the WebSocket upgrade, so both count
+        against the site's ``max_pending_handshakes``. Requests for another
+        path get HTTP 404.
         """
         path = urlsplit(url).path or "/"
 
-        async def upgrade(stream: trio.abc.Stream) -> None:
-            # The inner transport hands over the accepted TCP stream; for
-            # wss:// its TLS handshake comes first (it closes the stream
-            # itself when that fails).
-            try:
-                stream = await self._inner.upgrade(stream)
-            except HandshakeError as exc:
-                logger.warning("refused a connection: %s", exc)
-                return
-            await self._serve_one(stream, path, handler)
+        async def accepted(stream: trio.abc.Stream) -> None:
+            await handler(_Accepted(stream, path))
 
         async with trio.open_nursery() as nursery:
-            bound: str = await nursery.start(self._inner.serve, url, upgrade)
+            bound: str = await nursery.start(self._inner.serve, url, accepted)
             task_status.started(f"{self.scheme}://{bound.split('://', 1)[1]}{path}")
 
-    async def _serve_one(
-        self, stream: trio.abc.Stream, path: str, handler: ConnectionHandler
+    async def upgrade(self, stream: trio.abc.Stream) -> trio.abc.Stream:
+        """The listener's side: TLS for ``wss://``, then the WebSocket upgrade.
+
+        Raises:
+            HandshakeError: either failed or did not complete in time (the
+                stream is closed).
+        """
+        if not isinstance(stream, _Accepted):
+            raise TypeError("upgrade() takes a stream this transport accepted")
+        if self._nursery is None:
+            raise RuntimeError("a WebSocket listener needs TransportConfig.nursery")
+        path, raw = stream.path, stream.stream
+        raw = await self._inner.upgrade(raw)  # closes the stream itself when it fails
+        try:
+            ws: WebSocketStream = await self._nursery.start(self._run_accepted, raw, path)
+        except BaseException:
+            await trio.aclose_forcefully(raw)
+            raise
+        return ws
+
+    async def _run_accepted(
+        self, stream: trio.abc.Stream, path: str, *, task_status: trio.TaskStatus[WebSocketStream]
     ) -> None:
+        """Answer the upgrade, hand the result over, and run its reader until it is closed."""
         where = _peer_of(stream)
+        error: Exception | None = None
         async with trio.open_nursery() as nursery:
             opening = trio.CancelScope(deadline=trio.current_time() + self.handshake_timeout)
             reader = _Reader(nursery)
@@ -465,18 +482,39 @@ class WebSocketTransport(Transport):
                 problem = _why(reader, server=True)
             if connection is None:
                 error = HandshakeError(f"refused a WebSocket connection from {where}: {problem}")
-                logger.warning("%s", error)
                 nursery.cancel_scope.cancel()
-                with trio.CancelScope(shield=True):
-                    await trio.aclose_forcefully(stream)
-                return
-            ws = WebSocketStream(connection, stream, reader, where=f"from {where}")
-            try:
-                await handler(ws)
-            finally:
+            else:
+                ws = WebSocketStream(connection, stream, reader, where=f"from {where}")
+                task_status.started(ws)
+                await ws.finished.wait()
                 nursery.cancel_scope.cancel()
-                with trio.CancelScope(shield=True):
-                    await ws.aclose()
+        if error is not None:
+            raise error
+
+
+class _Accepted(trio.abc.Stream):
+    """An accepted TCP (or, before its handshake, TLS) stream, with the path
+    its listener serves, until :meth:`WebSocketTransport.upgrade` upgrades it.
+
+    Only closing matters before the upgrade (a site over its pending limit
+    closes it); the other methods pass through.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, path: str) -> None:
+        self.stream = stream
+        self.path = path
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 def _why(
