@@ -24,6 +24,7 @@ from fedstream import (
     SiteOptions,
     open_site,
 )
+from site_helpers import send, serve
 from tls_certs import deployment
 
 OK = ReturnCode.OK
@@ -34,15 +35,6 @@ def site(name: str, scheme: str, **kwargs: Any) -> AbstractAsyncContextManager[S
     if scheme in ("tls", "wss"):
         kwargs["tls"] = deployment().config(name)
     return open_site(name, **kwargs)
-
-
-def serve(recorder: Recorder, s: Site) -> None:
-    s.register_stream_processing(CHANNEL, TOPIC, make_factory(recorder, s.name, is_async=True))
-
-
-async def send(s: Site, tag: str, targets: list[str], **kw: Any) -> Any:
-    producer = AsyncRecordingProducer(tag, [20_000] * 3)
-    return await s.stream_objects(CHANNEL, TOPIC, {"stream": tag}, targets, producer, None, **kw)
 
 
 @pytest.mark.parametrize("scheme", ["tcp", "tls", "ws", "wss"])

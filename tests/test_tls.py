@@ -13,41 +13,19 @@ import logging
 import socket
 import ssl
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
 import fedstream
-from engine_helpers import CHANNEL, TOPIC, AsyncRecordingProducer, Recorder, make_factory
-from fedstream import FedstreamError, HandshakeError, ReturnCode, Site, TLSConfig, open_site
+from engine_helpers import CHANNEL, TOPIC, AsyncRecordingProducer, Recorder
+from fedstream import FedstreamError, HandshakeError, ReturnCode, TLSConfig, open_site
 from fedstream._ratelimit import RateLimit
+from site_helpers import send, serve, still_serves, tls
 from tls_certs import deployment, foreign
 
 TLS = "tls://127.0.0.1:0"
 OK = ReturnCode.OK
-
-
-def tls(name: str) -> TLSConfig:
-    return deployment().config(name)
-
-
-def serve(recorder: Recorder, site: Site) -> None:
-    site.register_stream_processing(
-        CHANNEL, TOPIC, make_factory(recorder, site.name, is_async=True)
-    )
-
-
-async def send(site: Site, tag: str, targets: list[str], n: int = 3, **kw: Any) -> Any:
-    producer = AsyncRecordingProducer(tag, [10_000] * n)
-    return await site.stream_objects(CHANNEL, TOPIC, {"stream": tag}, targets, producer, None, **kw)
-
-
-async def still_serves(server: Site, recorder: Recorder, tag: str) -> None:
-    """A legitimate ``site-ok`` can connect to ``server`` and stream to it."""
-    async with open_site("site-ok", connect=[server.address or ""], tls=tls("site-ok")) as ok:
-        assert await send(ok, tag, [server.name]) == (OK, None)
-    assert recorder.sessions[(server.name, tag)].seqs == [0, 1, 2]
 
 
 # ------------------------------------------------------------------- config

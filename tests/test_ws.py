@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 import trio_websocket
 
 import fedstream
-from engine_helpers import CHANNEL, TOPIC, AsyncRecordingProducer, Recorder, make_factory
+from engine_helpers import Recorder
 from fedstream import (
     ConnectionLostError,
     HandshakeError,
@@ -32,34 +31,12 @@ from fedstream import (
 )
 from fedstream._transport import TcpTransport, TransportConfig, WebSocketStream, make_transport
 from fedstream._transport._ws import MESSAGE_SIZE
+from site_helpers import send, serve, still_serves, tls
 from tls_certs import deployment, foreign
 
 WS = "ws://127.0.0.1:0/fedstream"
 WSS = "wss://127.0.0.1:0/fedstream"
 OK = ReturnCode.OK
-
-
-def tls(name: str) -> TLSConfig:
-    return deployment().config(name)
-
-
-def serve(recorder: Recorder, site: Site) -> None:
-    site.register_stream_processing(
-        CHANNEL, TOPIC, make_factory(recorder, site.name, is_async=True)
-    )
-
-
-async def send(site: Site, tag: str, targets: list[str], n: int = 3, **kw: Any) -> Any:
-    producer = AsyncRecordingProducer(tag, [10_000] * n)
-    return await site.stream_objects(CHANNEL, TOPIC, {"stream": tag}, targets, producer, None, **kw)
-
-
-async def still_serves(server: Site, recorder: Recorder, tag: str) -> None:
-    """A legitimate ``site-ok`` can connect to ``server`` and stream to it."""
-    options = {"tls": tls("site-ok")} if (server.address or "").startswith("wss") else {}
-    async with open_site("site-ok", connect=[server.address or ""], **options) as ok:
-        assert await send(ok, tag, [server.name]) == (OK, None)
-    assert recorder.sessions[(server.name, tag)].seqs == [0, 1, 2]
 
 
 def port_of(site: Site) -> int:
