@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -720,22 +720,11 @@ class StreamSession:
             produced = _NOT_PRODUCED
             if shareable is None:
                 return ReturnCode.OK, None, True
-            encoded = encode_object(shareable)
-            if len(encoded.parts) > 1 and encoded.size <= _COALESCE_MAX:
-                encoded = EncodedObject((memoryview(encoded.to_bytes()),), encoded.size)
             replies: dict[str, Shareable] = {}
-
             ctx = wire_ctx if seq == 0 else None
-            live = [link for link in self.links if link.ended_rc is None]
-            if len(live) == 1:
-                # One target: no need for a task per delivery.
-                await self._deliver(live[0], replies, seq, encoded, timeout, ctx)
-            else:
-                async with trio.open_nursery() as nursery:
-                    for link in live:
-                        nursery.start_soon(self._deliver, link, replies, seq, encoded, timeout, ctx)
-            if self._delivery_error is not None:
-                raise self._delivery_error
+            await self._to_live_targets(
+                self._deliver, replies, seq, _encode(shareable), timeout, ctx
+            )
             for link in self.links:
                 if link.name not in replies:
                     replies[link.name] = make_reply(link.ended_rc or ReturnCode.ERROR)
@@ -797,22 +786,11 @@ class StreamSession:
                 if shareable is None:
                     exhausted = True
                     break
-                encoded = encode_object(shareable)
-                if len(encoded.parts) > 1 and encoded.size <= _COALESCE_MAX:
-                    encoded = EncodedObject((memoryview(encoded.to_bytes()),), encoded.size)
                 replies: dict[str, Shareable] = {}
                 ctx = wire_ctx if seq == 0 else None
-                live = [link for link in self.links if link.ended_rc is None]
-                if len(live) == 1:
-                    await self._send(live[0], replies, seq, encoded, timeout, ctx)
-                else:
-                    async with trio.open_nursery() as nursery:
-                        for link in live:
-                            nursery.start_soon(
-                                self._send, link, replies, seq, encoded, timeout, ctx
-                            )
-                if self._delivery_error is not None:
-                    raise self._delivery_error
+                await self._to_live_targets(
+                    self._send, replies, seq, _encode(shareable), timeout, ctx
+                )
                 in_flight.append((seq, timeout, replies))
                 seq += 1
                 if self._all_ended():
@@ -899,6 +877,28 @@ class StreamSession:
     def _all_ended(self) -> bool:
         return all(link.ended_rc is not None for link in self.links)
 
+    async def _to_live_targets(
+        self,
+        step: Callable[..., Awaitable[None]],
+        replies: dict[str, Shareable],
+        seq: int,
+        encoded: EncodedObject,
+        no_progress: float,
+        ctx: dict[str, Any] | None,
+    ) -> None:
+        """Run ``step`` (deliver or send one object) for every live target at
+        once; with one target, without a task. Raises what a step recorded in
+        ``_delivery_error``."""
+        live = [link for link in self.links if link.ended_rc is None]
+        if len(live) == 1:
+            await step(live[0], replies, seq, encoded, no_progress, ctx)
+        else:
+            async with trio.open_nursery() as nursery:
+                for link in live:
+                    nursery.start_soon(step, link, replies, seq, encoded, no_progress, ctx)
+        if self._delivery_error is not None:
+            raise self._delivery_error
+
     async def _deliver(
         self,
         link: TargetLink,
@@ -949,6 +949,15 @@ class StreamSession:
             self.stream_ctx[END_RESULTS] = results
         for link in self.links:
             link.conn.senders.pop(link.sid, None)
+
+
+def _encode(shareable: Shareable) -> EncodedObject:
+    """Encode a produced object once for all targets; a small object with
+    out-of-band parts is joined into one part (one write per target)."""
+    encoded = encode_object(shareable)
+    if len(encoded.parts) > 1 and encoded.size <= _COALESCE_MAX:
+        encoded = EncodedObject((memoryview(encoded.to_bytes()),), encoded.size)
+    return encoded
 
 
 def check_encodable(stream_ctx: dict[str, Any]) -> None:
