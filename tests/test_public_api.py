@@ -102,3 +102,20 @@ def test_site_options_are_the_same_everywhere() -> None:
     assert set(typing.get_type_hints(SiteKeywords)) == fields
     serve = inspect.signature(fedstream.serve_site).parameters
     assert serve["options"].kind is inspect.Parameter.VAR_KEYWORD
+
+
+def test_import_loads_no_test_tooling_or_websocket_stack() -> None:
+    """``import fedstream`` (every CLI start) pays for neither pytest, pulled in
+    by ``trio.testing``, nor trio-websocket until a ``ws://`` URL is used."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fedstream\n"
+        "loaded = [m for m in ('trio.testing', 'pytest', 'trio_websocket', 'wsproto')"
+        " if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "from fedstream._transport import WebSocketStream, make_transport, TransportConfig\n"
+        "assert 'trio_websocket' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 
 import trio
-import trio.testing
 
 from ._base import ConnectionHandler, Transport, TransportConfig, register_transport, split_url
 
@@ -32,6 +31,10 @@ class MemoryTransport(Transport):
         channel = self._listeners.get(name)
         if channel is None:
             raise ConnectionRefusedError(f"nothing listens on {url}")
+        # Imported here: trio.testing pulls in pytest when it is installed,
+        # which every ``import fedstream`` would pay for a test-only transport.
+        import trio.testing
+
         ours, theirs = trio.testing.memory_stream_pair()
         try:
             await channel.send(theirs)

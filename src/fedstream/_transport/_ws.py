@@ -47,7 +47,7 @@ from trio_websocket import (
 
 from .._errors import HandshakeError, RemoteProtocolError
 from .._tls import describe_tls_error
-from ._base import ConnectionHandler, Transport, TransportConfig, register_transport, split_url
+from ._base import ConnectionHandler, Transport, TransportConfig, split_url
 from ._tcp import TcpTransport
 from ._tls import TlsTransport
 
@@ -566,13 +566,11 @@ def _peer_of(stream: trio.abc.Stream) -> str:
     return "an unknown peer"
 
 
-def _ws(config: TransportConfig) -> Transport:
+def ws_factory(config: TransportConfig) -> Transport:
+    """The ``ws://`` transport (registered lazily by :mod:`fedstream._transport`)."""
     return WebSocketTransport("ws", config)
 
 
-def _wss(config: TransportConfig) -> Transport:
+def wss_factory(config: TransportConfig) -> Transport:
+    """The ``wss://`` transport (registered lazily by :mod:`fedstream._transport`)."""
     return WebSocketTransport("wss", config)
-
-
-register_transport("ws", _ws)
-register_transport("wss", _wss)
