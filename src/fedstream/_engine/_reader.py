@@ -34,7 +34,7 @@ from .._wire import (
     Pong,
     Reply,
 )
-from .._wire._frames import OPENER_ABORT_RCS
+from .._wire._stream import abort_rc
 from ._handshake import code_name
 
 if TYPE_CHECKING:
@@ -207,13 +207,13 @@ class Reader:
                 # An ABORT may arrive before the stream's first object (frames
                 # of different priority can pass each other): remember it, so
                 # that object opens no session.
-                rc = frame.rc
-                if rc not in OPENER_ABORT_RCS:
+                rc = abort_rc(frame.rc)
+                if rc is None:
                     logger.warning(
                         "protocol error from %s: ABORT of stream %d with rc %.80r",
                         self.conn.peer,
                         sid,
-                        rc,
+                        frame.rc,
                     )
                     rc = "BAD_REQUEST_DATA"
                 self._early_aborts[sid] = rc

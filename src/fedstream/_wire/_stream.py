@@ -452,10 +452,8 @@ class ReceiverStream:
         self.reply_credit -= nbytes
 
     def abort(self, rc: str, reason: str = "", by: str = "") -> Abort:
-        """This side ends the stream abnormally with ``rc`` (its consumer's
-        rc: any return code but OK)."""
-        if not rc or rc == _OK:
-            raise LocalProtocolError(f"cannot abort with return code {rc!r}")
+        """This side ends the stream early with ``rc``: whatever its consumer
+        ended the session with (``END_STREAM`` outside ``consume`` may say OK)."""
         if self.state is not _OPEN:
             raise LocalProtocolError(f"stream {self.sid} has already ended")
         self.end(rc)
