@@ -23,6 +23,7 @@ from .._wire import (
     CLOSED,
     NEED_DATA,
     Abort,
+    BodyStart,
     Chunk,
     Credit,
     Data,
@@ -100,7 +101,7 @@ class Reader:
         """The reader task: read and dispatch until the connection is done."""
         stream = self.stream
         protocol = self.protocol
-        protocol.body_target = self._body_target
+        protocol.announce_bodies = True
         # On a plain TCP stream, receive straight into the protocol's buffers
         # (and, for large object chunks, into the object's own buffer).
         sock = stream.socket if isinstance(stream, trio.SocketStream) else None
@@ -149,6 +150,11 @@ class Reader:
             if event is CLOSED:
                 self.conn.lose("peer closed the connection")
                 return False
+            if isinstance(event, BodyStart):
+                target = self._body_target(event.frame, event.length)
+                if target is not None:
+                    protocol.receive_body_into(target)
+                continue
             self._dispatch(event)
             if self.conn.closed.is_set():
                 return False
