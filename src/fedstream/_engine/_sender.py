@@ -1,14 +1,13 @@
 """The sending side of one stream: produce, fan out, collect replies, repeat.
 
 One :class:`TargetLink` per target holds that target's state on its
-connection: the stream's protocol state is a sans-io
-:class:`~fedstream._wire._stream.OpenerStream` (sequence numbers, credit
-both ways, replies in order, END, ABORT, DONE), which every frame of the
-stream goes through; the link keeps the engine's part (the reply being
-reassembled within the receive budget, deadlines, how the target's session
-ended). :func:`run_stream` drives the producer. For each object it
-starts one delivery task per live target in a nursery, so a slow target does
-not delay the others, and waits for all of them before ``process_replies``.
+connection: its sans-io :class:`~fedstream._wire._stream.OpenerStream`
+(seq, credit both ways, replies in order, END, ABORT, DONE), which every
+frame of the stream goes through, the reply being reassembled, and how the
+target's session ended. :func:`run_stream` drives the producer. For each
+object it starts one delivery task per live target in a nursery, so a slow
+target does not delay the others, and waits for all of them before
+``process_replies``.
 
 Each delivery has a *no-progress* deadline: it is pushed back by ``timeout``
 every time a chunk is handed to the connection, so a large object that keeps
@@ -484,7 +483,7 @@ class TargetLink:
                 self.abort_frame(ReturnCode.TIMEOUT, f"no progress for {no_progress} s")
             )
             return make_reply(ReturnCode.TIMEOUT)
-        reply = self._current_reply()
+        reply = self._reply
         if reply is not None:
             if self._reply_last:
                 await self._attach_end_result(reply)
@@ -574,9 +573,6 @@ class TargetLink:
     def _ended(self) -> bool:
         # A method, not an inline test: the state changes while we await.
         return self.ended_rc is not None
-
-    def _current_reply(self) -> Shareable | None:
-        return self._reply
 
     async def _attach_end_result(self, reply: Shareable) -> None:
         with trio.move_on_after(self.conn.options.finalize_timeout):

@@ -569,6 +569,8 @@ class OpenerStream:
         self, size: int, body: Any = b"", channel: str = "", topic: str = "", ctx: Any = None
     ) -> Data:
         """Start the next object with its first ``len(body)`` bytes."""
+        if self.state is not _OPEN:
+            raise LocalProtocolError(f"stream {self.sid} has ended")
         frame = Data(self.sid, self.next_seq, size, channel, topic, ctx, body)
         self.sent_data(frame)
         return frame
@@ -582,8 +584,12 @@ class OpenerStream:
         return frame
 
     def sent_data(self, frame: Data) -> None:
-        """Record a DATA handed to the connection (built by the caller)."""
-        if not self.can_start():
+        """Record a DATA handed to the connection (built by the caller).
+
+        Like :meth:`sent_chunk`, allowed after the stream ended: the caller
+        checked :meth:`can_start` before it waited for room to send it.
+        """
+        if self.cur_seq >= 0 or self.next_seq - self.next_reply >= self.max_in_flight:
             raise LocalProtocolError(f"stream {self.sid} cannot start an object now")
         if frame.seq != self.next_seq:
             raise LocalProtocolError(f"object {frame.seq} sent, {self.next_seq} is next")
