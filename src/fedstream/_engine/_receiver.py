@@ -134,7 +134,6 @@ class ReceiverSession:
         self._reply_credit_changed = trio.Event()
         self._inbox: collections.deque[RawObject] = collections.deque()
         self._inbox_event = trio.Event()
-        self._end_received = False
         #: The last object's buffer, when nothing references it any more.
         self._spare: bytearray | mmap.mmap | None = None
         #: This session's objects in the connection's receive budget.
@@ -325,7 +324,6 @@ class ReceiverSession:
             self._violation(exc)
             return
         if event is not DROPPED:
-            self._end_received = True
             self._inbox_event.set()
 
     def on_abort(self, frame: Abort) -> None:
@@ -440,7 +438,7 @@ class ReceiverSession:
         one_hop = self.runner.one_hop(*callbacks)
         while True:
             while not self._inbox:
-                if self._end_received:
+                if self.stream.end_received:
                     self.rc = ReturnCode.OK
                     return
                 self._inbox_event = trio.Event()
