@@ -79,7 +79,7 @@ def _reply_bytes(frame: Any) -> int:
 class StreamSession(RuleBasedStateMachine):
     @initialize(
         window=st.sampled_from([0, 64, 300, 1024]),
-        reply_window=st.sampled_from([0, 64, 700]),
+        reply_window=st.sampled_from([0, 700, 4000]),
         step=st.integers(1, 600),
         max_in_flight=st.sampled_from([1, 2, 4]),
     )
@@ -125,15 +125,20 @@ class StreamSession(RuleBasedStateMachine):
     def send_chunk(self, n: int) -> None:
         self.to_receiver.append(self.opener.chunk(bytes(int(min(n, self.opener.room())))))
 
+    # Endings draw a ``go`` and act on one draw in several, so that sessions
+    # live long enough to pipeline, send chunked replies and exhaust credit.
+
     @precondition(lambda self: self.opener.state is OPEN and self.opener.cur_seq < 0)
-    @rule()
-    def end(self) -> None:
-        self.to_receiver.append(self.opener.end())
+    @rule(go=st.integers(0, 3))
+    def end(self, go: int) -> None:
+        if go == 0:
+            self.to_receiver.append(self.opener.end())
 
     @precondition(lambda self: self.opener.state is OPEN)
-    @rule(rc=abort_rcs)
-    def opener_aborts(self, rc: str) -> None:
-        self.to_receiver.append(self.opener.abort(rc, "test", "opener"))
+    @rule(rc=abort_rcs, go=st.integers(0, 9))
+    def opener_aborts(self, rc: str, go: int) -> None:
+        if go == 0:
+            self.to_receiver.append(self.opener.abort(rc, "test", "opener"))
 
     @rule()
     def grant_reply(self) -> None:
@@ -173,10 +178,10 @@ class StreamSession(RuleBasedStateMachine):
 
     @precondition(lambda self: self._may_reply())
     @rule(
-        size=st.integers(0, 6000),
+        size=st.one_of(st.integers(0, 300), st.integers(FREE_REPLY_MAX - 10, 6000)),
         first=st.integers(0, 6000),
         whole=st.booleans(),
-        last=st.booleans(),
+        last=st.integers(0, 4).map(lambda n: n == 0),
     )
     def reply(self, size: int, first: int, whole: bool, last: bool) -> None:
         r = self.receiver
@@ -200,9 +205,10 @@ class StreamSession(RuleBasedStateMachine):
         self.to_opener.append(r.reply_chunk(bytes(n)))
 
     @precondition(lambda self: self.receiver.state is OPEN)
-    @rule(rc=st.sampled_from([*sorted(ABORT_RCS), "MY_OWN_RC"]))
-    def receiver_aborts(self, rc: str) -> None:
-        self.to_opener.append(self.receiver.abort(rc, "test", "receiver"))
+    @rule(rc=st.sampled_from([*sorted(ABORT_RCS), "MY_OWN_RC"]), go=st.integers(0, 9))
+    def receiver_aborts(self, rc: str, go: int) -> None:
+        if go == 0:
+            self.to_opener.append(self.receiver.abort(rc, "test", "receiver"))
 
     @precondition(lambda self: self.receiver.state is ENDED and self.receiver._reply_size < 0)
     @rule(consumer_rc=st.sampled_from([OK, "CONSUMER_RC"]))
