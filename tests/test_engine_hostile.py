@@ -830,3 +830,40 @@ async def test_abort_with_a_documented_rc_finalizes_with_it(rc: str) -> None:
         await peer.expect_done(1, rc)
         (session,) = hub.rec.topic("aborted")
         assert session.rc == rc
+
+
+# ============================================================ replies checked (opener side)
+
+
+async def test_a_reply_to_an_object_not_sent_ends_that_stream_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The hub's opener checks its targets' replies like its receivers check
+    objects: a REPLY to an object that was never sent ends that stream with
+    BAD_REQUEST_DATA (the target is told with ABORT), and the connection and
+    the target's other streams carry on."""
+    async with attacked_hub() as hub, raw_peer(hub) as peer:
+        await peer.handshake()
+        await wait_until(lambda: "evil" in hub.site.peers)
+        results: list[tuple[str, Any]] = []
+        producer = Producer(2)
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                results.append(
+                    await hub.site.stream_objects(CH, "replies", {}, ["evil"], producer, None)
+                )
+
+            nursery.start_soon(run)
+            opened = await peer.expect(Data)
+            ok = encode_object(Shareable({"__rc__": OK})).to_bytes()
+            await peer.send(Reply(opened.sid, 1, len(ok), False, ok))  # object 1 was never sent
+            while not isinstance(frame := await peer.next_frame(), Abort):
+                assert isinstance(frame, (Data, Chunk)), frame
+            assert (frame.sid, frame.rc) == (opened.sid, BAD)
+            await peer.send(Done(opened.sid, BAD, None))
+        assert results == [(BAD, None)]
+        assert [r["evil"].get_return_code() for r in producer.replies] == [BAD]
+        assert any("REPLY" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+        await peer.stream_ok(3, "after-bad-reply")
+        assert "evil" in hub.site.peers

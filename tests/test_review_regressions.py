@@ -259,7 +259,7 @@ async def test_waiting_for_room_with_credit_in_hand_is_not_a_timeout(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(busy)
         with trio.move_on_after(30):
-            reply = await link.deliver(1, obj, 2.0, "c", "t", None)
+            reply = await link.deliver(0, obj, 2.0, "c", "t", None)
             rcs.append(reply.get_return_code())
         nursery.cancel_scope.cancel()
     assert rcs == [], f"delivery ended with {rcs} while the connection kept moving"

@@ -30,6 +30,7 @@ from fedstream._wire import (
     MIN_MAX_FRAME_SIZE,
     NEED_DATA,
     PROTOCOL_VERSION,
+    BodyStart,
     Chunk,
     Credit,
     Data,
@@ -42,6 +43,7 @@ from fedstream._wire import (
     Hello,
     Ping,
     ProtocolState,
+    Reply,
     decode_head,
     encode_frame,
 )
@@ -188,6 +190,9 @@ def _pull(protocol: FrameProtocol) -> None:
             return
         if event is NEED_DATA or event is CLOSED:
             return
+        if isinstance(event, BodyStart):
+            _answer(protocol, event)
+            continue
         assert isinstance(event, Frame)
     pytest.fail("next_event kept returning frames")
 
@@ -653,40 +658,49 @@ TestSenderReceiver = SenderReceiver.TestCase
 
 
 class _Targets:
-    """A ``body_target`` that declines the frames listed and records the rest."""
+    """Answers each :class:`BodyStart`: declines the frames listed, gives the
+    rest a buffer of their own, and records what it was asked."""
 
     def __init__(self, decline: set[int]) -> None:
         self.decline = decline
         self.asked: list[int] = []
         self.given: dict[int, bytearray] = {}
 
-    def __call__(self, frame: Frame, nbytes: int) -> memoryview | None:
-        seq = frame.seq  # type: ignore[attr-defined]
-        self.asked.append(seq)
-        if seq in self.decline:
-            return None
-        self.given[seq] = bytearray(nbytes)
-        return memoryview(self.given[seq])
+    def drain(self, p: FrameProtocol) -> tuple[list[Frame], Any]:
+        frames: list[Frame] = []
+        while True:
+            event = p.next_event()
+            if isinstance(event, BodyStart):
+                seq = event.frame.seq  # type: ignore[attr-defined]
+                assert event.frame.body == b""  # type: ignore[attr-defined]
+                self.asked.append(seq)
+                if seq not in self.decline:
+                    self.given[seq] = bytearray(event.length)
+                    p.receive_body_into(memoryview(self.given[seq]))
+                continue
+            if not isinstance(event, Frame):
+                return frames, event
+            frames.append(event)
 
 
-def _feed_in_two(p: FrameProtocol, wire: bytes, cut: int) -> list[Frame]:
+def _feed_in_two(p: FrameProtocol, targets: _Targets, wire: bytes, cut: int) -> list[Frame]:
     """Feed one frame in two pieces, draining after each."""
     p.receive_data(wire[:cut])
-    first, marker = drain(p)
+    first, marker = targets.drain(p)
     assert marker is NEED_DATA
     p.receive_data(wire[cut:])
-    rest, marker = drain(p)
+    rest, marker = targets.drain(p)
     assert marker is NEED_DATA
     return first + rest
 
 
 @pytest.mark.parametrize("use_get_buffer", [False, True])
-def test_a_declined_body_target_applies_to_that_frame_only(use_get_buffer: bool) -> None:
+def test_a_declined_body_start_applies_to_that_frame_only(use_get_buffer: bool) -> None:
     """After one large frame is staged (its body could not be received in
     place), the next large frames are received in place again."""
     p = opened()
     targets = _Targets(decline={0})
-    p.body_target = targets
+    p.announce_bodies = True
     sender = FrameProtocol()
     sender.peer_max_frame_size = DEFAULT_MAX_FRAME_SIZE
     sender.our_state = ProtocolState.OPEN
@@ -704,11 +718,11 @@ def test_a_declined_body_target_applies_to_that_frame_only(use_get_buffer: bool)
                 p.buffer_updated(n)
                 if n < len(piece):
                     p.receive_data(piece[n:])
-                got, marker = drain(p)
+                got, marker = targets.drain(p)
                 frames += got
                 assert marker is NEED_DATA
         else:
-            frames += _feed_in_two(p, wire, 1000)
+            frames += _feed_in_two(p, targets, wire, 1000)
     assert [bytes(f.body) for f in frames] == bodies  # type: ignore[attr-defined]
     assert targets.asked == [0, 1, 2]
     for seq in (1, 2):
@@ -720,12 +734,56 @@ def test_a_declined_body_target_applies_to_that_frame_only(use_get_buffer: bool)
 # ------------------------------------------------------------ fuzzing byte by byte
 
 
-def _accepting_target(frame: Frame, nbytes: int) -> memoryview | None:
-    if nbytes % 3 == 0:
-        event("a body target was declined")
-        return None
-    event("a body target was given")
-    return memoryview(bytearray(nbytes))
+def test_body_start_is_announced_only_when_asked_for_and_answered_at_once() -> None:
+    sender = FrameProtocol()
+    sender.peer_max_frame_size = DEFAULT_MAX_FRAME_SIZE
+    sender.our_state = ProtocolState.OPEN
+    body = bytes(range(256)) * 1000
+    wire = sender.send(Reply(9, 4, len(body), True, body))
+    # Without announce_bodies: frames only.
+    quiet = opened()
+    quiet.receive_data(wire[:5000])
+    assert quiet.next_event() is NEED_DATA
+    quiet.receive_data(wire[5000:])
+    assert bytes(quiet.next_event().body) == body  # type: ignore[union-attr]
+    p = opened()
+    p.announce_bodies = True
+    p.receive_data(wire[:5000])
+    start = p.next_event()
+    assert isinstance(start, BodyStart)
+    assert start.frame == Reply(9, 4, len(body), True, b"")
+    assert start.length == len(body)
+    with pytest.raises(LocalProtocolError, match="body size"):
+        p.receive_body_into(memoryview(bytearray(10)))
+    with pytest.raises(LocalProtocolError, match="body size"):
+        p.receive_body_into(memoryview(bytes(len(body))))  # read-only
+    target = bytearray(len(body))
+    p.receive_body_into(memoryview(target))
+    assert p.next_event() is NEED_DATA
+    with p.get_buffer() as buf:
+        assert len(buf) == len(wire) - 5000  # the rest of the target
+        buf[:] = wire[5000:]
+    p.buffer_updated(len(wire) - 5000)
+    frame = p.next_event()
+    assert isinstance(frame, Reply)
+    assert frame.body.obj is target  # type: ignore[union-attr]
+    assert target == body
+    # An unanswered BodyStart is staged once more bytes come (never offered twice).
+    p.receive_data(wire[:5000])
+    assert isinstance(p.next_event(), BodyStart)
+    assert p.next_event() is NEED_DATA
+    with pytest.raises(LocalProtocolError, match="no body"):
+        p.receive_body_into(memoryview(bytearray(len(body))))
+    p.receive_data(wire[5000:])
+    assert bytes(p.next_event().body) == body  # type: ignore[union-attr]
+
+
+def _answer(protocol: FrameProtocol, start: BodyStart) -> None:
+    if start.length % 3 == 0:
+        event("a body start was declined")
+        return
+    event("a body start was answered")
+    protocol.receive_body_into(memoryview(bytearray(start.length)))
 
 
 @st.composite
@@ -755,8 +813,7 @@ def test_garbage_fed_byte_by_byte_only_raises_remote_errors(
     RemoteProtocolError and nothing else, one byte at a time too."""
     data = draw.draw(garbage(handshaken), label="data")
     protocol = opened() if handshaken else FrameProtocol()
-    if with_target:
-        protocol.body_target = _accepting_target
+    protocol.announce_bodies = with_target
     for byte in data:
         if protocol.their_state is ProtocolState.ERROR:
             return

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import trio
 
 from .._errors import HandshakeError, RemoteProtocolError
-from .._wire import CLOSED, NEED_DATA, ErrorCode, Frame, FrameProtocol, GoAway, Hello
+from .._wire import CLOSED, ErrorCode, Frame, FrameProtocol, GoAway, Hello
 
 __all__ = ["accept_handshake", "code_name", "dial_handshake"]
 
@@ -37,7 +37,7 @@ async def _read_frame(stream: trio.abc.Stream, protocol: FrameProtocol) -> Frame
         event = protocol.next_event()
         if event is CLOSED:
             return None
-        if event is not NEED_DATA:
+        if isinstance(event, Frame):
             return event
         protocol.receive_data(await stream.receive_some(_HANDSHAKE_RECEIVE_SIZE))
 

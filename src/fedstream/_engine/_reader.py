@@ -23,6 +23,7 @@ from .._wire import (
     CLOSED,
     NEED_DATA,
     Abort,
+    BodyStart,
     Chunk,
     Credit,
     Data,
@@ -34,7 +35,7 @@ from .._wire import (
     Pong,
     Reply,
 )
-from .._wire._frames import OPENER_ABORT_RCS
+from .._wire._stream import abort_rc
 from ._handshake import code_name
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ class Reader:
         """The reader task: read and dispatch until the connection is done."""
         stream = self.stream
         protocol = self.protocol
-        protocol.body_target = self._body_target
+        protocol.announce_bodies = True
         # On a plain TCP stream, receive straight into the protocol's buffers
         # (and, for large object chunks, into the object's own buffer).
         sock = stream.socket if isinstance(stream, trio.SocketStream) else None
@@ -149,6 +150,11 @@ class Reader:
             if event is CLOSED:
                 self.conn.lose("peer closed the connection")
                 return False
+            if isinstance(event, BodyStart):
+                target = self._body_target(event.frame, event.length)
+                if target is not None:
+                    protocol.receive_body_into(target)
+                continue
             self._dispatch(event)
             if self.conn.closed.is_set():
                 return False
@@ -207,13 +213,13 @@ class Reader:
                 # An ABORT may arrive before the stream's first object (frames
                 # of different priority can pass each other): remember it, so
                 # that object opens no session.
-                rc = frame.rc
-                if rc not in OPENER_ABORT_RCS:
+                rc = abort_rc(frame.rc)
+                if rc is None:
                     logger.warning(
                         "protocol error from %s: ABORT of stream %d with rc %.80r",
                         self.conn.peer,
                         sid,
-                        rc,
+                        frame.rc,
                     )
                     rc = "BAD_REQUEST_DATA"
                 self._early_aborts[sid] = rc

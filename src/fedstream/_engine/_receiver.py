@@ -1,8 +1,13 @@
 """The receiving side of one stream: a consumer session scoped by a cancel scope.
 
 The connection's reader feeds frames in synchronously (``on_data`` and
-friends): it reassembles each object into its preallocated buffer, grants
-credit, and hands complete objects to the session task through a small inbox.
+friends). The stream's protocol state (sequence numbers, offsets, credit,
+END, ABORT, replies in order, DONE) is a sans-io
+:class:`~fedstream._wire._stream.ReceiverStream`: each frame goes to it
+first, and the session acts on what it answers. The session reassembles
+each object into its buffer (within the connection's receive budget),
+grants the credit the stream owes, and hands complete objects to the
+session task through a small inbox.
 The session task asks the factory for a consumer, runs ``consume`` for each
 object in order and sends the replies.
 
@@ -19,7 +24,7 @@ import functools
 import logging
 import math
 import mmap
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -44,28 +49,22 @@ from .._wire import (
     End,
     ObjectAssembler,
     RawObject,
-    Reply,
     decode_object_views,
     encode_object,
 )
-from .._wire._frames import FREE_REPLY_MAX, OPENER_ABORT_RCS
+from .._wire._frames import FREE_REPLY_MAX
+from .._wire._stream import DROPPED, ReceiverStream, StreamState, StreamViolation
 from ._budget import ObjectHolds
 from ._callbacks import current_session, not_awaitable
-from ._sender import MAX_IN_FLIGHT
 from ._stats import StreamStats
 
 if TYPE_CHECKING:
     from ._callbacks import CallbackRunner
     from ._connection import Connection
 
-__all__ = ["ReceiverSession", "Registration", "send_object"]
+__all__ = ["ReceiverSession", "Registration"]
 
 logger = logging.getLogger(__name__)
-
-#: Objects that may wait in a session's inbox: a pipelined sender keeps at
-#: most MAX_IN_FLIGHT objects unanswered (a stop-and-wait sender, one). The
-#: receive budget bounds their bytes; this bounds their number.
-_INBOX_LIMIT: Final = MAX_IN_FLIGHT
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,35 +75,6 @@ class Registration:
     stream_done_cb: Callable[..., Any] | None = None
     consumed_cb: Callable[..., Any] | None = None
     cb_kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-async def send_object(
-    conn: Connection,
-    make_first: Callable[[int, memoryview], Any],
-    sid: int,
-    seq: int,
-    obj: Shareable,
-    reserve: Callable[[int], Awaitable[None]] | None = None,
-) -> None:
-    """Send ``obj`` as a first frame (built by ``make_first(size, body)``) plus CHUNKs.
-
-    With ``reserve``, each frame's tail first waits for that much credit,
-    unless the whole object is small enough to go free in one frame
-    (:data:`FREE_REPLY_MAX`).
-    """
-    # Most replies are the plain OK acknowledgement: encode that one once.
-    encoded = _PLAIN_OK_ENCODED if obj == _PLAIN_OK else encode_object(obj)
-    if encoded.size <= FREE_REPLY_MAX and encoded.size <= conn.max_body:
-        reserve = None
-    offset = 0
-    for view in encoded.chunks(conn.max_body):
-        if reserve is not None:
-            await reserve(len(view))
-        if offset == 0:
-            await conn.send_data(make_first(encoded.size, view))
-        else:
-            await conn.send_data(Chunk(sid, seq, offset, view))
-        offset += len(view)
 
 
 _PLAIN_OK: Final = make_reply(ReturnCode.OK)
@@ -142,10 +112,17 @@ class ReceiverSession:
         self.site_name = site_name
         #: How the session ended; the first cause wins.
         self.rc: str | None = None
-        self._expected_seq = 0
+        #: The stream's protocol state; the inbox holds at most its
+        #: ``max_in_flight`` objects (their bytes are bounded by the budget).
+        self.stream = ReceiverStream(
+            first.sid,
+            window=conn.options.window,
+            max_object_size=conn.options.max_object_size,
+            reply_window=conn.peer_limits.get("window", 0),
+            credit_step=conn.options.credit_step,
+        )
         self._assembler: ObjectAssembler | None = None
         self._assembling_seq = -1
-        self._discard_left = 0
         #: Bytes received so far of an object that waits for the receive
         #: budget (its buffer is made only once it is admitted), and its size.
         self._staged: list[bytes] | None = None
@@ -153,16 +130,12 @@ class ReceiverSession:
         self._staged_size = 0
         #: When a byte of the object being received last arrived.
         self._progressed = trio.current_time()
-        #: Reply bytes the opener lets us send (its window, plus its CREDITs).
-        self._reply_credit = conn.peer_window
+        #: Set when the opener grants reply credit.
         self._reply_credit_changed = trio.Event()
-        self._inbox: collections.deque[tuple[int, RawObject]] = collections.deque()
+        self._inbox: collections.deque[RawObject] = collections.deque()
         self._inbox_event = trio.Event()
-        self._end_received = False
         #: The last object's buffer, when nothing references it any more.
         self._spare: bytearray | mmap.mmap | None = None
-        self._ungranted = 0
-        self._grant_threshold = conn.options.credit_step
         #: This session's objects in the connection's receive budget.
         self._holds = ObjectHolds(conn.receive_budget, conn.options.max_object_size, self._admitted)
         #: True while consume or consumed_cb runs.
@@ -185,7 +158,7 @@ class ReceiverSession:
             topic=self.topic,
             objects=self.objects_received,
             bytes=self.bytes_received,
-            credit=self._ungranted,
+            credit=self.stream.ungranted,
             started=self.started,
             queued=self.conn.pending(self.sid),
         )
@@ -193,29 +166,23 @@ class ReceiverSession:
     # ---------------------------------------------------- called by the reader
 
     def on_data(self, frame: Data) -> None:
-        if self.rc is not None:
+        try:
+            event = self.stream.on_data(frame)
+        except StreamViolation as exc:
+            if exc.connection:
+                raise
+            self.conn.reject(self.sid, frame.seq, exc.rc, str(exc))
+            self.end(exc.rc)
             return
-        if (
-            frame.seq != self._expected_seq
-            or self._assembler is not None
-            or self._staged is not None
-        ):
-            self.conn.reject(
-                self.sid,
-                frame.seq,
-                ReturnCode.BAD_REQUEST_DATA,
-                f"expected object {self._expected_seq}, got {frame.seq}",
-            )
-            self.end(ReturnCode.BAD_REQUEST_DATA)
+        if event is DROPPED:
             return
-        self._expected_seq += 1
         self._assembling_seq = frame.seq
         self._progressed = trio.current_time()
         admitted = self._holds.add(frame.size)
-        if frame.size == len(frame.body) and frame.size <= self.conn.options.max_object_size:
+        if event is not None:
             # The whole object came in this one frame: no reassembly needed.
             body = frame.body
-            self._grant(len(body))
+            self._grant()
             # A frame body is read-only; an object with out-of-band buffers
             # (senders put objects of up to 128 KiB in one frame) gets a
             # writable copy, so its arrays are writable like any others.
@@ -230,7 +197,7 @@ class ReceiverSession:
             self._staged = [bytes(frame.body)]
             self._staged_len = len(frame.body)
             self._staged_size = frame.size
-            self._grant(len(frame.body))
+            self._grant()
             return
         try:
             self._assembler = ObjectAssembler(
@@ -239,11 +206,8 @@ class ReceiverSession:
             self._spare = None
         except ObjectTooLargeError as exc:
             self.conn.reject(self.sid, frame.seq, ReturnCode.BAD_REQUEST_DATA, str(exc))
-            self._discard_left = frame.size - len(frame.body)
-            self._assembling_seq = frame.seq
             self.end(ReturnCode.BAD_REQUEST_DATA)
             return
-        self._assembling_seq = frame.seq
         self._feed(0, frame.body)
 
     def body_target(self, frame: Chunk, nbytes: int) -> memoryview | None:
@@ -253,43 +217,29 @@ class ReceiverSession:
         return self._assembler.target(frame.offset, nbytes)
 
     def on_chunk(self, frame: Chunk) -> None:
-        if self._staged is not None and frame.seq == self._assembling_seq:
-            self._stage(frame)
+        """A CHUNK of the object being received. One that cannot be placed
+        raises :class:`StreamViolation` for the reader: the connection closes."""
+        event = self.stream.on_chunk(frame)
+        if event is DROPPED:
             return
-        if self._assembler is None or frame.seq != self._assembling_seq:
-            if self._discard_left and frame.seq == self._assembling_seq:
-                self._discard_left -= len(frame.body)
-                return
-            if self.rc is None:
-                raise RemoteProtocolError(
-                    f"CHUNK for object {frame.seq} of stream {self.sid} that is not being sent"
-                )
-            return
-        self._feed(frame.offset, frame.body)
-
-    def _stage(self, frame: Chunk) -> None:
-        """Keep a CHUNK of an object that waits for admission."""
-        assert self._staged is not None
-        if frame.offset != self._staged_len:
-            raise RemoteProtocolError(
-                f"chunk at offset {frame.offset}, expected {self._staged_len}"
-            )
-        if self._staged_len + len(frame.body) > self._staged_size:
-            raise RemoteProtocolError(f"chunk overruns the object size {self._staged_size}")
-        self._staged.append(bytes(frame.body))
-        self._staged_len += len(frame.body)
-        self._progressed = trio.current_time()
-        self._grant(len(frame.body))
-        if self._staged_len == self._staged_size:
-            # All of it came within the credit the stream had: assemble it
-            # now, while it still waits its turn in the budget.
-            self._assemble_staged()
+        if self._staged is not None:
+            # Keep a CHUNK of an object that waits for admission.
+            self._staged.append(bytes(frame.body))
+            self._staged_len += len(frame.body)
+            self._progressed = trio.current_time()
+            self._grant()
+            if event is not None:
+                # All of it came within the credit the stream had: assemble it
+                # now, while it still waits its turn in the budget.
+                self._assemble_staged()
+        elif self._assembler is not None:
+            self._feed(frame.offset, frame.body)
 
     def _admitted(self) -> None:
         """The budget let our waiting object in (or nothing of ours waits any more)."""
         if self._staged is not None and self.rc is None:
             self._assemble_staged()
-        self._grant(0)
+        self._grant()
 
     def _assemble_staged(self) -> None:
         """Make the object's buffer and move the staged bytes into it.
@@ -311,7 +261,6 @@ class ReceiverSession:
             del pieces
         except (RemoteProtocolError, ObjectTooLargeError) as exc:
             self.conn.reject(self.sid, self._assembling_seq, ReturnCode.BAD_REQUEST_DATA, str(exc))
-            self._discard_left = self._staged_size - self._staged_len
             self.end(ReturnCode.BAD_REQUEST_DATA)
             return
         if complete:
@@ -324,7 +273,7 @@ class ReceiverSession:
         assert assembler is not None
         complete = assembler.feed(offset, body)
         self._progressed = trio.current_time()
-        self._grant(len(body))
+        self._grant()
         if complete:
             self._assembler = None
             self._deliver(assembler.take())
@@ -351,68 +300,60 @@ class ReceiverSession:
         )
         self.end(ReturnCode.TIMEOUT, tell_sender=True)
 
-    def _grant(self, nbytes: int) -> None:
-        # Credit goes back in steps of credit_step (announced in our HELLO,
-        # at most half a window): the sender keeps its chunks to at most half
-        # a window, so it can always make progress, and a sender that shares
-        # the connection can bound what it has in flight (TargetLink._room).
-        self._ungranted += nbytes
-        if self._ungranted >= self._grant_threshold and not self._holds.withholding:
-            self.conn.send_control(Credit(self.sid, self._ungranted))
-            self._ungranted = 0
+    def _grant(self) -> None:
+        # The stream owes credit every credit_step bytes (announced in our
+        # HELLO, at most half a window): the sender keeps its chunks to at
+        # most half a window, so it can always make progress, and a sender
+        # that shares the connection can bound what it has in flight
+        # (TargetLink._room). None is granted while our object waits for
+        # the receive budget.
+        credit = self.stream.grant(self._holds.withholding)
+        if credit is not None:
+            self.conn.send_control(credit)
 
     def _deliver(self, raw: RawObject) -> None:
-        """Hand a complete object to the session task."""
-        if len(self._inbox) >= _INBOX_LIMIT:
-            self.conn.reject(
-                self.sid,
-                self._assembling_seq,
-                ReturnCode.BAD_REQUEST_DATA,
-                "objects sent without waiting for replies",
-            )
-            self.end(ReturnCode.BAD_REQUEST_DATA)
-            return
-        self._inbox.append((self._assembling_seq, raw))
+        """Hand a complete object to the session task (the stream bounds
+        how many may wait: its ``max_in_flight``)."""
+        self._inbox.append(raw)
         self._inbox_event.set()
 
     def on_end(self, frame: End) -> None:
-        if self.rc is not None:
+        try:
+            event = self.stream.on_end(frame)
+        except StreamViolation as exc:
+            self._violation(exc)
             return
-        if self._assembler is not None or self._staged is not None:
-            self._violation(f"END in the middle of object {self._assembling_seq}")
-        elif frame.count != self._expected_seq:
-            self._violation(f"END after {frame.count} objects, but {self._expected_seq} were sent")
-        else:
-            self._end_received = True
+        if event is not DROPPED:
             self._inbox_event.set()
 
     def on_abort(self, frame: Abort) -> None:
-        if frame.rc not in OPENER_ABORT_RCS:
-            self._violation(
-                f"ABORT with rc {frame.rc!r:.80}, not one of {sorted(OPENER_ABORT_RCS)}"
-            )
-        else:
+        try:
+            event = self.stream.on_abort(frame)
+        except StreamViolation as exc:
+            self._violation(exc)
+            return
+        if event is not DROPPED:
             self.end(frame.rc, tell_sender=False)
 
-    def _violation(self, message: str) -> None:
+    def _violation(self, error: StreamViolation) -> None:
         """The sender broke this stream's rules: end it (only it) with BAD_REQUEST_DATA."""
-        error = RemoteProtocolError(f"stream {self.sid}: {message}")
         logger.warning("protocol error from %s: %s", self.conn.peer, error)
-        self.end(ReturnCode.BAD_REQUEST_DATA, tell_sender=False)
+        self.end(error.rc, tell_sender=False)
 
     def on_connection_lost(self) -> None:
         self.end(ReturnCode.COMMUNICATION_ERROR, tell_sender=False)
 
     def on_credit(self, frame: Credit) -> None:
         """The opener lets us send ``increment`` more reply bytes."""
-        self._reply_credit += frame.increment
+        self.stream.on_credit(frame)
         self._reply_credit_changed.set()
 
     async def _reserve_reply(self, nbytes: int) -> None:
-        while self._reply_credit < nbytes:
+        """Wait until the stream has ``nbytes`` of reply credit (spent when
+        the stream builds the frame)."""
+        while self.stream.reply_credit < nbytes:
             self._reply_credit_changed = trio.Event()
             await self._reply_credit_changed.wait()
-        self._reply_credit -= nbytes
 
     # ------------------------------------------------------------ ending
 
@@ -421,9 +362,11 @@ class ReceiverSession:
         if self.rc is not None:
             return
         self.rc = rc
-        if tell_sender and not self.conn.closed.is_set():
+        stream = self.stream
+        if tell_sender and stream.state is StreamState.OPEN and not self.conn.closed.is_set():
             # Tell the sender now, not after finalize: it stops sending at once.
-            self.conn.send_control(Abort(self.sid, rc, "ended by receiver", self.site_name))
+            self.conn.send_control(stream.abort(rc, "ended by receiver", self.site_name))
+        stream.end(rc)
         self.abort_signal.trigger(rc)
         self.scope.cancel()
 
@@ -473,9 +416,7 @@ class ReceiverSession:
                     logger.exception("stream %d from %s failed", self.sid, self.conn.peer)
                     self.rc = ReturnCode.EXECUTION_EXCEPTION
                     await self._reply_error(
-                        self._expected_seq - 1,
-                        ReturnCode.EXECUTION_EXCEPTION,
-                        f"{type(exc).__name__}: {exc}",
+                        ReturnCode.EXECUTION_EXCEPTION, f"{type(exc).__name__}: {exc}"
                     )
         finally:
             unregister()
@@ -497,19 +438,19 @@ class ReceiverSession:
         one_hop = self.runner.one_hop(*callbacks)
         while True:
             while not self._inbox:
-                if self._end_received:
+                if self.stream.end_received:
                     self.rc = ReturnCode.OK
                     return
                 self._inbox_event = trio.Event()
                 await self._inbox_event.wait()
-            seq, raw = self._inbox.popleft()
+            raw = self._inbox.popleft()
             self._holds.take()
             self.objects_received += 1
             self.bytes_received += len(raw)
             try:
                 shareable, holds_views = decode_object_views(raw)
             except RemoteProtocolError as exc:
-                await self._reply_error(seq, ReturnCode.BAD_REQUEST_DATA, str(exc))
+                await self._reply_error(ReturnCode.BAD_REQUEST_DATA, str(exc))
                 self.rc = ReturnCode.BAD_REQUEST_DATA
                 return
             # The session owns the buffer; keep it for the next object unless
@@ -545,7 +486,7 @@ class ReceiverSession:
                 logger.exception("consume failed on stream %d from %s", self.sid, self.conn.peer)
                 self.rc = ReturnCode.EXECUTION_EXCEPTION
                 await self._reply_error(
-                    seq, ReturnCode.EXECUTION_EXCEPTION, f"{type(exc).__name__}: {exc}"
+                    ReturnCode.EXECUTION_EXCEPTION, f"{type(exc).__name__}: {exc}"
                 )
                 return
             finally:
@@ -556,13 +497,13 @@ class ReceiverSession:
             if reply is None and end_rc is None and keep_going:
                 # The plain acknowledgement, encoded once for all.
                 body = _PLAIN_OK_VIEW
-                await self.conn.send_data(Reply(self.sid, seq, len(body), False, body))
+                await self.conn.send_data(self.stream.reply(len(body), last=False, body=body))
                 continue
             if reply is None:
                 reply = make_reply(end_rc or ReturnCode.OK)
             if end_rc is not None:
                 keep_going = False
-            await self._send_reply(seq, reply, last=not keep_going)
+            await self._send_reply(reply, last=not keep_going)
             if not keep_going:
                 self.rc = end_rc or str(reply.get_return_code(ReturnCode.OK))
                 return
@@ -579,34 +520,50 @@ class ReceiverSession:
             not_awaitable(reg.consumed_cb(checked, self.stream_ctx, self.fl_ctx, **reg.cb_kwargs))
         return checked
 
-    async def _send_reply(self, seq: int, reply: Shareable, *, last: bool) -> None:
-        sid = self.sid
+    async def _send_reply(self, reply: Shareable, *, last: bool) -> None:
         try:
-            await send_object(
-                self.conn,
-                lambda size, body: Reply(sid, seq, size, last, body),
-                sid,
-                seq,
-                reply,
-                self._reserve_reply,
-            )
+            await self._send_object(reply, last=last)
         except LocalProtocolError as exc:
-            logger.error("reply to object %d of stream %d cannot be encoded: %s", seq, sid, exc)
-            await self._reply_error(seq, ReturnCode.EXECUTION_EXCEPTION, str(exc), last=last)
+            seq = self.stream.next_reply
+            logger.error(
+                "reply to object %d of stream %d cannot be encoded: %s", seq, self.sid, exc
+            )
+            await self._reply_error(ReturnCode.EXECUTION_EXCEPTION, str(exc), last=last)
 
-    async def _reply_error(self, seq: int, rc: str, message: str, *, last: bool = True) -> None:
-        if seq < 0 or self.conn.closed.is_set():
+    async def _send_object(self, reply: Shareable, *, last: bool) -> None:
+        """Send ``reply`` to the oldest unanswered object: a REPLY plus CHUNKs.
+
+        Each frame's tail first waits for that much reply credit, unless the
+        whole reply is small enough to go free in one frame
+        (:data:`FREE_REPLY_MAX`).
+        """
+        # Most replies are the plain OK acknowledgement: encode that one once.
+        encoded = _PLAIN_OK_ENCODED if reply == _PLAIN_OK else encode_object(reply)
+        conn = self.conn
+        stream = self.stream
+        max_body = conn.max_body
+        free = encoded.size <= FREE_REPLY_MAX and encoded.size <= max_body
+        first = True
+        for view in encoded.chunks(max_body):
+            if not free:
+                await self._reserve_reply(len(view))
+            if first:
+                first = False
+                await conn.send_data(stream.reply(encoded.size, last=last, body=view))
+            else:
+                await conn.send_data(stream.reply_chunk(view))
+
+    async def _reply_error(self, rc: str, message: str, *, last: bool = True) -> None:
+        """Answer the oldest unanswered object with an error (if there is one)."""
+        stream = self.stream
+        if stream.next_reply >= stream.next_seq or self.conn.closed.is_set():
             return
         with trio.CancelScope(shield=True), trio.move_on_after(self.conn.options.finalize_timeout):
             reply = make_reply(rc, {ReservedHeaderKey.ERROR: message[:1000]})
-            await send_object(
-                self.conn,
-                lambda size, body: Reply(self.sid, seq, size, last, body),
-                self.sid,
-                seq,
-                reply,
-                self._reserve_reply,
-            )
+            try:
+                await self._send_object(reply, last=last)
+            except LocalProtocolError:
+                logger.debug("no error reply on stream %d", self.sid, exc_info=True)
 
     async def _finish(self, consumer: ObjectConsumer | None) -> None:
         """Run the end-of-session steps exactly once, shielded and bounded."""
@@ -616,6 +573,7 @@ class ReceiverSession:
         self._staged = None
         self._inbox.clear()
         self._holds.release()
+        self.stream.end(rc)
         self.stream_ctx[StreamContextKey.RC] = rc
         reg = self.registration
         timeout = self.conn.options.finalize_timeout
@@ -679,7 +637,7 @@ class ReceiverSession:
         with trio.move_on_after(self.conn.options.finalize_timeout):
             try:
                 try:
-                    await self.conn.send_data(Done(self.sid, rc, value))
+                    await self.conn.send_data(self.stream.done(rc, value))
                 except LocalProtocolError:
                     logger.warning("stream_done_cb result %r cannot be sent; sending none", result)
                     await self.conn.send_data(Done(self.sid, rc, None))

@@ -1,10 +1,13 @@
 """The sending side of one stream: produce, fan out, collect replies, repeat.
 
 One :class:`TargetLink` per target holds that target's state on its
-connection (stream id, credit, the reply being reassembled, how the target's
-session ended). :func:`run_stream` drives the producer. For each object it
-starts one delivery task per live target in a nursery, so a slow target does
-not delay the others, and waits for all of them before ``process_replies``.
+connection: its sans-io :class:`~fedstream._wire._stream.OpenerStream`
+(seq, credit both ways, replies in order, END, ABORT, DONE), which every
+frame of the stream goes through, the reply being reassembled, and how the
+target's session ended. :func:`run_stream` drives the producer. For each
+object it starts one delivery task per live target in a nursery, so a slow
+target does not delay the others, and waits for all of them before
+``process_replies``.
 
 Each delivery has a *no-progress* deadline: it is pushed back by ``timeout``
 every time a chunk is handed to the connection, so a large object that keeps
@@ -51,7 +54,7 @@ from .._wire import (
     decode_object,
     encode_object,
 )
-from .._wire._frames import FREE_REPLY_MAX
+from .._wire._stream import DROPPED, MAX_IN_FLIGHT, OpenerStream, StreamState, StreamViolation
 from ._budget import ObjectHolds
 from ._callbacks import current_session, not_awaitable
 from ._stats import StreamStats
@@ -73,10 +76,6 @@ FLARE_END_RESULT: Final = "ObjectStreamer.END_RESULT"
 #: target whose result was truthy, filled in before ``stream_objects`` returns.
 END_RESULTS: Final = "__end_results__"
 
-
-#: The largest ``max_in_flight`` of a pipelined stream; receivers queue at
-#: most this many objects of one stream for its consumer.
-MAX_IN_FLIGHT: Final = 64
 
 #: The encoding of the plain OK reply (``make_reply(OK)``), the most common one.
 _PLAIN_OK_BYTES: Final = encode_object(make_reply(ReturnCode.OK)).to_bytes()
@@ -104,38 +103,36 @@ class TargetLink:
         self.topic = topic
         self.started = trio.current_time()
         self.sid = conn.new_sid()
-        self.window = conn.peer_window
+        options = conn.options
+        # Replies are flow-controlled and budgeted like objects: the target
+        # may send the reply bytes our window and CREDITs allow; a large
+        # reply counts in the connection's receive budget, and one that
+        # waits for it keeps only the bytes that arrived, with credit withheld.
+        self.stream = OpenerStream(
+            self.sid,
+            window=conn.peer_window,
+            reply_window=options.window,
+            credit_step=options.credit_step,
+            max_reply_size=options.max_object_size,
+        )
         #: rc of the target's session once it ended (reply ``last``, ABORT, DONE, loss).
         self.ended_rc: str | None = None
         self.done = trio.Event()
         self.done_rc: str | None = None
         self.done_result: Any = None
-        self._pending_seq = -1
-        #: Objects whose first frame went out (the END count).
-        self.sent_count = 0
         #: With several objects in flight (:meth:`deliver` with
         #: ``wait_reply=False``, then :meth:`await_reply`):
-        #: replies that arrived, by seq, with their ``last`` flag; the reply
-        #: expected next is ``_pending_seq``'s, and replies come in order.
+        #: replies that arrived, by seq, with their ``last`` flag.
         self.pipelined = False
         self._replies: dict[int, tuple[Shareable, bool]] = {}
         #: When the reply to expect next started to count down: the later of
         #: the previous reply's arrival and its own object's last byte sent.
         self._reply_clock = 0.0
         self._sent_at: dict[int, float] = {}
-        #: Whether seq 0 went out, i.e. the target has (or had) a session to finalize.
-        self.opened = False
         self._reply: Shareable | None = None
+        self._reply_seq = 0
         self._reply_last = False
         self._assembler: ObjectAssembler | None = None
-        # Replies are flow-controlled and budgeted like objects: the target
-        # may send the reply bytes our window and CREDITs allow; a large
-        # reply counts in the connection's receive budget, and one that
-        # waits for it keeps only the bytes that arrived, with credit withheld.
-        options = conn.options
-        self._reply_allowance = options.window
-        self._reply_ungranted = 0
-        self._credit_step = options.credit_step
         self._holds = ObjectHolds(conn.receive_budget, options.max_object_size, self._admitted)
         self._staged: list[bytes] | None = None
         self._staged_len = 0
@@ -147,7 +144,13 @@ class TargetLink:
         self.credited = 0
         conn.senders[self.sid] = self
 
+    @property
+    def opened(self) -> bool:
+        """Whether seq 0 went out, i.e. the target has (or had) a session to finalize."""
+        return self.stream.next_seq > 0
+
     def stats(self) -> StreamStats:
+        window = self.stream.credit
         return StreamStats(
             peer=self.name,
             sid=self.sid,
@@ -156,10 +159,10 @@ class TargetLink:
             topic=self.topic,
             objects=self.objects_sent,
             bytes=self.bytes_sent,
-            credit=None if math.isinf(self.window) else int(self.window),
+            credit=None if math.isinf(window) else int(window),
             started=self.started,
             queued=self.conn.pending(self.sid),
-            unacknowledged=None if math.isinf(self.window) else self.bytes_sent - self.credited,
+            unacknowledged=None if math.isinf(window) else self.bytes_sent - self.credited,
         )
 
     def _notify(self) -> None:
@@ -173,102 +176,83 @@ class TargetLink:
     # ------------------------------------------------ called by the reader
 
     def on_reply(self, frame: Reply) -> None:
-        free = frame.size <= FREE_REPLY_MAX and frame.size == len(frame.body)
-        if not free:
-            self._use_reply_credit(len(frame.body))
-        if (
-            frame.seq != self._pending_seq
-            or frame.seq >= self.sent_count
-            or self._reply is not None
-            or self.ended_rc is not None
-            or self._assembler is not None
-            or self._staged is not None
-        ):
-            # A late reply (the object timed out or the session already ended).
-            if not free:
-                self._grant_reply(len(frame.body))
+        try:
+            event = self.stream.on_reply(frame)
+        except StreamViolation as exc:
+            self._violation(exc)
             return
+        if event is DROPPED:  # it crossed our END or ABORT
+            self._grant_reply()
+            return
+        self._reply_seq = frame.seq
         self._reply_last = frame.last
-        if frame.size == len(frame.body):
-            if not free:
-                self._grant_reply(len(frame.body))
+        if event is not None:
+            self._grant_reply()
             self._decode_reply(frame.body)  # the whole reply in one frame
-            return
-        if frame.size > self.conn.options.max_object_size:
-            message = (
-                f"reply of {frame.size} bytes exceeds max_object_size "
-                f"{self.conn.options.max_object_size}"
-            )
-            self._set_reply(
-                make_reply(ReturnCode.COMMUNICATION_ERROR, {ReservedHeaderKey.ERROR: message}),
-                last=True,
-            )
             return
         self._reply_size = frame.size
         if not self._holds.add(frame.size):
             # Nothing sized by the claim before the budget admits the reply.
             self._staged = [bytes(frame.body)]
             self._staged_len = len(frame.body)
-            self._grant_reply(len(frame.body))
+            self._grant_reply()
             return
         self._assembler = ObjectAssembler(frame.size, max_size=self.conn.options.max_object_size)
         self._feed(0, frame.body)
 
     def on_chunk(self, frame: Chunk) -> None:
-        self._use_reply_credit(len(frame.body))
-        if frame.seq != self._pending_seq:
-            self._grant_reply(len(frame.body))  # late: dropped, its credit given back
+        """A CHUNK of the reply being received. One that cannot be placed
+        raises :class:`StreamViolation` for the reader: the connection closes."""
+        event = self.stream.on_reply_chunk(frame)
+        if event is DROPPED:
+            self._grant_reply()  # late: dropped, its credit given back
         elif self._staged is not None:
-            if frame.offset != self._staged_len or (
-                self._staged_len + len(frame.body) > self._reply_size
-            ):
-                raise RemoteProtocolError(
-                    f"reply chunk at offset {frame.offset} of {len(frame.body)} bytes, "
-                    f"expected offset {self._staged_len} of a {self._reply_size}-byte reply"
-                )
             self._staged.append(bytes(frame.body))
             self._staged_len += len(frame.body)
-            self._grant_reply(len(frame.body))
-            if self._staged_len == self._reply_size:
+            self._grant_reply()
+            if event is not None:
                 self._assemble_staged()
         elif self._assembler is not None:
             self._feed(frame.offset, frame.body)
         else:
-            self._grant_reply(len(frame.body))
+            self._grant_reply()
+
+    def _violation(self, error: StreamViolation) -> None:
+        """The target broke this stream's rules: end this link (only it) with
+        BAD_REQUEST_DATA, or, for bytes that cannot be placed, the connection."""
+        if error.connection:
+            raise error
+        logger.warning("protocol error from %s: %s", self.name, error)
+        self.release()
+        if self.ended_rc is None:
+            self.ended_rc = error.rc
+            if not self.conn.closed.is_set():
+                self.conn.send_control(Abort(self.sid, error.rc, str(error)[:200], ""))
+        self._notify()
 
     def _feed(self, offset: int, body: memoryview | bytes | bytearray) -> None:
         assembler = self._assembler
         assert assembler is not None
         complete = assembler.feed(offset, body)
-        self._grant_reply(len(body))
+        self._grant_reply()
         if not complete:
             return
         self._assembler = None
         self._holds.take()
         self._decode_reply(assembler.take())
 
-    def _use_reply_credit(self, nbytes: int) -> None:
-        self._reply_allowance -= nbytes
-        if self._reply_allowance < 0:
-            raise RemoteProtocolError(
-                f"{self.name} sent reply bytes on stream {self.sid} beyond the credit granted"
-            )
-
-    def _grant_reply(self, nbytes: int) -> None:
+    def _grant_reply(self) -> None:
         """Give reply credit back every credit_step bytes taken in, unless a
         reply of ours waits for the receive budget."""
-        self._reply_ungranted += nbytes
-        if self._reply_ungranted >= self._credit_step and not self._holds.withholding:
-            if not self.conn.closed.is_set():
-                self.conn.send_control(Credit(self.sid, self._reply_ungranted))
-            self._reply_allowance += self._reply_ungranted
-            self._reply_ungranted = 0
+        credit = self.stream.grant_reply(self._holds.withholding)
+        if credit is not None and not self.conn.closed.is_set():
+            self.conn.send_control(credit)
 
     def _admitted(self) -> None:
         """The budget let our waiting reply in (or nothing of ours waits any more)."""
         if self._staged is not None:
             self._assemble_staged()
-        self._grant_reply(0)
+        self._grant_reply()
 
     def _assemble_staged(self) -> None:
         pieces, self._staged = self._staged or [], None
@@ -311,8 +295,7 @@ class TargetLink:
 
     def _set_reply(self, reply: Shareable, *, last: bool) -> None:
         if self.pipelined:
-            self._replies[self._pending_seq] = (reply, last)
-            self._pending_seq += 1
+            self._replies[self._reply_seq] = (reply, last)
             self._reply_clock = trio.current_time()
         else:
             self._reply = reply
@@ -321,11 +304,15 @@ class TargetLink:
         self._notify()
 
     def on_abort(self, frame: Abort) -> None:
+        if self.stream.on_abort(frame) is DROPPED:
+            return
         logger.info("target %s ended stream %d: %s %s", self.name, self.sid, frame.rc, frame.reason)
         self.ended_rc = self.ended_rc or frame.rc
         self._notify()
 
     def on_done(self, frame: Done) -> None:
+        if self.stream.on_done(frame) is DROPPED:
+            return
         self.done_rc = frame.rc
         self.done_result = frame.result
         # DONE is the receiver's own word on how its session ended.
@@ -334,7 +321,7 @@ class TargetLink:
         self._notify()
 
     def on_credit(self, frame: Credit) -> None:
-        self.window += frame.increment
+        self.stream.on_credit(frame)
         self.credited += frame.increment
         self._notify()
 
@@ -351,7 +338,7 @@ class TargetLink:
         receive budget). Then we wait with fewer bytes sent than the window
         would allow, until the object is admitted.
         """
-        window = self.window
+        window = self.stream.credit
         if window < nbytes:
             return False
         if window == math.inf or not self.conn.shared():
@@ -391,11 +378,9 @@ class TargetLink:
                 f"object of {encoded.size} bytes exceeds {self.name}'s "
                 f"max_object_size {int(self.conn.peer_max_object_size)}"
             )
-            self.conn.send_control(Abort(self.sid, ReturnCode.BAD_REQUEST_DATA, message, ""))
+            self.conn.send_control(self.abort_frame(ReturnCode.BAD_REQUEST_DATA, message))
             return make_reply(ReturnCode.BAD_REQUEST_DATA, {ReservedHeaderKey.ERROR: message})
-        self.sent_count = seq + 1
         if not self.pipelined:
-            self._pending_seq = seq
             self._reply = None
             if self._assembler is not None or self._staged is not None:
                 self.release()  # an earlier object's reply that never completed
@@ -410,10 +395,9 @@ class TargetLink:
                 if ctx is not None and offset == 0 and not self.opened:
                     # The context rides alone in the first DATA (its head may be
                     # large); the object's bytes all follow in CHUNKs.
-                    await conn.send_data(
-                        Data(self.sid, seq, encoded.size, channel, topic, ctx, b"")
-                    )
-                    self.opened = True
+                    head = Data(self.sid, seq, encoded.size, channel, topic, ctx, b"")
+                    await conn.send_data(head)
+                    self.stream.sent_data(head)
                 views = list(encoded.chunks(conn.max_body, offset))
                 index = 0
                 while index < len(views):
@@ -438,6 +422,7 @@ class TargetLink:
                         )
                     else:
                         frame = Chunk(self.sid, seq, offset, view)
+                    follow: Chunk | None = None
                     if pair:
                         index += 1
                         follow = Chunk(self.sid, seq, offset + size, views[index])
@@ -445,9 +430,14 @@ class TargetLink:
                         await conn.send_data(frame, follow)
                     else:
                         await conn.send_data(frame)
+                    # Recorded once queued: a cancelled send queued nothing.
+                    if isinstance(frame, Data):
+                        self.stream.sent_data(frame)
+                    else:
+                        self.stream.sent_chunk(frame)
+                    if follow is not None:
+                        self.stream.sent_chunk(follow)
                     index += 1
-                    self.opened = True
-                    self.window -= size
                     self.bytes_sent += size
                     offset += size
                     if offset < encoded.size:
@@ -490,20 +480,21 @@ class TargetLink:
             )
             self.ended_rc = ReturnCode.TIMEOUT
             await self._tell(
-                Abort(self.sid, ReturnCode.TIMEOUT, f"no progress for {no_progress} s", "")
+                self.abort_frame(ReturnCode.TIMEOUT, f"no progress for {no_progress} s")
             )
             return make_reply(ReturnCode.TIMEOUT)
-        reply = self._current_reply()
+        reply = self._reply
         if reply is not None:
             if self._reply_last:
                 await self._attach_end_result(reply)
             return reply
         return make_reply(self.ended_rc or ReturnCode.COMMUNICATION_ERROR)
 
-    def pipeline(self) -> None:
-        """Take replies for several objects in flight (before the first is sent)."""
+    def pipeline(self, max_in_flight: int) -> None:
+        """Take replies for up to ``max_in_flight`` objects in flight (before
+        the first is sent)."""
         self.pipelined = True
-        self._pending_seq = 0
+        self.stream.max_in_flight = max_in_flight
         self._reply_clock = trio.current_time()
 
     def replies_waiting(self) -> bool:
@@ -542,7 +533,7 @@ class TargetLink:
             )
             self.ended_rc = ReturnCode.TIMEOUT
             await self._tell(
-                Abort(self.sid, ReturnCode.TIMEOUT, f"no progress for {no_progress} s", "")
+                self.abort_frame(ReturnCode.TIMEOUT, f"no progress for {no_progress} s")
             )
             break
         self._sent_at.pop(seq, None)
@@ -553,6 +544,18 @@ class TargetLink:
         if last:
             await self._attach_end_result(reply)
         return reply
+
+    def abort_frame(self, rc: str, reason: str, by: str = "") -> Abort:
+        """The ABORT that ends this stream with ``rc`` (one of ``ABORT_RCS``)."""
+        if self.stream.state is StreamState.OPEN:
+            return self.stream.abort(rc, reason, by)
+        return Abort(self.sid, rc, reason, by)  # told again (a shutdown, then the ending)
+
+    def end_frame(self) -> End | Abort:
+        """The END that closes this stream normally (ABORT if it cannot end now)."""
+        if self.stream.state is StreamState.OPEN and self.stream.cur_seq < 0:
+            return self.stream.end()
+        return self.abort_frame(ReturnCode.TASK_ABORTED, "object cut short")
 
     async def _tell(self, frame: Abort | End) -> None:
         """Send END or ABORT in order behind this stream's data (bounded, shielded)."""
@@ -570,9 +573,6 @@ class TargetLink:
     def _ended(self) -> bool:
         # A method, not an inline test: the state changes while we await.
         return self.ended_rc is not None
-
-    def _current_reply(self) -> Shareable | None:
-        return self._reply
 
     async def _attach_end_result(self, reply: Shareable) -> None:
         with trio.move_on_after(self.conn.options.finalize_timeout):
@@ -634,7 +634,7 @@ class StreamSession:
         waiting = []
         for link in self.links:
             if link.ended_rc is None and link.opened and not link.conn.closed.is_set():
-                link.conn.send_control(Abort(link.sid, rc, reason, self.site_name))
+                link.conn.send_control(link.abort_frame(rc, reason, self.site_name))
                 waiting.append(link)
         return waiting
 
@@ -762,7 +762,7 @@ class StreamSession:
         ``process_replies`` call (see docs/semantics.md, pipelined streams).
         """
         for link in self.links:
-            link.pipeline()
+            link.pipeline(self.max_in_flight)
         # (seq, timeout, replies known at once) per object in flight, oldest first.
         in_flight: collections.deque[tuple[int, float, dict[str, Shareable]]] = collections.deque()
         producer = self.producer
@@ -935,10 +935,10 @@ class StreamSession:
             for link in self.links:
                 if link.ended_rc is None and link.opened:
                     if normal_end:
-                        nursery.start_soon(link._tell, End(link.sid, link.sent_count))
+                        nursery.start_soon(link._tell, link.end_frame())
                     else:
                         nursery.start_soon(
-                            link._tell, Abort(link.sid, rc, self._stop_reason, self.site_name)
+                            link._tell, link.abort_frame(rc, self._stop_reason, self.site_name)
                         )
         with trio.move_on_after(self.finalize_timeout):
             for link in self.links:

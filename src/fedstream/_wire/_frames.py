@@ -228,11 +228,14 @@ class End(Frame):
 
 
 #: The return codes an ABORT from a stream's opener may carry: why a sender
-#: gives up on a stream. Anything else is a protocol error. (An ABORT from the
-#: receiving side carries the rc its consumer ended the session with.)
-OPENER_ABORT_RCS: Final = frozenset(
+#: gives up on a stream. Anything else is a stream-level protocol error (see
+#: :mod:`._stream`). An ABORT from the receiving side carries the rc its
+#: consumer ended the session with (any but ``OK``).
+ABORT_RCS: Final = frozenset(
     {"TASK_ABORTED", "TIMEOUT", "EXECUTION_EXCEPTION", "BAD_REQUEST_DATA", "SERVICE_UNAVAILABLE"}
 )
+#: Alias of :data:`ABORT_RCS`.
+OPENER_ABORT_RCS: Final = ABORT_RCS
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +243,7 @@ class Abort(Frame):
     """Either side ended the stream abnormally (distinct from END).
 
     ``rc`` is a ReturnCode string (from the opener, one of
-    :data:`OPENER_ABORT_RCS`), ``by`` the site that aborted.
+    :data:`ABORT_RCS`), ``by`` the site that aborted.
     """
 
     TYPE: ClassVar[FrameType] = FrameType.ABORT

@@ -17,6 +17,15 @@ Hostile-input rules, all enforced here:
 
 Anything that fails raises :class:`~fedstream.RemoteProtocolError` and leaves
 the protocol in the ERROR state: nothing else can be read from it.
+
+Receiving in place: with ``announce_bodies`` set, ``next_event`` returns a
+:class:`BodyStart` as soon as a large DATA, CHUNK or REPLY head is in and
+its body is not. The caller decides where that body goes: a writable view
+of exactly its length (:meth:`FrameProtocol.receive_body_into`), into which
+``get_buffer`` then hands out the rest, or, by asking for the next event
+(or feeding bytes) without deciding, the protocol's own staging buffer. The
+frame itself follows as usual, its ``body`` being the caller's view. The
+protocol never calls back into its caller.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import enum
 import io
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import cbor2
@@ -51,6 +61,7 @@ __all__ = [
     "MAX_HEAD_DEPTH",
     "MIN_MAX_FRAME_SIZE",
     "NEED_DATA",
+    "BodyStart",
     "FrameProtocol",
     "ProtocolState",
     "decode_head",
@@ -94,6 +105,19 @@ class _Marker(enum.Enum):
 NEED_DATA: Final = _Marker.NEED_DATA
 #: The peer closed its side cleanly (EOF at a frame boundary).
 CLOSED: Final = _Marker.CLOSED
+
+
+@dataclass(slots=True)
+class BodyStart:
+    """A large frame's head is in and its ``length``-byte body is not (yet).
+
+    ``frame`` is the frame with an empty body. Answer with
+    :meth:`FrameProtocol.receive_body_into` to have the body land in a view
+    of your own, or do nothing (ask for the next event) to have it staged.
+    """
+
+    frame: Frame
+    length: int
 
 
 class ProtocolState(enum.Enum):
@@ -484,16 +508,17 @@ class FrameProtocol:
         self._sink: memoryview | None = None
         self._sink_filled = 0
         self._sink_head: tuple[type[Frame], dict[str, Any]] | None = None
-        # Whether the frame at _pos declined a body target (it is then staged
-        # whole); cleared when that frame is returned.
+        # Whether the frame at _pos was offered (or cannot be offered) as a
+        # BodyStart; cleared when that frame is returned.
         self._sink_declined = False
+        # The BodyStart offered last, while the caller has not answered it:
+        # (frame class, fields, head length, body length).
+        self._offer: tuple[type[Frame], dict[str, Any], int, int] | None = None
         self._eof = False
         self._error: RemoteProtocolError | None = None
-        #: Called with a frame (its body still empty) and its body length when a
-        #: large DATA, CHUNK or REPLY body starts to arrive. It may return a
-        #: writable byte view of exactly that length; the body is then received
-        #: straight into it and the frame's ``body`` is that view.
-        self.body_target: Callable[[Frame, int], memoryview | None] | None = None
+        #: Whether ``next_event`` returns a :class:`BodyStart` when a large
+        #: DATA, CHUNK or REPLY body starts to arrive (see the module docstring).
+        self.announce_bodies = False
         #: State of the peer -> us direction.
         self.their_state = ProtocolState.HANDSHAKE
         #: State of the us -> peer direction.
@@ -525,6 +550,7 @@ class FrameProtocol:
             return
         if self._error is not None:
             return  # the connection is dead; keep nothing
+        self._offer = None  # bytes without an answer: that body is staged
         if not data:
             self._eof = True
             return
@@ -545,9 +571,10 @@ class FrameProtocol:
 
         Write at most ``len(view)`` bytes into it, release the view, then call
         :meth:`buffer_updated` with the count. While a large body is being
-        received into a :attr:`body_target` buffer, the view is the rest of
-        that buffer. Report EOF with ``receive_data(b"")``.
+        received into a caller's view (:meth:`receive_body_into`), the view
+        is the rest of that one. Report EOF with ``receive_data(b"")``.
         """
+        self._offer = None  # asked for room without an answer: that body is staged
         if self._sink is not None:
             return self._sink[self._sink_filled :]
         self._make_room(max(sizehint, 1))
@@ -578,8 +605,9 @@ class FrameProtocol:
         if len(self._buf) < need:
             self._buf.extend(bytes(need - len(self._buf)))
 
-    def next_event(self) -> Frame | Literal[_Marker.NEED_DATA, _Marker.CLOSED]:
-        """Return the next complete frame, :data:`NEED_DATA` or :data:`CLOSED`.
+    def next_event(self) -> Frame | BodyStart | Literal[_Marker.NEED_DATA, _Marker.CLOSED]:
+        """Return the next complete frame, :data:`NEED_DATA` or :data:`CLOSED`
+        (or, with ``announce_bodies``, a :class:`BodyStart`).
 
         Raises:
             RemoteProtocolError: the peer broke the protocol. The connection
@@ -595,11 +623,13 @@ class FrameProtocol:
             self._buf = bytearray()
             self._pos = self._end = 0
             self._sink = None
+            self._offer = None
             raise
 
-    def _next_event(self) -> Frame | Literal[_Marker.NEED_DATA, _Marker.CLOSED]:
+    def _next_event(self) -> Frame | BodyStart | Literal[_Marker.NEED_DATA, _Marker.CLOSED]:
         if self._sink is not None:
             return self._finish_sink()
+        self._offer = None  # not answered: the body is staged
         if self.their_state is ProtocolState.CLOSED:
             if self.buffered:
                 raise RemoteProtocolError(
@@ -621,8 +651,10 @@ class FrameProtocol:
         start = self._pos + _LEN.size
         end = start + length
         if self._end < end:
-            if length >= _SINK_MIN and self._start_sink(length):
-                return self._finish_sink()
+            if length >= _SINK_MIN and self.announce_bodies and not self._sink_declined:
+                offer = self._offer_body(length)
+                if offer is not None:
+                    return offer
             return self._need_data(available)
         with memoryview(self._buf) as view:
             data = bytes(view[start:end])
@@ -639,18 +671,14 @@ class FrameProtocol:
             if len(self._buf) > _STAGE_SIZE:
                 self._buf = bytearray(_STAGE_SIZE)  # give back a grown buffer
 
-    def _start_sink(self, length: int) -> bool:
-        """Try to receive the rest of the frame at ``_pos`` into a body target."""
-        if (
-            self.body_target is None
-            or self.their_state is not ProtocolState.OPEN
-            or self._sink_declined
-        ):
-            return False
+    def _offer_body(self, length: int) -> BodyStart | None:
+        """A :class:`BodyStart` for the frame at ``_pos``, if it has a large body."""
+        if self.their_state is not ProtocolState.OPEN:
+            return None
         start = self._pos + _LEN.size
         staged = self._end - start
         if staged < min(_HEAD_PEEK_MIN, length):
-            return False  # not even a small head yet: wait for more
+            return None  # not even a small head yet: wait for more
         with memoryview(self._buf) as view:
             peek = bytes(view[start : start + min(staged, _HEAD_PEEK_MAX)])
         try:
@@ -658,25 +686,46 @@ class FrameProtocol:
         except cbor2.CBORDecodeEOF:
             if len(peek) >= _HEAD_PEEK_MAX:
                 self._sink_declined = True  # a huge head: take the slow path
-            return False
+            return None
+        self._sink_declined = True  # offered once; staged unless answered
         body_len = length - head_len
-        target = None
-        if cls.HAS_BODY and body_len >= _SINK_MIN:
-            target = self.body_target(cls(**kwargs), body_len)
-        if target is None:
-            self._sink_declined = True
-            return False
+        if not cls.HAS_BODY or body_len < _SINK_MIN:
+            return None
+        self._offer = (cls, kwargs, head_len, body_len)
+        return BodyStart(cls(**kwargs), body_len)
+
+    def receive_body_into(self, target: memoryview) -> None:
+        """Receive the body the last :class:`BodyStart` announced into ``target``.
+
+        ``target`` must be a writable view of exactly the announced length.
+        Call it right after ``next_event`` returned the BodyStart, before
+        feeding more bytes or asking for the next event (either stages the
+        body instead).
+
+        Raises:
+            LocalProtocolError: no BodyStart is waiting for an answer, or
+                ``target`` does not fit.
+        """
+        offer = self._offer
+        if offer is None:
+            raise LocalProtocolError("no body is waiting to be received")
+        cls, kwargs, head_len, body_len = offer
         target = target.cast("B") if target.format != "B" else target
         if len(target) != body_len or target.readonly:
-            raise LocalProtocolError("body_target must return a writable view of the body size")
-        staged_body = staged - head_len
+            raise LocalProtocolError(
+                "receive_body_into needs a writable view of the body size "
+                f"({body_len} bytes), not {len(target)} bytes"
+            )
+        self._offer = None
+        self._sink_declined = False
+        start = self._pos + _LEN.size
+        staged_body = self._end - start - head_len
         with memoryview(self._buf) as view:
             target[:staged_body] = view[start + head_len : self._end]
         self._consume_stage(self._end)
         self._sink = target
         self._sink_filled = staged_body
         self._sink_head = (cls, kwargs)
-        return True
 
     def _finish_sink(self) -> Frame | Literal[_Marker.NEED_DATA, _Marker.CLOSED]:
         sink = self._sink
