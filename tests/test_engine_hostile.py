@@ -199,11 +199,14 @@ class RawPeer:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.protocol = FrameProtocol()
+        #: The site's HELLO, once :meth:`handshake` got it.
+        self.hello: Hello | None = None
 
     async def handshake(self, name: str = "evil", **limits: int) -> Hello:
         all_limits = {"max_object_size": 1 << 30, "window": 0, "heartbeat_ms": 5000, **limits}
         await self.send(self.protocol.hello(name, limits=all_limits))
-        return await self.expect(Hello)
+        self.hello = await self.expect(Hello)
+        return self.hello
 
     async def send(self, frame: Frame) -> None:
         await self.stream.send_all(self.protocol.send(frame))

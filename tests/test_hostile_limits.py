@@ -55,6 +55,7 @@ from fedstream._wire import (
     GoAway,
     Ping,
     Reply,
+    decode_object,
     encode_object,
 )
 from test_engine_hostile import (
@@ -204,6 +205,64 @@ async def test_objects_waiting_for_the_budget_allocate_nothing_for_their_claim()
     # Sessions, their contexts and the 1 KiB each sent cost a few KiB per
     # stream; one buffer for a claim alone would be 900 KiB.
     assert grown < streams * 40 * KIB, grown
+
+
+async def test_streams_waiting_for_the_budget_cannot_spend_whole_windows() -> None:
+    """Waiting streams that send every byte of credit they have stay within the bound.
+
+    The first object takes the whole (shrunk) budget and stays unfinished;
+    every later stream announces an object and sends its whole window. Credit
+    cannot be taken back, so without a bound of their own these early bytes
+    would add a window per stream (here 40 x 128 KiB = 5 MiB against a 1 MiB
+    budget; at the defaults 4,096 x 8 MiB). docs/semantics.md bounds them by
+    as much again as the budget: the streams beyond it are refused.
+    """
+    streams = 40 * SCALE
+    window = 128 * KIB
+    budget = MIB
+    size, _ = _object_prefix(900 * KIB, KIB)
+    payload = encode_object(Shareable({"blob": b"x" * (900 * KIB)})).to_bytes()
+    opts: dict[str, Any] = {
+        "max_receive_buffer_per_peer": budget,
+        "chunk_size": 64 * KIB,
+        "window": window,
+    }
+    async with open_site("hub", listen=LOOP, **opts) as hub:
+        hub.register_stream_processing(CH, "*", AcceptingFactory())
+        peer = await connect_raw(hub.address)
+        try:
+            conn = await connection_of(hub, "evil")
+            await peer.send(data_frame(1, 0, body=payload[:KIB], size=size))
+            await wait_until(lambda: conn.receive_budget.held == size)
+            tracemalloc.start()
+            try:
+                before = traced_memory()
+                for i in range(1, streams + 1):
+                    sid = 2 * i + 1
+                    await peer.send(data_frame(sid, 0, body=payload[:KIB], size=size))
+                    for offset in range(KIB, window, 32 * KIB):
+                        end = min(window, offset + 32 * KIB)
+                        await peer.send(Chunk(sid, 0, offset, payload[offset:end]))
+                refused: set[int] = set()
+                with trio.move_on_after(5):
+                    while len(refused) + conn.receive_budget.waiting < streams:
+                        frame = await peer.next_frame()
+                        if isinstance(frame, Reply) and frame.last:
+                            reply = decode_object(frame.body)
+                            assert reply.get_return_code() == ReturnCode.SERVICE_UNAVAILABLE
+                            refused.add(frame.sid)
+                grown = traced_memory() - before
+            finally:
+                tracemalloc.stop()
+            assert conn.receive_budget.early <= budget
+            assert refused
+            assert len(refused) + conn.receive_budget.waiting == streams
+            # Each waiting stream's session state costs a few KiB; its bytes
+            # count against the bound on early bytes.
+            assert grown < budget + streams * 40 * KIB, grown
+            assert hub._connections.get("evil") is conn  # only streams were refused
+        finally:
+            await peer.stream.aclose()
 
 
 async def test_the_site_wide_budget_bounds_what_many_peer_names_can_make_a_site_hold() -> None:

@@ -158,6 +158,36 @@ def test_object_larger_than_the_budget_gets_in_alone() -> None:
     assert (budget.held, c.resumed, budget.peak) == (500, 1, 500)
 
 
+def test_early_bytes_are_bounded_per_connection_and_site_wide() -> None:
+    """Bytes that arrive for objects not admitted yet count against a bound
+    as large as each budget, and move into the object's own count once it
+    is admitted."""
+    site = SiteBudget(1000)
+    one, two = ReceiveBudget(100, site), ReceiveBudget(10_000, site)
+    holder, a, b = Session(one), Session(one), Session(one)
+    assert a.holds.hold_early(500)  # nothing announced: nothing to count
+    holder.holds.add(100)
+    a.holds.add(60)  # waits
+    assert a.holds.hold_early(60)
+    b.holds.add(60)  # waits
+    assert b.holds.hold_early(40)
+    assert not b.holds.hold_early(1)  # 101 > 100 on this connection: refused, not counted
+    assert (one.early, one.refused, site.early) == (100, 1, 100)
+    b.holds.release()
+    assert (one.early, site.early) == (60, 60)
+    holder.holds.take()  # a's object is admitted: its early bytes are in its size now
+    assert (one.early, one.held, site.early) == (0, 60, 0)
+    # Site-wide: another connection's waiting objects share the site's bound.
+    big, c = Session(two), Session(two)
+    big.holds.add(940)  # site: 60 + 940 = 1000 held
+    c.holds.add(500)  # waits for the site's budget
+    assert c.holds.hold_early(1000)
+    assert not c.holds.hold_early(1)  # the site's bound is used up
+    assert (two.early, two.refused, site.early) == (1000, 1, 1000)
+    c.holds.release()
+    assert (two.early, site.early) == (0, 0)
+
+
 def test_waiting_objects_are_admitted_first_come_first_served() -> None:
     budget = ReceiveBudget(100)
     a, big, small = Session(budget), Session(budget), Session(budget)

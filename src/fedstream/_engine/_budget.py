@@ -17,6 +17,17 @@ most). The grants it withheld go out as soon as its object is admitted, or
 as soon as nothing of that session waits any more (a small object that
 arrived whole within the window and was consumed while waiting).
 
+Credit was granted before the object was announced, so it cannot be taken
+back: a peer with many streams could make a site hold one window of bytes
+per waiting stream (4,096 x 8 MiB at the defaults). Those *early* bytes
+(what arrived for objects not admitted yet) are bounded on their own, by
+as much again as the budget: per connection
+(:attr:`ReceiveBudget.early_limit`) and site-wide. A session whose early
+bytes would pass either bound is refused (``SERVICE_UNAVAILABLE``) and its
+bytes dropped. A fedstream sender does not get there unless about a
+thousand of its streams wait at once: while streams share a connection each
+keeps at most its in-flight bound (``chunk_size``) unacknowledged.
+
 The budget is sans-io and synchronous: it never awaits and never sends;
 sessions pass a callback that re-runs their credit grant.
 """
@@ -26,19 +37,23 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 
+from .._ratelimit import RateLimit
+
 __all__ = ["ObjectHolds", "ReceiveBudget", "SiteBudget", "Ticket"]
 
 
 class Ticket:
     """One object's claim on a :class:`ReceiveBudget`."""
 
-    __slots__ = ("admitted", "holds", "size")
+    __slots__ = ("admitted", "early", "holds", "size")
 
     def __init__(self, size: int, holds: ObjectHolds) -> None:
         self.size = size
         self.holds = holds
         #: True once the object counts against the budget (its session may grant credit).
         self.admitted = False
+        #: Bytes of the object that arrived before it was admitted.
+        self.early = 0
 
 
 class SiteBudget:
@@ -55,12 +70,16 @@ class SiteBudget:
         limit: the budget in bytes (``max_receive_buffer``).
         held: announced bytes of admitted objects, all connections together.
         peak: the largest ``held`` so far.
+        early: bytes that arrived for objects not admitted yet, all connections.
+        early_limit: the bound on ``early`` (``limit``).
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
         self.peak = 0
+        self.early = 0
+        self.early_limit = limit
         self._blocked: collections.OrderedDict[ReceiveBudget, None] = collections.OrderedDict()
 
     def fits(self, size: int, budget: ReceiveBudget) -> bool:
@@ -97,6 +116,9 @@ class ReceiveBudget:
         held: announced bytes of the admitted objects not yet taken or dropped.
         peak: the largest ``held`` so far.
         waits: objects that had to wait for admission so far.
+        early: bytes that arrived for objects not admitted yet.
+        early_limit: the bound on ``early`` (``limit``).
+        refused: sessions refused for passing ``early_limit`` (or the site's).
     """
 
     def __init__(self, limit: int, site: SiteBudget | None = None) -> None:
@@ -105,6 +127,11 @@ class ReceiveBudget:
         self.held = 0
         self.peak = 0
         self.waits = 0
+        self.early = 0
+        self.early_limit = limit
+        self.refused = 0
+        #: One warning a minute about refused sessions (a peer decides how many).
+        self.refusal_log = RateLimit(60.0)
         # Insertion-ordered, with O(1) removal of a ticket from the middle.
         self._waiting: collections.OrderedDict[Ticket, None] = collections.OrderedDict()
 
@@ -127,6 +154,34 @@ class ReceiveBudget:
             self.peak = self.held
         if self.site is not None:
             self.site.add(ticket.size)
+        self._forget_early(ticket)
+
+    def _forget_early(self, ticket: Ticket) -> None:
+        """The ticket's early bytes are now counted by its size, or dropped."""
+        if ticket.early:
+            self.early -= ticket.early
+            if self.site is not None:
+                self.site.early -= ticket.early
+            ticket.early = 0
+
+    def hold_early(self, ticket: Ticket, nbytes: int) -> bool:
+        """``nbytes`` more arrived for the waiting object of ``ticket``.
+
+        Returns False, counting nothing, if they would pass this
+        connection's or the site's bound on early bytes: the caller refuses
+        the session.
+        """
+        site = self.site
+        if self.early + nbytes > self.early_limit or (
+            site is not None and site.early + nbytes > site.early_limit
+        ):
+            self.refused += 1
+            return False
+        ticket.early += nbytes
+        self.early += nbytes
+        if site is not None:
+            site.early += nbytes
+        return True
 
     @property
     def waiting(self) -> int:
@@ -155,6 +210,7 @@ class ReceiveBudget:
                 self.site.held -= ticket.size
         else:
             del self._waiting[ticket]
+            self._forget_early(ticket)
         if admit:
             self.admit_waiting()
 
@@ -211,6 +267,14 @@ class ObjectHolds:
         ticket = self._budget.open(size, self)
         self._tickets.append(ticket)
         return ticket.admitted
+
+    def hold_early(self, nbytes: int) -> bool:
+        """``nbytes`` arrived for the newest object; if it waits for admission,
+        count them as early bytes. False: they pass the bound, refuse the session."""
+        tickets = self._tickets
+        if not tickets or tickets[-1].admitted:
+            return True
+        return self._budget.hold_early(tickets[-1], nbytes)
 
     def take(self) -> None:
         """The oldest object went to the consumer."""

@@ -179,6 +179,9 @@ class ReceiverSession:
         self._assembling_seq = frame.seq
         self._progressed = trio.current_time()
         admitted = self._holds.add(frame.size)
+        if not admitted and not self._holds.hold_early(len(frame.body)):
+            self._refuse_early(frame.seq)
+            return
         if event is not None:
             # The whole object came in this one frame: no reassembly needed.
             body = frame.body
@@ -224,6 +227,9 @@ class ReceiverSession:
             return
         if self._staged is not None:
             # Keep a CHUNK of an object that waits for admission.
+            if not self._holds.hold_early(len(frame.body)):
+                self._refuse_early(frame.seq)
+                return
             self._staged.append(bytes(frame.body))
             self._staged_len += len(frame.body)
             self._progressed = trio.current_time()
@@ -234,6 +240,32 @@ class ReceiverSession:
                 self._assemble_staged()
         elif self._assembler is not None:
             self._feed(frame.offset, frame.body)
+
+    def _refuse_early(self, seq: int) -> None:
+        """Too many bytes wait for admission on this connection (or site-wide):
+        refuse this session and drop what it holds (see ``_budget``)."""
+        budget = self.conn.receive_budget
+        suppressed = budget.refusal_log.allow()
+        if suppressed is not None:
+            logger.warning(
+                "%s sent more bytes for objects waiting for the receive budget than "
+                "max_receive_buffer_per_peer (%d) or max_receive_buffer "
+                "allows: refusing its stream %d (%d refused since the last such warning)",
+                self.conn.peer,
+                budget.limit,
+                self.sid,
+                suppressed,
+            )
+        self._staged = None
+        self.conn.reject(
+            self.sid,
+            seq,
+            ReturnCode.SERVICE_UNAVAILABLE,
+            f"{self.site_name!r} holds too many bytes of objects waiting for its receive "
+            f"budget; try again when fewer streams wait",
+            quiet=True,
+        )
+        self.end(ReturnCode.SERVICE_UNAVAILABLE)
 
     def _admitted(self) -> None:
         """The budget let our waiting object in (or nothing of ours waits any more)."""
