@@ -75,11 +75,20 @@ SINGLE_OBJECT_RSS_LIMIT: Final = 2.5
 #: Small objects that must complete while the large one is in transfer (``hol``).
 HOL_MIN_DURING: Final = 10
 #: The ``wan`` relay: one-way delay (s) and bandwidth cap (bytes/s) by default.
+#: The cap is chosen so that both of issue #14's pipelined-stream targets
+#: below can be met (see benchmarks/README.md, "The wan relay"): stop-and-wait
+#: with 1 MiB objects is bounded at 0.044x of it, a window of 16 at 0.71x.
 WAN_DELAY: Final = 0.025
-WAN_RATE: Final = 100 * MB
-#: Pieces (of at most 64 KiB) the relay queues per direction: twice the
-#: bandwidth-delay product, at least this many.
-WAN_MIN_QUEUE_ITEMS: Final = 64
+WAN_RATE: Final = 450 * MB
+#: ``max_in_flight`` of the pipelined ``wan`` row, and its target (issue #14):
+#: at least this fraction of the relay ceiling, 1 MiB objects.
+WAN_WINDOW: Final = 16
+WAN_WINDOW_TARGET: Final = 0.6
+#: The stop-and-wait ``wan`` row's target: at most this fraction (issue #14).
+WAN_STOP_AND_WAIT_TARGET: Final = 0.05
+#: Bytes the relay queues per direction: twice the bandwidth-delay
+#: product, at least this many.
+WAN_MIN_QUEUE_BYTES: Final = 4 * MIB
 #: The relay's one-way delay in a ``--smoke`` run, unless one is given.
 SMOKE_WAN_DELAY: Final = 0.002
 
@@ -238,8 +247,8 @@ def make_plan(
         latency_objects=2000,
         hol_idle_objects=500,
         hol_big=64 * MIB,
-        wan_total=32 * MIB,
-        wan_raw_total=64 * MIB,
+        wan_total=128 * MIB,
+        wan_raw_total=256 * MIB,
         tls_raw_total=256 * MIB,
         tls=((MIB, 128), (16 * MIB, 8)),
         ws_total=128 * MIB,
@@ -393,10 +402,10 @@ def _pingpong_ceiling(plan: Plan, env: _Env) -> _CeilingSpec:
 
 def _relay_config(plan: Plan) -> Callable[[list[str]], dict[str, Any]]:
     bdp = plan.wan_rate * plan.wan_delay
-    items = max(WAN_MIN_QUEUE_ITEMS, math.ceil(2 * bdp / (64 * KIB)))
+    queue_bytes = max(WAN_MIN_QUEUE_BYTES, math.ceil(2 * bdp))
 
     def config(addresses: list[str]) -> dict[str, Any]:
-        return {"delay": plan.wan_delay, "rate": plan.wan_rate, "queue_items": items}
+        return {"delay": plan.wan_delay, "rate": plan.wan_rate, "queue_bytes": queue_bytes}
 
     return config
 
@@ -462,9 +471,16 @@ def _objects(
     tls: bool = False,
     relay: bool = False,
     listen: str | None = None,
+    max_in_flight: int = 1,
 ) -> Values:
-    """``objects`` objects of ``size`` bytes to each of ``targets`` receivers."""
-    config = {"object_size": size, "objects": objects, "warmup_size": size}
+    """``objects`` objects of ``size`` bytes to each of ``targets`` receivers,
+    ``max_in_flight`` at a time (1: stop-and-wait)."""
+    config = {
+        "object_size": size,
+        "objects": objects,
+        "warmup_size": size,
+        "max_in_flight": max_in_flight,
+    }
     sent, _ = _fs_exchange(
         plan, env, targets, config, path=path, tls=tls, relay=relay, listen=listen
     )
@@ -913,8 +929,9 @@ def _hol_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_Case
 
 def _wan_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_CaseSpec]]:
     rate_mb = plan.wan_rate / MB
+    delay_ms = plan.wan_delay * 1000
     label = (
-        f"raw trio TCP through the relay ({plan.wan_delay * 1000:g} ms each way, "
+        f"raw trio TCP through the relay ({delay_ms:g} ms each way, "
         f"{rate_mb:g} MB/s cap), {format_size(plan.wan_raw_total)}"
     )
     relay = Ceiling("relay", label, Series("MB/s"))
@@ -924,15 +941,34 @@ def _wan_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_Case
     )
     scaled = f" (scaled down from 1 GiB by {plan.scaled})" if plan.quick else ""
     total = format_size(plan.wan_total)
-    bound = MIB / (2 * plan.wan_delay + MIB / plan.wan_rate) / MB
+    round_trip = 2 * plan.wan_delay
+    stop_and_wait = MIB / (round_trip + MIB / plan.wan_rate) / MB
+    window = WAN_WINDOW * MIB / (round_trip + MIB / plan.wan_rate) / MB
     notes = [
-        f"sender -> relay -> receiver, three processes; the relay adds {plan.wan_delay * 1000:g} "
-        f"ms each way and caps each direction at {rate_mb:g} MB/s; {total} delivered{scaled}; "
-        f"stop-and-wait cannot beat 1 MiB / (RTT + 1 MiB / cap) = {bound:.1f} MB/s "
-        "with 1 MiB objects"
+        f"sender -> relay -> receiver, three processes; the relay adds {delay_ms:g} ms each "
+        f"way and caps each direction at {rate_mb:g} MB/s; {total} delivered{scaled}",
+        f"1 MiB objects through this link: stop-and-wait cannot beat 1 MiB / (RTT + 1 MiB / "
+        f"cap) = {stop_and_wait:.1f} MB/s ({stop_and_wait / rate_mb:.3f}x of the cap), a "
+        f"window of {WAN_WINDOW} objects {WAN_WINDOW} MiB / (RTT + 1 MiB / cap) = "
+        f"{min(window, rate_mb):.0f} MB/s ({min(window, rate_mb) / rate_mb:.2f}x)",
+    ]
+    rows: list[tuple[str, int, int, Target]] = [
+        (
+            f"{total} as 1 MiB, window {WAN_WINDOW}",
+            MIB,
+            WAN_WINDOW,
+            Target("ratio_min", WAN_WINDOW_TARGET, f">={WAN_WINDOW_TARGET:.2f}x"),
+        ),
+        (
+            f"{total} as 1 MiB, stop-and-wait",
+            MIB,
+            1,
+            Target("ratio_max", WAN_STOP_AND_WAIT_TARGET, f"<={WAN_STOP_AND_WAIT_TARGET:.2f}x"),
+        ),
+        (f"1 x {total}", plan.wan_total, 1, Target("report", 0, "reported")),
     ]
     specs = []
-    for case, size in ((f"{total} as 1 MiB", MIB), (f"1 x {total}", plan.wan_total)):
+    for case, size, in_flight, target in rows:
         objects = plan.wan_total // size
         specs.append(
             _case(
@@ -941,16 +977,19 @@ def _wan_scenario(plan: Plan, env: _Env) -> tuple[list[_CeilingSpec], list[_Case
                 {
                     "object_size": size,
                     "objects": objects,
+                    "max_in_flight": in_flight,
                     "delay": plan.wan_delay,
                     "rate": plan.wan_rate,
                     "path": DEFAULT_PATH,
                 },
                 _RATE_UNITS,
                 "mb_per_s",
-                functools.partial(_objects, plan, env, size, objects, relay=True),
+                functools.partial(
+                    _objects, plan, env, size, objects, relay=True, max_in_flight=in_flight
+                ),
                 plan.wan_repeat,
                 ceiling="relay",
-                target=Target("report", 0, "reported"),
+                target=target,
                 notes=notes,
             )
         )
