@@ -191,6 +191,15 @@ def _result_text(case: CaseResult) -> tuple[str, str]:
     return _num(head.median, head.unit), _spread(head)
 
 
+def _ratio_text(case: CaseResult) -> str:
+    """The ratio, with a third decimal for an upper bound (``<=0.05x``), so
+    that a row at the line does not read as equal to it."""
+    if case.ratio is None:
+        return "-"
+    digits = 3 if case.target is not None and case.target.kind == "ratio_max" else 2
+    return f"{case.ratio:.{digits}f}x"
+
+
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
@@ -258,7 +267,7 @@ def render_table(report: Report) -> str:
                 result,
                 spread,
                 bound,
-                f"{case.ratio:.2f}x" if case.ratio is not None else "-",
+                _ratio_text(case),
                 case.target.text if case.target else "-",
                 case.status,
             ]
