@@ -429,3 +429,47 @@ def test_plans_build_every_row_and_target(
     wan = {r.case: r for r in rows.values() if r.scenario == "wan"}
     assert all(r.ceiling == "relay" for r in wan.values())
     _check_wan_targets(wan, lambda r: r.target)
+
+
+def test_chart_writes_each_ratio_at_the_ceiling_it_is_against() -> None:
+    """Every ratio on the chart sits at the tick of its own ceiling, reads as
+    in the table (three decimals against an upper bound), and names its
+    target and status; rows in a second unit are drawn too."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedstream._bench._render import _bar_panel
+    from fedstream._bench._results import CaseResult, Ceiling, Report, Series, Target
+
+    report = Report("quick", 1, ["wan"], {}, {}, "now")
+    report.ceilings["relay"] = Ceiling("relay", "relay", Series("MB/s", [400.0]))
+
+    def row(case: str, value: float, target: Target | None, unit: str = "MB/s") -> CaseResult:
+        return CaseResult(
+            scenario="wan",
+            case=case,
+            params={"object_size": 1 << 20},
+            metrics={"mb_per_s": Series(unit, [value])},
+            headline="mb_per_s",
+            ceiling="relay" if unit == "MB/s" else None,
+            repetitions=1,
+            target=target,
+        )
+
+    window = row("window 16", 260.0, Target("ratio_min", 0.6, ">=0.60x"))
+    saw = row("stop-and-wait", 19.0, Target("ratio_max", 0.05, "<=0.050x"))
+    count = row("objects", 7.0, None, unit="obj")
+    report.cases = [window, saw, count]
+    report.judge()
+    fig, ax = plt.subplots()
+    try:
+        _bar_panel(ax, report, report.cases)
+        labels = {text.get_text(): text.xy for text in ax.texts}
+        right_bars = [patch for other in fig.axes if other is not ax for patch in other.patches]
+    finally:
+        plt.close(fig)
+    assert labels == {"0.65x\n>=0.60x PASS": (0, 400.0), "0.048x\n<=0.050x PASS": (1, 400.0)}
+    assert [bar.get_height() for bar in right_bars] == [7.0]
