@@ -77,7 +77,9 @@ def _child_env() -> dict[str, str]:
 
 
 class WorkerProcess:
-    """One ``python -m fedstream._bench.worker ROLE CONFIG`` child process.
+    """One worker child process: ``fedstream._bench.worker.main([ROLE, CONFIG])``,
+    as ``python -m fedstream._bench.worker ROLE CONFIG`` runs it (see
+    :data:`_WORKER_MAIN`).
 
     With ``config=None`` the worker starts at once and waits for its config
     on stdin (see :meth:`configure`): a sender or relay that needs the
