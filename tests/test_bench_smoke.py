@@ -473,3 +473,27 @@ def test_chart_writes_each_ratio_at_the_ceiling_it_is_against() -> None:
         plt.close(fig)
     assert labels == {"0.65x\n>=0.60x PASS": (0, 400.0), "0.048x\n<=0.050x PASS": (1, 400.0)}
     assert [bar.get_height() for bar in right_bars] == [7.0]
+
+
+@pytest.mark.parametrize(("value", "status"), [(19.0, "PASS"), (20.0, "PASS"), (21.0, "FAIL")])
+def test_an_upper_bound_target_fails_above_it(value: float, status: str) -> None:
+    """``ratio_max`` (stop-and-wait over the relay: <= 0.05x) passes at or
+    below its bound and fails above it."""
+    from fedstream._bench._results import CaseResult, Ceiling, Report, Series, Target
+
+    report = Report("quick", 1, ["wan"], {}, {}, "now")
+    report.ceilings["relay"] = Ceiling("relay", "relay", Series("MB/s", [400.0]))
+    row = CaseResult(
+        scenario="wan",
+        case="stop-and-wait",
+        params={},
+        metrics={"mb_per_s": Series("MB/s", [value])},
+        headline="mb_per_s",
+        ceiling="relay",
+        repetitions=1,
+        target=Target("ratio_max", 0.05, "<=0.050x"),
+    )
+    report.cases = [row]
+    report.judge()
+    assert row.ratio == pytest.approx(value / 400)
+    assert row.status == status
