@@ -259,7 +259,10 @@ def make_plan(
         hol_idle_objects=500,
         hol_big=64 * MIB,
         wan_total=128 * MIB,
-        wan_raw_total=256 * MIB,
+        # The relay ceiling's clock includes one round trip (the data's way
+        # out, the acknowledgement's way back): 256 MiB read 8% under the cap
+        # for that alone, 512 MiB reads 4% under.
+        wan_raw_total=512 * MIB,
         tls_raw_total=256 * MIB,
         tls=((MIB, 128), (16 * MIB, 8)),
         ws_total=128 * MIB,
