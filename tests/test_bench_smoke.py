@@ -45,14 +45,12 @@ EXPECTED_CASES = {
         "1 target async",
         "2 targets",
         "2 targets async",
-        "4 targets",
-        "4 targets async",
     ],
     "concurrency": ["1 stream", "10 streams", "100 streams"],
     "memory": ["8 MiB as 1 MiB", "1 x 8 MiB"],
     "latency": ["1 KiB", "1 KiB async"],
     "hol": ["1 KiB idle", "1 KiB + 16 MiB", "16 MiB beside"],
-    "wan": ["4 MiB as 1 MiB", "1 x 4 MiB"],
+    "wan": ["4 MiB as 1 MiB, window 16", "4 MiB as 1 MiB, stop-and-wait", "1 x 4 MiB"],
     "tls": ["1 MiB", "1 MiB async", "16 MiB", "16 MiB async"],
     "ws": ["ws 1 MiB", "ws 16 MiB", "wss 1 MiB", "wss 16 MiB"],
 }
@@ -70,7 +68,7 @@ QUICK_CASES = {
     "concurrency": ["1 stream", "10 streams", "100 streams", "1000 streams"],
     "memory": ["256 MiB as 1 MiB", "1 x 64 MiB"],
     "hol": ["1 KiB idle", "1 KiB + 64 MiB", "64 MiB beside"],
-    "wan": ["32 MiB as 1 MiB", "1 x 32 MiB"],
+    "wan": ["128 MiB as 1 MiB, window 16", "128 MiB as 1 MiB, stop-and-wait", "1 x 128 MiB"],
 }
 EXPECTED_CEILINGS = {
     "raw",
@@ -78,13 +76,12 @@ EXPECTED_CEILINGS = {
     "pingpong_rtt",
     "stop_and_wait_64k",
     "raw_fanout_2",
-    "raw_fanout_4",
     "relay",
     "tls_raw",
     "websocket",
     "websocket_tls",
 }
-QUICK_CEILINGS = EXPECTED_CEILINGS - {"raw_fanout_2"} | {"raw_fanout_16"}
+QUICK_CEILINGS = EXPECTED_CEILINGS - {"raw_fanout_2"} | {"raw_fanout_4", "raw_fanout_16"}
 #: The issue's targets, as the harness encodes them: row -> (ceiling, ratio).
 EXPECTED_RATIO_TARGETS = {
     "throughput/1 KiB": ("pingpong", 0.6),
@@ -99,9 +96,28 @@ EXPECTED_RATIO_TARGETS = {
     "ws/wss 1 MiB": ("websocket_tls", 0.45),
     "ws/wss 16 MiB": ("websocket_tls", 0.6),
 }
-#: The fan-out target's row, which a ``--smoke`` run (4 targets at most) lacks.
+#: The pipelined-stream targets (issue #14): ``wan`` row -> (kind, ratio, max_in_flight).
+WAN_TARGETS = {
+    "as 1 MiB, window 16": ("ratio_min", 0.6, 16),
+    "as 1 MiB, stop-and-wait": ("ratio_max", 0.05, 1),
+}
+#: The fan-out target's row, which a ``--smoke`` run (2 targets at most) lacks.
 QUICK_RATIO_TARGETS = {**EXPECTED_RATIO_TARGETS, "fanout/16 targets": ("raw_fanout_16", 0.6)}
 del EXPECTED_RATIO_TARGETS["fanout/16 targets"]
+
+
+def _check_wan_targets(rows: dict[str, Any], target: Any) -> None:
+    """The ``wan`` rows (by case name, from a report or a plan) carry the
+    pipelined-stream targets, each on its own ``max_in_flight``."""
+    for suffix, (kind, value, in_flight) in WAN_TARGETS.items():
+        (name,) = [name for name in rows if name.endswith(suffix)]
+        row = rows[name]
+        params = row["params"] if isinstance(row, dict) else row.params
+        found = target(row)
+        found = found if isinstance(found, dict) else found.to_json()
+        assert (found["kind"], found["value"]) == (kind, value), name
+        assert params["max_in_flight"] == in_flight, name
+        assert params["object_size"] == 1024 * 1024, name
 
 
 def _is_number(value: Any) -> bool:
@@ -175,6 +191,7 @@ def test_smoke_benchmark_reports_every_scenario(tmp_path: Path) -> None:
             if case["target"] is not None:
                 assert case["target"]["kind"] in {
                     "ratio_min",
+                    "ratio_max",
                     "complete",
                     "rss_max",
                     "at_most",
@@ -224,7 +241,14 @@ def test_smoke_benchmark_reports_every_scenario(tmp_path: Path) -> None:
     for case in report["scenarios"]["wan"]["cases"]:
         assert case["ceiling"] == "relay"
         assert case["params"]["delay"] == 0.002
+        assert case["params"]["path"] == "default"
         assert any("scaled down from 1 GiB by --smoke" in note for note in case["notes"])
+    _check_wan_targets(
+        {c["case"]: c for c in report["scenarios"]["wan"]["cases"]}, lambda c: c["target"]
+    )
+    for case in report["scenarios"]["wan"]["cases"]:
+        if case["target"]["kind"] != "report":
+            assert case["status"] in {"PASS", "FAIL"}, case["case"]
     for case in report["scenarios"]["tls"]["cases"]:
         assert case["ceiling"] == "tls_raw"
     for case in report["scenarios"]["ws"]["cases"]:
@@ -289,7 +313,8 @@ def test_smoke_benchmark_reports_every_scenario(tmp_path: Path) -> None:
 async def test_relay_delays_each_piece_and_caps_the_rate(autojump_clock: Any) -> None:
     """The ``wan`` relay's link model, on a mock clock: the last byte of
     100 kB at 1 MB/s arrives after 0.1 s on the link plus the 25 ms delay,
-    and EOF follows the data, also delayed."""
+    and EOF follows the data, also delayed; pieces are at most ``read_size``
+    and the queue holds at most ``max_bytes`` plus one piece."""
     import trio
     import trio.testing
 
@@ -298,9 +323,11 @@ async def test_relay_delays_each_piece_and_caps_the_rate(autojump_clock: Any) ->
     payload = bytes(range(256)) * 400  # 102,400 bytes
     source_send, source_recv = trio.testing.memory_stream_one_way_pair()
     sink_send, sink_recv = trio.testing.memory_stream_pair()
-    direction = _Direction(delay=0.025, rate=1e6, queue_items=2)
+    # The bound is twice the bandwidth-delay product (25 kB), as in the harness.
+    direction = _Direction(delay=0.025, rate=1e6, max_bytes=50_000, read_size=4096)
     received = bytearray()
     arrivals: list[float] = []
+    most_queued = 0
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(direction.read, source_recv)
@@ -309,12 +336,16 @@ async def test_relay_delays_each_piece_and_caps_the_rate(autojump_clock: Any) ->
             await source_send.send_all(payload)
             await source_send.aclose()
             while True:
+                most_queued = max(most_queued, direction.queued)
                 data = await sink_recv.receive_some()
                 arrivals.append(trio.current_time() - start)
                 if not data:
                     break
+                assert len(data) <= 4096
                 received += data
     assert bytes(received) == payload
+    # The queue is bounded in bytes: the bound plus the piece read last.
+    assert 0 < most_queued <= 50_000 + 4096
     assert direction.bytes == len(payload)
     # Nothing arrives before the delay plus the first piece's time on the link.
     assert arrivals[0] >= 0.025 + 1024 / 1e6
@@ -395,3 +426,74 @@ def test_plans_build_every_row_and_target(
         assert rows[row].ceiling == ceiling, row
         assert rows[row].target is not None, row
         assert (rows[row].target.kind, rows[row].target.value) == ("ratio_min", ratio), row
+    wan = {r.case: r for r in rows.values() if r.scenario == "wan"}
+    assert all(r.ceiling == "relay" for r in wan.values())
+    _check_wan_targets(wan, lambda r: r.target)
+
+
+def test_chart_writes_each_ratio_at_the_ceiling_it_is_against() -> None:
+    """Every ratio on the chart sits at the tick of its own ceiling, reads as
+    in the table (three decimals against an upper bound), and names its
+    target and status; rows in a second unit are drawn too."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedstream._bench._render import _bar_panel
+    from fedstream._bench._results import CaseResult, Ceiling, Report, Series, Target
+
+    report = Report("quick", 1, ["wan"], {}, {}, "now")
+    report.ceilings["relay"] = Ceiling("relay", "relay", Series("MB/s", [400.0]))
+
+    def row(case: str, value: float, target: Target | None, unit: str = "MB/s") -> CaseResult:
+        return CaseResult(
+            scenario="wan",
+            case=case,
+            params={"object_size": 1 << 20},
+            metrics={"mb_per_s": Series(unit, [value])},
+            headline="mb_per_s",
+            ceiling="relay" if unit == "MB/s" else None,
+            repetitions=1,
+            target=target,
+        )
+
+    window = row("window 16", 260.0, Target("ratio_min", 0.6, ">=0.60x"))
+    saw = row("stop-and-wait", 19.0, Target("ratio_max", 0.05, "<=0.050x"))
+    count = row("objects", 7.0, None, unit="obj")
+    report.cases = [window, saw, count]
+    report.judge()
+    fig, ax = plt.subplots()
+    try:
+        _bar_panel(ax, report, report.cases)
+        labels = {text.get_text(): text.xy for text in ax.texts}
+        right_bars = [patch for other in fig.axes if other is not ax for patch in other.patches]
+    finally:
+        plt.close(fig)
+    assert labels == {"0.65x\n>=0.60x PASS": (0, 400.0), "0.048x\n<=0.050x PASS": (1, 400.0)}
+    assert [bar.get_height() for bar in right_bars] == [7.0]
+
+
+@pytest.mark.parametrize(("value", "status"), [(19.0, "PASS"), (20.0, "PASS"), (21.0, "FAIL")])
+def test_an_upper_bound_target_fails_above_it(value: float, status: str) -> None:
+    """``ratio_max`` (stop-and-wait over the relay: <= 0.05x) passes at or
+    below its bound and fails above it."""
+    from fedstream._bench._results import CaseResult, Ceiling, Report, Series, Target
+
+    report = Report("quick", 1, ["wan"], {}, {}, "now")
+    report.ceilings["relay"] = Ceiling("relay", "relay", Series("MB/s", [400.0]))
+    row = CaseResult(
+        scenario="wan",
+        case="stop-and-wait",
+        params={},
+        metrics={"mb_per_s": Series("MB/s", [value])},
+        headline="mb_per_s",
+        ceiling="relay",
+        repetitions=1,
+        target=Target("ratio_max", 0.05, "<=0.050x"),
+    )
+    report.cases = [row]
+    report.judge()
+    assert row.ratio == pytest.approx(value / 400)
+    assert row.status == status

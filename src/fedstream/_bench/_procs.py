@@ -36,6 +36,17 @@ GRACE: Final = 15.0
 _PACKAGE_ROOT: Final = str(Path(__file__).resolve().parents[2])
 
 
+#: What each worker process runs: ``fedstream._bench.worker.main`` with the
+#: role and config as arguments. ``trio.testing`` (imported by the memory
+#: transport) imports pytest when it is installed, only for a type used in
+#: test helpers; a worker needs none of it, and skipping it saves about a
+#: tenth of a second of CPU per worker start (a smoke run starts 120).
+_WORKER_MAIN: Final = (
+    "import sys; sys.modules['pytest'] = None; "
+    "from fedstream._bench.worker import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
 def cpu_layout() -> tuple[list[int], list[int]] | None:
     """CPUs for (the sender, the receivers), or ``None`` if they cannot be kept apart.
 
@@ -66,7 +77,9 @@ def _child_env() -> dict[str, str]:
 
 
 class WorkerProcess:
-    """One ``python -m fedstream._bench.worker ROLE CONFIG`` child process.
+    """One worker child process: ``fedstream._bench.worker.main([ROLE, CONFIG])``,
+    as ``python -m fedstream._bench.worker ROLE CONFIG`` runs it (see
+    :data:`_WORKER_MAIN`).
 
     With ``config=None`` the worker starts at once and waits for its config
     on stdin (see :meth:`configure`): a sender or relay that needs the
@@ -89,8 +102,8 @@ class WorkerProcess:
         self._lines: queue.Queue[bytes | None] = queue.Queue()
         command = [
             sys.executable,
-            "-m",
-            "fedstream._bench.worker",
+            "-c",
+            _WORKER_MAIN,
             role,
             "-" if config is None else json.dumps({**config, "timeout": timeout}),
         ]

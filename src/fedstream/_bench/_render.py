@@ -191,6 +191,15 @@ def _result_text(case: CaseResult) -> tuple[str, str]:
     return _num(head.median, head.unit), _spread(head)
 
 
+def _ratio_text(case: CaseResult) -> str:
+    """The ratio, with a third decimal for an upper bound (``<=0.05x``), so
+    that a row at the line does not read as equal to it."""
+    if case.ratio is None:
+        return "-"
+    digits = 3 if case.target is not None and case.target.kind == "ratio_max" else 2
+    return f"{case.ratio:.{digits}f}x"
+
+
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
@@ -258,7 +267,7 @@ def render_table(report: Report) -> str:
                 result,
                 spread,
                 bound,
-                f"{case.ratio:.2f}x" if case.ratio is not None else "-",
+                _ratio_text(case),
                 case.target.text if case.target else "-",
                 case.status,
             ]
@@ -295,22 +304,34 @@ def _ceiling_in(case: CaseResult, report: Report, unit: str) -> float | None:
     return None
 
 
-def _tick(ax: Any, x: float, value: float, ratio: float | None, width: float) -> None:
+def _label(case: CaseResult, *, of: bool = False) -> str:
+    """A ratio as the chart writes it: the table's figure, what it is against
+    (``of``), and the target and status when the row has a ratio target."""
+    text = _ratio_text(case)
+    if of and case.ceiling:
+        text += f" of {case.ceiling}"
+    if case.target is not None and case.target.kind in ("ratio_min", "ratio_max"):
+        text += f"\n{case.target.text} {case.status}"
+    return text
+
+
+def _tick(ax: Any, x: float, value: float, case: CaseResult, width: float) -> None:
     ax.hlines(value, x - width, x + width, colors="black", linewidths=2, zorder=3)
-    if ratio is not None:
+    if case.ratio is not None:
         ax.annotate(
-            f"{ratio:.2f}x",
+            _label(case),
             (x, value),
             textcoords="offset points",
             xytext=(0, 3),
             ha="center",
-            fontsize=7,
+            fontsize=6,
         )
 
 
 def _throughput_panel(ax: Any, report: Report, cases: list[CaseResult]) -> None:
     raw = report.ceilings.get("raw")
     ping = report.ceilings.get("pingpong")
+    by_id = {case.id: case for case in report.cases}
     for path, style, label in (("default", "-o", "default path"), ("async", "--s", "async path")):
         rows = [c for c in cases if c.params.get("path") == path]
         if not rows:
@@ -325,18 +346,32 @@ def _throughput_panel(ax: Any, report: Report, cases: list[CaseResult]) -> None:
             capsize=3,
             label=label,
         )
-        if path != "default":
-            continue
         for size, case, value in zip(sizes, rows, series, strict=True):
-            bound = _ceiling_in(case, report, "MB/s")
-            if bound is not None:
-                ax.hlines(bound, size / 1.5, size * 1.5, colors="black", linewidths=2, zorder=3)
+            if path == "default":
+                # The ratio is written at the tick it is against.
+                bound = _ceiling_in(case, report, "MB/s")
+                if bound is not None:
+                    ax.hlines(bound, size / 1.5, size * 1.5, colors="black", linewidths=2, zorder=3)
+                    if case.ratio is not None:
+                        ax.annotate(
+                            _label(case, of=True),
+                            (size, bound),
+                            textcoords="offset points",
+                            xytext=(0, 3),
+                            ha="center",
+                            fontsize=6,
+                        )
+                continue
+            # The default/async comparison row, written at the async point it divides by.
+            compare = by_id.get(f"{case.scenario}/{case.case.removesuffix(' async')} default/async")
+            if compare is not None and compare.ratio is not None:
                 ax.annotate(
-                    f"{case.ratio:.2f}x of {case.ceiling}" if case.ratio is not None else "",
+                    f"default/async {_label(compare)}",
                     (size, value.median),
                     textcoords="offset points",
-                    xytext=(5, -10),
-                    fontsize=7,
+                    xytext=(6, -12),
+                    fontsize=6,
+                    color="tab:orange",
                 )
     if raw is not None and raw.series.values:
         ax.axhline(raw.series.median, color="tab:red", linestyle=":", label="raw trio TCP")
@@ -354,11 +389,9 @@ def _throughput_panel(ax: Any, report: Report, cases: list[CaseResult]) -> None:
     ax.legend(fontsize=7)
 
 
-def _bar_panel(ax: Any, report: Report, cases: list[CaseResult]) -> None:
-    units = [c.metrics[c.headline].unit for c in cases]
-    unit = max(units, key=units.count)  # ties: the first row's unit
-    rows = [c for c in cases if c.metrics[c.headline].unit == unit]
-    for x, case in enumerate(rows):
+def _bars(ax: Any, report: Report, rows: list[CaseResult], xs: list[int], hatch: str) -> None:
+    top = 0.0
+    for x, case in zip(xs, rows, strict=True):
         series = case.metrics[case.headline]
         color = "tab:orange" if case.params.get("path") == "async" else "tab:blue"
         ax.bar(
@@ -366,13 +399,36 @@ def _bar_panel(ax: Any, report: Report, cases: list[CaseResult]) -> None:
             series.median,
             yerr=[[series.median - series.min], [series.max - series.median]],
             color=color,
+            hatch=hatch,
+            edgecolor="white" if hatch else None,
             capsize=3,
         )
-        bound = _ceiling_in(case, report, unit)
+        top = max(top, series.max)
+        bound = _ceiling_in(case, report, series.unit)
         if bound is not None:
-            _tick(ax, x, bound, case.ratio, 0.4)
-    ax.set_xticks(range(len(rows)), [c.case for c in rows], rotation=30, ha="right", fontsize=7)
+            _tick(ax, x, bound, case, 0.4)
+            top = max(top, bound)
+    if math.isfinite(top) and top > 0:
+        ax.set_ylim(0, top * 1.3)  # room for the labels above the ticks
+
+
+def _bar_panel(ax: Any, report: Report, cases: list[CaseResult]) -> None:
+    """Each row's headline as a bar; rows in a second unit (``hol``'s object
+    count, the memory multiple) go on a right-hand axis, hatched."""
+    units = [c.metrics[c.headline].unit for c in cases]
+    unit = max(units, key=units.count)  # ties: the first row's unit
+    main = [x for x, c in enumerate(cases) if c.metrics[c.headline].unit == unit]
+    other = [x for x, c in enumerate(cases) if c.metrics[c.headline].unit != unit]
+    _bars(ax, report, [cases[x] for x in main], main, "")
     ax.set_ylabel(unit)
+    if other:
+        right = ax.twinx()
+        _bars(right, report, [cases[x] for x in other], other, "//")
+        right.set_ylabel(
+            " / ".join(dict.fromkeys(cases[x].metrics[cases[x].headline].unit for x in other))
+            + " (hatched)"
+        )
+    ax.set_xticks(range(len(cases)), [c.case for c in cases], rotation=30, ha="right", fontsize=7)
 
 
 def write_plot(report: Report, path: Path) -> None:
@@ -408,12 +464,14 @@ def write_plot(report: Report, path: Path) -> None:
         ax.set_visible(False)
     info = report.machine
     load = info.get("load_average") or [math.nan]
+    source = info.get("source") or {}
     fig.suptitle(
-        f"fedstream bench ({report.mode}): blue/solid = default path, orange/dashed = async path; "
-        "black tick = the ceiling each ratio is against\n"
+        f"fedstream bench ({report.mode}), {source.get('commit') or 'no git checkout'}\n"
+        "blue/solid = default path, orange/dashed = async path;\n"
+        "black tick = the ceiling each ratio is against, written at the tick\n"
         f"{info['cpus_usable']} CPUs, Python {info['python']}, trio {info['trio']}, "
         f"load {load[0]:.1f} at start",
-        fontsize=9,
+        fontsize=8 if columns == 1 else 9,
     )
     fig.tight_layout()
     fig.savefig(path)

@@ -70,7 +70,14 @@ class Ceiling:
 
 
 TargetKind = Literal[
-    "ratio_min", "complete", "rss_max", "at_most", "at_least", "median_at_most", "report"
+    "ratio_min",
+    "ratio_max",
+    "complete",
+    "rss_max",
+    "at_most",
+    "at_least",
+    "median_at_most",
+    "report",
 ]
 
 
@@ -78,7 +85,9 @@ TargetKind = Literal[
 class Target:
     """What a case must achieve.
 
-    ``ratio_min``: ratio to the ceiling at least ``value``. ``complete``: every
+    ``ratio_min``: ratio to the ceiling at least ``value``; ``ratio_max``: at
+    most ``value`` (a protocol bound that a faster mode must beat by far, as
+    stop-and-wait over a long link). ``complete``: every
     repetition ran and every stream finished OK. ``rss_max``: the largest RSS
     increase (sender or receiver, worst repetition) below ``value`` MiB.
     ``at_most`` / ``at_least``: every repetition's value of every metric named
@@ -169,6 +178,8 @@ class CaseResult:
             self.status = "PASS" if worst >= self.target.value else "FAIL"
         elif self.ratio is None:
             self.status = "N/A"
+        elif self.target.kind == "ratio_max":
+            self.status = "PASS" if self.ratio <= self.target.value else "FAIL"
         else:
             self.status = "PASS" if self.ratio >= self.target.value else "FAIL"
 
