@@ -106,6 +106,8 @@ trio.run(main)
     assert lines[1].endswith("0 {'site-1': 'OK'}")
     assert lines[2] == "{'lr': 0.1, 'layers': [1, 2]}"
     assert (tmp_path / "received" / "model.bin").read_bytes() == b"m" * 100_000
+
+
 def test_coming_from_flare_names_are_all_exported() -> None:
     import fedstream
 
