@@ -19,6 +19,11 @@ costs more than the hand-off itself. A hop here is:
   two scheduler rounds. That wait can delay other tasks' I/O by at most
   ``FAST_WAIT``, and only when trio was idle anyway.
 
+Whatever the callback queued for trio with ``run_sync_soon`` (an abort
+signal's listener ending the session, say) runs before the task resumes,
+on either path: the engine relies on that order to see a session ended by
+its own callback before acting on the callback's result.
+
 Threads are reused most-recently-idle first (a warm thread, usually the one
 the same session used for its previous hop), leave after
 :data:`IDLE_TIMEOUT` seconds without work, and all leave when the pool is
@@ -319,36 +324,31 @@ class WorkerPool:
             if job is None:
                 self._leave()
                 return
+            leaving = False
             while job is not None:
-                self._run_one(job, data)
+                if data is not None:
+                    data.token = job.token
+                    data.cancel_register = job.cancel_register
+                result = outcome.capture(job.context.run, not_awaitable_call, job.call)
                 with self._lock:
-                    if self._queue:
-                        job = worker.job = self._queue.popleft()
+                    job.state = _DONE
+                    job.outcome = result
+                    parked = job.parked
+                    # This thread's next job, or it is idle (or leaves) from now on.
+                    done = job
+                    job = worker.job = self._queue.popleft() if self._queue else None
+                    if job is not None:
                         job.state = _RUNNING
-                        continue
-                    job = worker.job = None
-                    if self._closed:
+                    elif self._closed:
                         self._threads -= 1
-                        return
-                    self._idle.append(worker)
-
-    def _run_one(self, job: _Job, data: Any) -> None:
-        if data is not None:
-            data.token = job.token
-            data.cancel_register = job.cancel_register
-        result = outcome.capture(job.context.run, not_awaitable_call, job.call)
-        with self._lock:
-            job.state = _DONE
-            job.outcome = result
-            parked = job.parked
-        if not parked:
-            if job.done is not None:
-                job.done.release()
-            return
-        try:
-            job.token.run_sync_soon(_deliver, job)
-        except trio.RunFinishedError:
-            _drop(job)
+                        leaving = True
+                    else:
+                        self._idle.append(worker)
+                # The waiting task is woken last, right before this thread
+                # blocks: it then finds the GIL free instead of waiting for it.
+                _hand_back(done, parked)
+            if leaving:
+                return
 
     def _leave(self) -> None:
         """Account for a thread told to leave by :meth:`aclose`."""
@@ -361,6 +361,18 @@ class WorkerPool:
                 self._token_at_close.run_sync_soon(self._all_left.set)
             except trio.RunFinishedError:
                 pass
+
+
+def _hand_back(job: _Job, parked: bool) -> None:
+    """In the worker thread: wake the task waiting for ``job``'s outcome."""
+    if not parked:
+        if job.done is not None:
+            job.done.release()
+        return
+    try:
+        job.token.run_sync_soon(_deliver, job)
+    except trio.RunFinishedError:
+        _drop(job)
 
 
 def _deliver(job: _Job) -> None:
