@@ -13,11 +13,14 @@ costs more than the hand-off itself. A hop here is:
 * the thread runs the call in a copy of the task's context and hands the
   outcome back. If the task is parked, that is one ``TrioToken.run_sync_soon``
   that reschedules it (the second wake-up). If trio had nothing else to run
-  when the job was handed over, the task instead waits for the thread on a
-  lock, for at most :data:`FAST_WAIT` seconds, before parking: a quick
-  callback then returns without trio's wake-up socket, its ``epoll_wait`` and
-  two scheduler rounds. That wait can delay other tasks' I/O by at most
-  ``FAST_WAIT``, and only when trio was idle anyway.
+  and no other call of the pool was in flight when the job was handed over,
+  the task instead waits for the thread on a lock, for at most
+  :data:`FAST_WAIT` seconds, before parking: a quick callback then returns
+  without trio's wake-up socket, its ``epoll_wait`` and two scheduler rounds
+  (a third to a half of a hop's cost, measured in-process). That wait can
+  delay other tasks' I/O by at most ``FAST_WAIT``, and only when trio was
+  idle anyway; with other calls in flight it is skipped, since blocking the
+  trio thread then costs the other sessions more than it saves this one.
 
 Whatever the callback queued for trio with ``run_sync_soon`` (an abort
 signal's listener ending the session, say) runs before the task resumes,
@@ -188,7 +191,13 @@ class WorkerPool:
         if context.get(sniffio.current_async_library_cvar, None) is not None:
             context.run(sniffio.current_async_library_cvar.set, None)
         job = _Job(call, context, trio.lowlevel.current_trio_token(), trio.lowlevel.current_task())
-        fast_wait = self.fast_wait > 0 and _trio_is_idle(self.fast_wait)
+        # (Read without the lock: a hint. Another call in flight means other
+        # sessions are active, whose I/O a blocked trio thread would delay.)
+        fast_wait = (
+            self.fast_wait > 0
+            and self._threads == len(self._idle)
+            and _trio_is_idle(self.fast_wait)
+        )
         if fast_wait:
             job.done = threading.Lock()
             job.done.acquire()
