@@ -106,7 +106,9 @@ class Connection:
             on_broken=self.lose,
             on_drained=self._cancel,
         )
-        self._writer.take_whole_frames(self.max_body + _UNSENT_SLACK, self.peer)
+        self._writer.take_whole_frames(
+            self._body_limit(options.chunk_size) + _UNSENT_SLACK, self.peer
+        )
         self._outbox = self._writer.outbox
         self._reader = Reader(self)
         self._pings = itertools.count()
@@ -141,12 +143,19 @@ class Connection:
 
     @property
     def max_body(self) -> int:
-        """The largest frame body we may send to this peer.
+        """The largest frame body we may send to this peer now.
 
-        At most half the peer's window, so that a peer that grants credit in
-        batches of half a window never leaves us stuck mid-object.
+        ``chunk_size``, or ``shared_chunk_size`` while other streams share the
+        connection: a frame in the kernel cannot be overtaken, and the smaller
+        frame also keeps :attr:`shared_in_flight` small. At most half the
+        peer's window, so that a peer that grants credit in batches of half a
+        window never leaves us stuck mid-object.
         """
-        limit = min(self.options.chunk_size, self.protocol.peer_max_frame_size - 4096)
+        options = self.options
+        return self._body_limit(options.shared_chunk_size if self.shared() else options.chunk_size)
+
+    def _body_limit(self, chunk: int) -> int:
+        limit = min(chunk, self.protocol.peer_max_frame_size - 4096)
         window = self.peer_limits.get("window", 0)
         if window:
             limit = min(limit, window // 2)
@@ -166,9 +175,13 @@ class Connection:
 
         Every byte a stream has in flight lies between a small stream's next
         frame and the peer, so a large transfer that shares the connection
-        keeps no more than one chunk beyond the peer's credit step: the peer
-        grants credit every step, so the stream still always gets its next
-        chunk out (see :meth:`TargetLink._room <._sender.TargetLink._room>`).
+        keeps no more than one frame (:attr:`max_body`, a shared-connection
+        chunk while it shares) beyond the peer's credit step: the peer grants credit
+        every step, so the stream still always gets its next frame out (see
+        :meth:`TargetLink._room <._sender.TargetLink._room>`; a larger frame
+        of an object begun before the connection was shared goes out once
+        everything before it is credited). With fedstream's defaults on both
+        sides that is 512 KiB.
         """
         return self.peer_credit_step + self.max_body
 
