@@ -460,10 +460,34 @@ async def test_a_stream_alone_uses_its_whole_window(
     assert alone_peak > 4 * cap
 
 
-async def large_object_frames(*, beside_small_stream: bool) -> tuple[list[int], int]:
-    """Send one 2 MiB object with the default chunk size, alone or beside a
-    stream of 1 KiB objects. Returns the body sizes of its frames, and the
-    most its stream had sent without credit back."""
+class _OneThenIdle(ObjectProducer):
+    """One 1 KiB object, then nothing until ``until`` is set: a stream that
+    stays open without sending."""
+
+    def __init__(self, until: trio.Event) -> None:
+        self.until = until
+        self.sent = False
+
+    async def produce(
+        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[Shareable | None, float]:
+        if self.sent:
+            await self.until.wait()
+            return None, 10.0
+        self.sent = True
+        return Shareable({"data": b"x" * KIB}), 10.0
+
+    async def process_replies(
+        self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> Any:
+        return None
+
+
+async def large_object_frames(beside: str) -> tuple[list[int], int]:
+    """Send one 2 MiB object with the default chunk size, alone (``beside``
+    ``""``), beside a stream sending 1 KiB objects back to back (``"busy"``),
+    or beside one that sent one and then waits (``"idle"``). Returns the body
+    sizes of its frames, and the most its stream had sent without credit back."""
     bodies: list[int] = []
     peak = [0]
     url = f"memory://outbox-frames-{next(_memory_ids)}"
@@ -499,37 +523,46 @@ async def large_object_frames(*, beside_small_stream: bool) -> tuple[list[int], 
                     big_done.set()
 
                 async def small() -> None:
+                    producer = (
+                        _Producer(KIB, 0, until=big_done)
+                        if beside == "busy"
+                        else _OneThenIdle(big_done)
+                    )
                     outcomes.append(
-                        await tx.stream_objects(
-                            "c", "small", {}, ["rx"], _Producer(KIB, 0, until=big_done), None
-                        )
+                        await tx.stream_objects("c", "small", {}, ["rx"], producer, None)
                     )
 
                 async with trio.open_nursery() as nursery:
-                    if beside_small_stream:
+                    if beside:
                         nursery.start_soon(small)
                         while not conn.senders:
                             await trio.sleep(0)
+                        if beside == "idle":
+                            await trio.sleep(1)  # its one object is long answered
                     nursery.start_soon(big)
                     while not big_sids:
                         await trio.sleep(0)
-                    assert conn.shared() is beside_small_stream
-                    if beside_small_stream:
+                    assert conn.shared() is bool(beside)
+                    assert conn.contended() is (beside == "busy")
+                    if beside == "busy":
                         assert conn.shared_in_flight == 2 * SHARED_CHUNK_SIZE
-                assert outcomes == [(ReturnCode.OK, None)] * (1 + beside_small_stream)
+                assert outcomes == [(ReturnCode.OK, None)] * (1 + bool(beside))
     assert sum(bodies) >= 2 * MIB
     return bodies, peak[0]
 
 
-async def test_a_shared_connection_carries_smaller_frames(
+async def test_a_contended_connection_carries_smaller_frames(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Beside another stream a large object goes out in shared-connection
-    chunks and keeps one credit step and one such chunk in flight (512 KiB by
-    default, against 2 MiB with whole chunks); alone, in whole chunks."""
-    alone, _ = await large_object_frames(beside_small_stream=False)
+    """Beside a stream that is sending, a large object goes out in
+    shared-connection chunks and keeps one credit step and one such chunk in
+    flight (512 KiB by default, against 2 MiB before); alone, or beside a
+    stream that only stays open, in whole chunks."""
+    alone, _ = await large_object_frames("")
     assert max(alone) == DEFAULT_CHUNK_SIZE
-    shared, peak = await large_object_frames(beside_small_stream=True)
-    assert max(shared) == SHARED_CHUNK_SIZE < DEFAULT_CHUNK_SIZE
+    idle, _ = await large_object_frames("idle")
+    assert max(idle) == DEFAULT_CHUNK_SIZE
+    busy, peak = await large_object_frames("busy")
+    assert max(busy) == SHARED_CHUNK_SIZE < DEFAULT_CHUNK_SIZE
     assert 0 < peak <= 2 * SHARED_CHUNK_SIZE
     assert SiteOptions().credit_step == SHARED_CHUNK_SIZE

@@ -33,10 +33,10 @@ __all__ = [
 DEFAULT_MAX_OBJECT_SIZE: Final = 16 * 1024**3
 #: Object bytes per frame.
 DEFAULT_CHUNK_SIZE: Final = 1024 * 1024
-#: Object bytes per frame while other streams share the connection, and the
-#: most a receiving stream takes in before it grants credit back (both at
-#: most ``chunk_size``). Whatever a stream has in flight lies between every
-#: other stream's next frame and the peer, and a sharing stream keeps about
+#: Object bytes per frame while other streams on the connection are sending
+#: too, and the most a receiving stream takes in before it grants credit back
+#: (both at most ``chunk_size``). Whatever a stream has in flight lies between
+#: every other stream's next frame and the peer, and such a stream keeps about
 #: one credit step and one frame in flight (``Connection.shared_in_flight``).
 SHARED_CHUNK_SIZE: Final = 256 * 1024
 #: Bytes a sender may have in flight per stream before the receiver grants more.
@@ -137,7 +137,7 @@ class SiteOptions:
 
     @property
     def shared_chunk_size(self) -> int:
-        """Object bytes per frame while other streams share the connection."""
+        """Object bytes per frame while other streams on the connection are sending too."""
         return min(self.chunk_size, SHARED_CHUNK_SIZE)
 
     @property
