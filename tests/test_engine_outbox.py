@@ -27,7 +27,7 @@ from fedstream import (
     Shareable,
 )
 from fedstream._engine._connection import Connection
-from fedstream._engine._options import SiteOptions
+from fedstream._engine._options import DEFAULT_CHUNK_SIZE, SHARED_CHUNK_SIZE, SiteOptions
 from fedstream._wire import Chunk, Data, Frame, FrameProtocol, Hello, Ping
 from fedstream._wire import Done as DoneFrame
 from strategies import drain, open_pair
@@ -166,6 +166,47 @@ async def test_control_frames_go_before_queued_data() -> None:
         release()
         got = await collect(conn, peer, 2)
     assert [type(f) for f in got] == [DoneFrame, Data]
+
+
+async def test_small_frames_go_before_the_large_frames_queued_with_them() -> None:
+    """Queued behind large frames of three streams, a control frame and two
+    small objects of other streams are written before any large frame; the
+    large frames then go one per stream in turn, each stream's in order."""
+    async with connection() as (conn, peer, release):
+        body = memoryview(b"\xa5" * (256 * 1024))
+        for sid in (1, 5, 7):
+            await conn.send_data(Data(sid, 0, 2 * len(body), "c", "t", None, body))
+            await conn.send_data(Chunk(sid, 0, len(body), body))
+        conn.send_control(DoneFrame(2, "OK", None))
+        for sid in (3, 9):
+            await conn.send_data(Data(sid, 0, 10, "c", "t", None, b"0123456789"))
+        release()
+        got = await collect(conn, peer, 9)
+    assert [(type(f), f.sid) for f in got] == [  # type: ignore[attr-defined]
+        (DoneFrame, 2),
+        (Data, 3),
+        (Data, 9),
+        (Data, 1),
+        (Data, 5),
+        (Data, 7),
+        (Chunk, 1),
+        (Chunk, 5),
+        (Chunk, 7),
+    ]
+
+
+async def test_a_streams_small_frame_never_passes_its_own_large_one() -> None:
+    """A stream whose large frame a batch takes sits out the rest of that
+    batch: its next, small frame goes after it, while another stream's small
+    frame goes before it."""
+    async with connection() as (conn, peer, release):
+        body = memoryview(b"\xa5" * (256 * 1024))
+        await conn.send_data(Data(1, 0, len(body) + 1, "c", "t", None, body))
+        await conn.send_data(Chunk(1, 0, len(body), b"x"))
+        await conn.send_data(Data(3, 0, 1, "c", "t", None, b"y"))
+        release()
+        got = await collect(conn, peer, 3)
+    assert [(type(f), f.sid) for f in got] == [(Data, 3), (Data, 1), (Chunk, 1)]  # type: ignore[attr-defined]
 
 
 async def test_losing_the_connection_wakes_waiting_streams() -> None:
@@ -417,3 +458,111 @@ async def test_a_stream_alone_uses_its_whole_window(
     shared_peak, alone_peak, cap = await unacknowledged_peaks(beside_small_stream=False)
     assert shared_peak == 0
     assert alone_peak > 4 * cap
+
+
+class _OneThenIdle(ObjectProducer):
+    """One 1 KiB object, then nothing until ``until`` is set: a stream that
+    stays open without sending."""
+
+    def __init__(self, until: trio.Event) -> None:
+        self.until = until
+        self.sent = False
+
+    async def produce(
+        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[Shareable | None, float]:
+        if self.sent:
+            await self.until.wait()
+            return None, 10.0
+        self.sent = True
+        return Shareable({"data": b"x" * KIB}), 10.0
+
+    async def process_replies(
+        self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> Any:
+        return None
+
+
+async def large_object_frames(beside: str) -> tuple[list[int], int]:
+    """Send one 2 MiB object with the default chunk size, alone (``beside``
+    ``""``), beside a stream sending 1 KiB objects back to back (``"busy"``),
+    or beside one that sent one and then waits (``"idle"``). Returns the body
+    sizes of its frames, and the most its stream had sent without credit back."""
+    bodies: list[int] = []
+    peak = [0]
+    url = f"memory://outbox-frames-{next(_memory_ids)}"
+    with trio.fail_after(60):
+        async with fedstream.open_site("rx", listen=url, sync_callbacks="inline") as rx:
+            rx.register_stream_processing("c", "*", AcceptingFactory())
+            async with fedstream.open_site("tx", connect=[url], sync_callbacks="inline") as tx:
+                conn = tx._connections["rx"]
+                original = conn.send_data
+                big_sids: set[int] = set()
+
+                async def watched(frame: Any, *more: Any) -> None:
+                    if isinstance(frame, Data) and frame.size >= MIB:
+                        big_sids.add(frame.sid)
+                    if frame.sid in big_sids:
+                        sizes = [
+                            len(f.body) for f in (frame, *more) if isinstance(f, (Data, Chunk))
+                        ]
+                        bodies.extend(size for size in sizes if size)
+                        link = conn.senders[frame.sid]
+                        after = link.bytes_sent - link.credited + sum(sizes)
+                        peak[0] = max(peak[0], after)
+                    await original(frame, *more)
+
+                conn.send_data = watched  # type: ignore[method-assign]
+                big_done = trio.Event()
+                outcomes: list[Any] = []
+
+                async def big() -> None:
+                    outcomes.append(
+                        await tx.stream_objects("c", "big", {}, ["rx"], _Producer(2 * MIB, 1), None)
+                    )
+                    big_done.set()
+
+                async def small() -> None:
+                    producer = (
+                        _Producer(KIB, 0, until=big_done)
+                        if beside == "busy"
+                        else _OneThenIdle(big_done)
+                    )
+                    outcomes.append(
+                        await tx.stream_objects("c", "small", {}, ["rx"], producer, None)
+                    )
+
+                async with trio.open_nursery() as nursery:
+                    if beside:
+                        nursery.start_soon(small)
+                        while not conn.senders:
+                            await trio.sleep(0)
+                        if beside == "idle":
+                            await trio.sleep(1)  # its one object is long answered
+                    nursery.start_soon(big)
+                    while not big_sids:
+                        await trio.sleep(0)
+                    assert conn.shared() is bool(beside)
+                    assert conn.contended() is (beside == "busy")
+                    if beside == "busy":
+                        assert conn.shared_in_flight == 2 * SHARED_CHUNK_SIZE
+                assert outcomes == [(ReturnCode.OK, None)] * (1 + bool(beside))
+    assert sum(bodies) >= 2 * MIB
+    return bodies, peak[0]
+
+
+async def test_a_contended_connection_carries_smaller_frames(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Beside a stream that is sending, a large object goes out in
+    shared-connection chunks and keeps one credit step and one such chunk in
+    flight (512 KiB by default, against 2 MiB before); alone, or beside a
+    stream that only stays open, in whole chunks."""
+    alone, _ = await large_object_frames("")
+    assert max(alone) == DEFAULT_CHUNK_SIZE
+    idle, _ = await large_object_frames("idle")
+    assert max(idle) == DEFAULT_CHUNK_SIZE
+    busy, peak = await large_object_frames("busy")
+    assert max(busy) == SHARED_CHUNK_SIZE < DEFAULT_CHUNK_SIZE
+    assert 0 < peak <= 2 * SHARED_CHUNK_SIZE
+    assert SiteOptions().credit_step == SHARED_CHUNK_SIZE

@@ -63,6 +63,10 @@ logger = logging.getLogger(__name__)
 _DRAIN_TIMEOUT = 1.0
 #: Room for a frame head on top of ``max_body`` when a whole frame goes out in one write.
 _UNSENT_SLACK = 64 * 1024
+#: Seconds after another stream's last data frame during which a stream
+#: sending on the connection counts it as contended (see
+#: :meth:`Connection.contended`).
+_CONTENTION_WINDOW = 0.05
 
 
 class Connection:
@@ -106,7 +110,9 @@ class Connection:
             on_broken=self.lose,
             on_drained=self._cancel,
         )
-        self._writer.take_whole_frames(self.max_body + _UNSENT_SLACK, self.peer)
+        self._writer.take_whole_frames(
+            self._body_limit(options.chunk_size) + _UNSENT_SLACK, self.peer
+        )
         self._outbox = self._writer.outbox
         self._reader = Reader(self)
         self._pings = itertools.count()
@@ -120,6 +126,11 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         #: Bytes handed to the connection to send.
         self.bytes_queued = 0
+        #: The stream that sent the last data frame and when, and when another
+        #: stream last sent one.
+        self._last_data_sid = 0
+        self._last_data_at = -math.inf
+        self._other_data_at = -math.inf
         self.connected_at = trio.current_time()
         #: Called (once, synchronously) when the connection is lost.
         self.on_lost: Callable[[Connection], None] = lambda c: None
@@ -141,12 +152,20 @@ class Connection:
 
     @property
     def max_body(self) -> int:
-        """The largest frame body we may send to this peer.
+        """The largest frame body we may send to this peer now.
 
-        At most half the peer's window, so that a peer that grants credit in
-        batches of half a window never leaves us stuck mid-object.
+        ``chunk_size``, or ``shared_chunk_size`` while the connection is
+        :meth:`contended`: a frame in the kernel cannot be overtaken, and the
+        smaller frame also keeps :attr:`shared_in_flight` small. At most half
+        the peer's window, so that a peer that grants credit in batches of
+        half a window never leaves us stuck mid-object.
         """
-        limit = min(self.options.chunk_size, self.protocol.peer_max_frame_size - 4096)
+        options = self.options
+        chunk = options.shared_chunk_size if self.contended() else options.chunk_size
+        return self._body_limit(chunk)
+
+    def _body_limit(self, chunk: int) -> int:
+        limit = min(chunk, self.protocol.peer_max_frame_size - 4096)
         window = self.peer_limits.get("window", 0)
         if window:
             limit = min(limit, window // 2)
@@ -166,15 +185,28 @@ class Connection:
 
         Every byte a stream has in flight lies between a small stream's next
         frame and the peer, so a large transfer that shares the connection
-        keeps no more than one chunk beyond the peer's credit step: the peer
-        grants credit every step, so the stream still always gets its next
-        chunk out (see :meth:`TargetLink._room <._sender.TargetLink._room>`).
+        keeps no more than one frame (:attr:`max_body`) beyond the peer's
+        credit step: the peer grants credit every step, so the stream still
+        always gets its next frame out (see :meth:`TargetLink._room
+        <._sender.TargetLink._room>`). With fedstream's defaults on both sides
+        that is 512 KiB while another stream is sending too (the connection is
+        :meth:`contended`), and 1.25 MiB beside idle streams, which the first
+        object of a stream that wakes up waits behind. A larger frame of an
+        object begun before the contention goes out once everything before
+        it is credited.
         """
         return self.peer_credit_step + self.max_body
 
     def shared(self) -> bool:
         """Whether more than one stream (either way) uses the connection."""
         return len(self.senders) + len(self.receivers) > 1
+
+    def contended(self) -> bool:
+        """Whether more than one stream is sending: the connection is shared and
+        a stream other than the one that sent the last data frame sent one
+        within the last ``_CONTENTION_WINDOW`` seconds. A stream beside idle
+        ones keeps whole chunks (:attr:`max_body`)."""
+        return self.shared() and trio.current_time() - self._other_data_at < _CONTENTION_WINDOW
 
     def stats(self) -> ConnectionStats:
         """A snapshot of this connection and its streams."""
@@ -247,6 +279,10 @@ class Connection:
         for item in items:
             size += frame_size(item)
         self.bytes_queued += size
+        if frame.sid != self._last_data_sid:
+            self._other_data_at = self._last_data_at
+            self._last_data_sid = frame.sid
+        self._last_data_at = trio.current_time()
         self._writer.send_data(frame.sid, items, size)
 
     def pending(self, sid: int) -> int:

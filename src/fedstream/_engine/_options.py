@@ -33,6 +33,12 @@ __all__ = [
 DEFAULT_MAX_OBJECT_SIZE: Final = 16 * 1024**3
 #: Object bytes per frame.
 DEFAULT_CHUNK_SIZE: Final = 1024 * 1024
+#: Object bytes per frame while other streams on the connection are sending
+#: too, and the most a receiving stream takes in before it grants credit back
+#: (both at most ``chunk_size``). Whatever a stream has in flight lies between
+#: every other stream's next frame and the peer, and such a stream keeps about
+#: one credit step and one frame in flight (``Connection.shared_in_flight``).
+SHARED_CHUNK_SIZE: Final = 256 * 1024
 #: Bytes a sender may have in flight per stream before the receiver grants more.
 DEFAULT_WINDOW: Final = 8 * 1024 * 1024
 #: Idle time after which a PING is sent.
@@ -130,10 +136,20 @@ class SiteOptions:
         object.__setattr__(self, "sync_callbacks", SyncMode(self.sync_callbacks))
 
     @property
+    def shared_chunk_size(self) -> int:
+        """Object bytes per frame while other streams on the connection are sending too."""
+        return min(self.chunk_size, SHARED_CHUNK_SIZE)
+
+    @property
     def credit_step(self) -> int:
         """Object bytes a receiving stream takes in before it grants them back
-        as credit: a chunk, or half the window if that is less."""
-        return max(1, min(self.window // 2, self.chunk_size))
+        as credit: a shared-connection chunk, or half the window if that is less.
+
+        A sender that shares its connection keeps about this much in flight,
+        so the step is what a small stream's frames wait behind; granting
+        every 256 KiB instead of every chunk costs a 12-byte CREDIT each time.
+        """
+        return max(1, min(self.window // 2, self.shared_chunk_size))
 
     def limits(self) -> dict[str, int]:
         """The limits announced in our HELLO."""

@@ -5,10 +5,11 @@ queue of *control* frames (credit, pong, done, rejections: small, produced
 by the reader, never waited for, written first) and one queue of *data*
 frames per stream (object and reply chunks, each bounded in bytes: a session
 waits for room in its own queue, which is the connection-level
-backpressure). The writer takes one data frame per stream in turn, so a
-small stream's object waits behind at most one frame of a large transfer;
-it coalesces small frames into one ``send_all`` and writes large bodies
-without copying them.
+backpressure). The writer takes one data frame per stream in turn and
+coalesces small frames into one ``send_all``; large bodies go out without
+being copied, at most one per write and after the small frames taken with
+it, so a small stream's object never waits behind more than the large frame
+already being written.
 
 On a plain ``trio.SocketStream`` frames go straight to the socket's
 descriptor when nothing is queued (one non-blocking ``writev``); every other
@@ -37,6 +38,9 @@ Item = tuple[bytes, "memoryview | None"]
 _COALESCE_BODY = 64 * 1024
 #: Bytes of small frames gathered into one ``send_all``.
 _COALESCE_LIMIT = 256 * 1024
+#: Streams whose next frame is large that one batch passes over, looking for
+#: small frames to write before its own large frame.
+_MAX_PASSED = 32
 #: Control frames queued without being written before the peer counts as not reading.
 _MAX_CONTROL_QUEUE = 100_000
 
@@ -72,7 +76,8 @@ class Outbox:
     in one queue per stream, each bounded in bytes (a stream waits for room
     in its own queue: that is the connection-level backpressure), and the
     writer takes them one frame per stream in turn, so that a small stream's
-    object never waits behind more than one frame of a large transfer.
+    object never waits behind more than one frame of a large transfer (the
+    one being written: a batch writes its small frames before its large one).
     """
 
     def __init__(self, data_limit: int) -> None:
@@ -319,8 +324,16 @@ class Writer:
                 self._writing = False
 
     async def _write_batch(self, outbox: Outbox, stream: trio.abc.Stream) -> None:
-        """Write what is queued: a direct write's leftover, then coalesced frames,
-        taking one data frame per stream in turn."""
+        """Write what is queued: a direct write's leftover, then control frames,
+        then one data frame per stream in turn, coalesced.
+
+        A batch holds at most one large frame (body of ``_COALESCE_BODY`` or
+        more), written last: once it has one, the turn passes over streams
+        whose next frame is large too (they keep their place for the next
+        batch), so small frames of other streams queued at the same time go
+        out first, and the large frame's own stream sits out the rest of the
+        batch so that its frames stay in order.
+        """
         if outbox.partial:
             while outbox.partial:
                 piece = outbox.partial.pop(0)
@@ -338,20 +351,39 @@ class Writer:
                 batch += body
         taken: list[tuple[StreamQueue, int]] = []
         ready = outbox.ready
-        while ready and len(batch) < _COALESCE_LIMIT and large is None:
+        # Streams whose next frame is large, passed over once this batch has
+        # its large frame, and the stream that large frame came from.
+        passed: list[StreamQueue] = []
+        large_owner: StreamQueue | None = None
+        large_head = b""
+        while ready and len(batch) < _COALESCE_LIMIT and len(passed) < _MAX_PASSED:
             queue = ready.popleft()
-            head, body = queue.items.popleft()
+            head, body = queue.items[0]
+            is_large = body is not None and len(body) >= _COALESCE_BODY
+            if is_large and large is not None:
+                passed.append(queue)
+                continue
+            queue.items.popleft()
+            taken.append((queue, frame_size((head, body))))
+            if is_large:
+                # Written after everything else in the batch, so the stream
+                # sits out the rest of it to keep its own frames in order.
+                large, large_head, large_owner = body, head, queue
+                continue
             if queue.items:
                 ready.append(queue)  # its next frame waits for the others' turn
             else:
                 queue.scheduled = False
-            taken.append((queue, frame_size((head, body))))
             batch += head
             if body is not None:
-                if len(body) < _COALESCE_BODY:
-                    batch += body
-                else:
-                    large = body
+                batch += body
+        ready.extendleft(reversed(passed))  # they keep their turn
+        if large_owner is not None:
+            batch += large_head
+            if large_owner.items:
+                ready.append(large_owner)
+            else:
+                large_owner.scheduled = False
         if batch:
             await stream.send_all(batch)
             self._wrote(len(batch))
