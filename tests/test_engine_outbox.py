@@ -486,10 +486,15 @@ class _OneThenIdle(ObjectProducer):
 async def large_object_frames(beside: str) -> tuple[list[int], int]:
     """Send one 2 MiB object with the default chunk size, alone (``beside``
     ``""``), beside a stream sending 1 KiB objects back to back (``"busy"``),
-    or beside one that sent one and then waits (``"idle"``). Returns the body
-    sizes of its frames, and the most its stream had sent without credit back."""
+    or beside one that sent one and then waits (``"idle"``); with ``"late"``
+    an 8 MiB object, and the busy stream starts after its third frame.
+    Returns the body sizes of its frames (for ``"late"``, those sent after
+    the busy stream's first frame), and the most its stream had sent
+    without credit back."""
     bodies: list[int] = []
     peak = [0]
+    switch_at: list[int] = []
+    size = 8 * MIB if beside == "late" else 2 * MIB
     url = f"memory://outbox-frames-{next(_memory_ids)}"
     with trio.fail_after(60):
         async with fedstream.open_site("rx", listen=url, sync_callbacks="inline") as rx:
@@ -502,6 +507,8 @@ async def large_object_frames(beside: str) -> tuple[list[int], int]:
                 async def watched(frame: Any, *more: Any) -> None:
                     if isinstance(frame, Data) and frame.size >= MIB:
                         big_sids.add(frame.sid)
+                    elif isinstance(frame, Data) and not switch_at:
+                        switch_at.append(len(bodies))
                     if frame.sid in big_sids:
                         sizes = [
                             len(f.body) for f in (frame, *more) if isinstance(f, (Data, Chunk))
@@ -518,36 +525,46 @@ async def large_object_frames(beside: str) -> tuple[list[int], int]:
 
                 async def big() -> None:
                     outcomes.append(
-                        await tx.stream_objects("c", "big", {}, ["rx"], _Producer(2 * MIB, 1), None)
+                        await tx.stream_objects("c", "big", {}, ["rx"], _Producer(size, 1), None)
                     )
                     big_done.set()
 
                 async def small() -> None:
                     producer = (
-                        _Producer(KIB, 0, until=big_done)
-                        if beside == "busy"
-                        else _OneThenIdle(big_done)
+                        _OneThenIdle(big_done)
+                        if beside == "idle"
+                        else _Producer(KIB, 0, until=big_done)
                     )
                     outcomes.append(
                         await tx.stream_objects("c", "small", {}, ["rx"], producer, None)
                     )
 
                 async with trio.open_nursery() as nursery:
-                    if beside:
-                        nursery.start_soon(small)
-                        while not conn.senders:
+                    if beside == "late":
+                        nursery.start_soon(big)
+                        while len(bodies) < 3:
                             await trio.sleep(0)
-                        if beside == "idle":
-                            await trio.sleep(1)  # its one object is long answered
-                    nursery.start_soon(big)
+                        nursery.start_soon(small)
+                        beside = ""  # the checks below are for the other cases
+                    else:
+                        if beside:
+                            nursery.start_soon(small)
+                            while not conn.senders:
+                                await trio.sleep(0)
+                            if beside == "idle":
+                                await trio.sleep(1)  # its one object is long answered
+                        nursery.start_soon(big)
                     while not big_sids:
                         await trio.sleep(0)
-                    assert conn.shared() is bool(beside)
+                    if not bodies or not switch_at:
+                        assert conn.shared() is bool(beside)
                     assert conn.contended() is (beside == "busy")
                     if beside == "busy":
                         assert conn.shared_in_flight == 2 * SHARED_CHUNK_SIZE
-                assert outcomes == [(ReturnCode.OK, None)] * (1 + bool(beside))
-    assert sum(bodies) >= 2 * MIB
+                assert outcomes == [(ReturnCode.OK, None)] * (1 + bool(beside or switch_at))
+    assert sum(bodies) >= size
+    if size > 2 * MIB:
+        return bodies[switch_at[0] + 1 :], peak[0]
     return bodies, peak[0]
 
 
@@ -566,3 +583,14 @@ async def test_a_contended_connection_carries_smaller_frames(
     assert max(busy) == SHARED_CHUNK_SIZE < DEFAULT_CHUNK_SIZE
     assert 0 < peak <= 2 * SHARED_CHUNK_SIZE
     assert SiteOptions().credit_step == SHARED_CHUNK_SIZE
+
+
+async def test_an_object_under_way_is_resliced_when_the_connection_becomes_contended(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A large object that started alone switches to shared-connection
+    chunks as soon as another stream starts sending (otherwise each of its
+    whole chunks would wait for everything before it to be credited)."""
+    after, _ = await large_object_frames("late")
+    assert after
+    assert max(after) <= SHARED_CHUNK_SIZE

@@ -398,9 +398,16 @@ class TargetLink:
                     head = Data(self.sid, seq, encoded.size, channel, topic, ctx, b"")
                     await conn.send_data(head)
                     self.stream.sent_data(head)
-                views = list(encoded.chunks(conn.max_body, offset))
+                body = conn.max_body
+                views = list(encoded.chunks(body, offset))
                 index = 0
                 while index < len(views):
+                    if conn.max_body != body:
+                        # Another stream came or went: the rest goes in the
+                        # connection's frame size now.
+                        body = conn.max_body
+                        views = list(encoded.chunks(body, offset))
+                        index = 0
                     view = views[index]
                     size = len(view)
                     # A small part (the object's head) goes out together
@@ -416,6 +423,8 @@ class TargetLink:
                     starved = False
                     if self._ended():
                         break
+                    if conn.max_body != body:
+                        continue  # re-sliced at the top of the loop
                     if offset == 0 and not (ctx is not None and seq == 0):
                         frame: Data | Chunk = Data(
                             self.sid, seq, encoded.size, channel, topic, None, view
