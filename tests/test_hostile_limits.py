@@ -21,6 +21,7 @@ import errno
 import itertools
 import logging
 import os
+import sys
 import threading
 import tracemalloc
 from typing import Any
@@ -77,6 +78,11 @@ _ids = itertools.count()
 #: Leaving a site takes at most this many finalize_timeouts (docs/semantics.md).
 EXIT_BOUND_TIMEOUTS = 5
 SCALE = max(1, int(os.environ.get("FEDSTREAM_HOSTILE_SCALE", "1")))
+#: What one silent pending connection may hold, as tracemalloc sees it: mostly
+#: the frames of its trio tasks' coroutines, which CPython 3.10 makes about
+#: 1.4 times as large as 3.11+ does (a ws:// one, measured: 33-35 KiB on 3.10,
+#: 23 KiB on 3.11 and 3.13).
+PENDING_EACH = 24 * KIB if sys.version_info >= (3, 11) else 40 * KIB
 
 
 class BlockingFactory(ConsumerFactory):
@@ -330,7 +336,7 @@ async def test_pending_handshakes_are_few_small_and_give_their_memory_back() -> 
     finally:
         tracemalloc.stop()
     assert pending == DEFAULT_MAX_PENDING_HANDSHAKES
-    assert during < DEFAULT_MAX_PENDING_HANDSHAKES * 24 * KIB, during
+    assert during < DEFAULT_MAX_PENDING_HANDSHAKES * PENDING_EACH, during
     assert after < 2 * MIB, after  # a 256 KiB buffer each would be 100 MiB
 
 
@@ -399,7 +405,7 @@ async def test_transport_handshakes_are_pending_handshakes_from_the_tcp_accept(
     assert pending == limit
     # The first 8 of the second wave were admitted, the others refused at once.
     assert closed.count(True) == count - limit, closed.count(True)
-    assert during < limit * 24 * KIB, during
+    assert during < limit * PENDING_EACH, during
 
 
 async def test_a_dialer_that_gave_up_is_never_registered(
