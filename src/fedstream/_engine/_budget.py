@@ -19,7 +19,7 @@ arrived whole within the window and was consumed while waiting).
 
 Credit was granted before the object was announced, so it cannot be taken
 back: a peer with many streams could make a site hold one window of bytes
-per waiting stream (4,096 x 8 MiB at the defaults). Those *early* bytes
+per waiting stream (4,096 x 32 MiB at the defaults). Those *early* bytes
 (what arrived for objects not admitted yet) are bounded on their own, by
 as much again as the budget: per connection
 (:attr:`ReceiveBudget.early_limit`) and site-wide. A session whose early

@@ -1161,9 +1161,10 @@ async def open_site(
             that lasts) until objects are consumed; an object that does not
             fit waits its turn, and one larger than the whole budget is let
             in alone. A waiting stream can still send what its credit
-            allowed (one ``window`` at most), so the bytes actually held
-            stay within this (or one larger object) plus one ``window`` per
-            waiting stream.
+            allowed (one ``window`` at most); those early bytes are bounded
+            by as much again (streams past it are refused with
+            ``SERVICE_UNAVAILABLE``), so the bytes actually held stay within
+            twice this (or one larger object).
         tls: this site's certificate, key and CA, for ``tls://`` URLs (see
             :class:`TLSConfig`). A peer on a TLS link must claim the name its
             certificate proves.
