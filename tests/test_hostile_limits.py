@@ -35,6 +35,7 @@ from fedstream import (
     ConsumerFactory,
     FLContext,
     ObjectConsumer,
+    ObjectProducer,
     ReturnCode,
     Shareable,
     Site,
@@ -56,7 +57,6 @@ from fedstream._wire import (
     GoAway,
     Ping,
     Reply,
-    decode_object,
     encode_object,
 )
 from test_engine_hostile import (
@@ -220,7 +220,7 @@ async def test_streams_waiting_for_the_budget_cannot_spend_whole_windows() -> No
     every later stream announces an object and sends its whole window. Credit
     cannot be taken back, so without a bound of their own these early bytes
     would add a window per stream (here 40 x 128 KiB = 5 MiB against a 1 MiB
-    budget; at the defaults 4,096 x 32 MiB). docs/semantics.md bounds them by
+    budget; at the defaults 4,096 x 8 MiB). docs/semantics.md bounds them by
     as much again as the budget: the streams beyond it are refused.
     """
     streams = 40 * SCALE
@@ -253,9 +253,8 @@ async def test_streams_waiting_for_the_budget_cannot_spend_whole_windows() -> No
                 with trio.move_on_after(5):
                     while len(refused) + conn.receive_budget.waiting < streams:
                         frame = await peer.next_frame()
-                        if isinstance(frame, Reply) and frame.last:
-                            reply = decode_object(frame.body)
-                            assert reply.get_return_code() == ReturnCode.SERVICE_UNAVAILABLE
+                        if isinstance(frame, Abort):
+                            assert frame.rc == ReturnCode.SERVICE_UNAVAILABLE
                             refused.add(frame.sid)
                 grown = traced_memory() - before
             finally:
@@ -270,6 +269,54 @@ async def test_streams_waiting_for_the_budget_cannot_spend_whole_windows() -> No
         finally:
             await peer.stream.aclose()
 
+
+async def test_a_pipelined_stream_refused_for_early_bytes_ends_cleanly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A refusal for early bytes on an object behind others in flight is an
+    ABORT, not a reply that would overtake the replies still due: the
+    sender sees SERVICE_UNAVAILABLE and logs no protocol error."""
+    gate = trio.Event()
+
+    class Held(ConsumerFactory):
+        async def get_consumer(  # type: ignore[override]
+            self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+        ) -> ObjectConsumer:
+            await gate.wait()
+            return _Accepting()
+
+    class Objects(ObjectProducer):
+        def __init__(self) -> None:
+            self.left = 4
+
+        async def produce(
+            self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+        ) -> tuple[Shareable | None, float]:
+            self.left -= 1
+            return (Shareable({"b": b"x" * (900 * KIB)}) if self.left >= 0 else None), 30.0
+
+        async def process_replies(
+            self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext
+        ) -> Any:
+            return None
+
+    opts: dict[str, Any] = {
+        "max_receive_buffer_per_peer": MIB,
+        "window": 4 * MIB,
+        "chunk_size": 256 * KIB,
+    }
+    with trio.fail_after(30):
+        async with open_site("hub", listen=LOOP, **opts) as hub:
+            hub.register_stream_processing(CH, "*", Held())
+            async with open_site("tx", connect=[hub.address]) as tx:
+                await tx.wait_for_peers(["hub"])
+                result = await tx.stream_objects(
+                    CH, "t", {}, ["hub"], Objects(), None, max_in_flight=4
+                )
+                gate.set()
+    assert result == (ReturnCode.SERVICE_UNAVAILABLE, None)
+    errors = [r.getMessage() for r in caplog.records if "protocol error" in r.getMessage()]
+    assert not errors
 
 async def test_the_site_wide_budget_bounds_what_many_peer_names_can_make_a_site_hold() -> None:
     """Names are free: each raw peer connects as a new site and claims a budget's worth."""

@@ -19,14 +19,16 @@ arrived whole within the window and was consumed while waiting).
 
 Credit was granted before the object was announced, so it cannot be taken
 back: a peer with many streams could make a site hold one window of bytes
-per waiting stream (4,096 x 32 MiB at the defaults). Those *early* bytes
+per waiting stream (4,096 x 8 MiB at the defaults). Those *early* bytes
 (what arrived for objects not admitted yet) are bounded on their own, by
 as much again as the budget: per connection
 (:attr:`ReceiveBudget.early_limit`) and site-wide. A session whose early
 bytes would pass either bound is refused (``SERVICE_UNAVAILABLE``) and its
-bytes dropped. A fedstream sender does not get there unless about a
-thousand of its streams wait at once: while streams share a connection each
-keeps at most its in-flight bound (``chunk_size``) unacknowledged.
+bytes dropped. One fedstream peer reaches its own bound only with about a
+thousand waiting streams (streams that share a connection each keep at
+most their in-flight bound, ``chunk_size``, unacknowledged); but a stream
+alone on its connection may spend its whole window, so about 250 peers
+waiting at once reach the site-wide bound (docs/semantics.md).
 
 The budget is sans-io and synchronous: it never awaits and never sends;
 sessions pass a callback that re-runs their credit grant.

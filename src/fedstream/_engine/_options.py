@@ -41,11 +41,12 @@ DEFAULT_CHUNK_SIZE: Final = 1024 * 1024
 SHARED_CHUNK_SIZE: Final = 256 * 1024
 #: Bytes a sender may have in flight per stream before the receiver grants
 #: more. Credit returns as bytes arrive, so one stream moves at most about
-#: ``window / round trip``: 32 MiB lets a pipelined stream fill a 50 ms,
-#: 400 MB/s link (8 MiB held it to about 120 MB/s there). Memory does not
-#: grow with it: what a peer makes a site hold is bounded by the receive
-#: budgets, early bytes included (see ``_budget``).
-DEFAULT_WINDOW: Final = 32 * 1024 * 1024
+#: ``window / round trip`` (about 120 MB/s through 50 ms). A larger window
+#: would serve long links better, but a stream whose object waits for the
+#: receive budget can spend a whole window as early bytes, and those are
+#: bounded site-wide (``_budget``): at 8 MiB, about 250 peers can wait at
+#: once before any is refused, at 32 MiB about 60.
+DEFAULT_WINDOW: Final = 8 * 1024 * 1024
 #: Idle time after which a PING is sent.
 DEFAULT_HEARTBEAT_INTERVAL: Final = 5.0
 #: Silence after which the peer counts as lost (COMMUNICATION_ERROR).

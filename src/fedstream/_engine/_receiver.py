@@ -180,7 +180,7 @@ class ReceiverSession:
         self._progressed = trio.current_time()
         admitted = self._holds.add(frame.size)
         if not admitted and not self._holds.hold_early(len(frame.body)):
-            self._refuse_early(frame.seq)
+            self._refuse_early()
             return
         if event is not None:
             # The whole object came in this one frame: no reassembly needed.
@@ -228,7 +228,7 @@ class ReceiverSession:
         if self._staged is not None:
             # Keep a CHUNK of an object that waits for admission.
             if not self._holds.hold_early(len(frame.body)):
-                self._refuse_early(frame.seq)
+                self._refuse_early()
                 return
             self._staged.append(bytes(frame.body))
             self._staged_len += len(frame.body)
@@ -241,7 +241,7 @@ class ReceiverSession:
         elif self._assembler is not None:
             self._feed(frame.offset, frame.body)
 
-    def _refuse_early(self, seq: int) -> None:
+    def _refuse_early(self) -> None:
         """Too many bytes wait for admission on this connection (or site-wide):
         refuse this session and drop what it holds (see ``_budget``)."""
         budget = self.conn.receive_budget
@@ -257,15 +257,14 @@ class ReceiverSession:
                 suppressed,
             )
         self._staged = None
-        self.conn.reject(
-            self.sid,
-            seq,
+        # An ABORT, not an error reply: with objects in flight (a pipelined
+        # stream) a reply to this one would overtake the replies still due.
+        self.end(
             ReturnCode.SERVICE_UNAVAILABLE,
-            f"{self.site_name!r} holds too many bytes of objects waiting for its receive "
-            f"budget; try again when fewer streams wait",
-            quiet=True,
+            tell_sender=True,
+            reason=f"{self.site_name!r} holds too many bytes of objects waiting for its "
+            "receive budget; try again when fewer streams wait",
         )
-        self.end(ReturnCode.SERVICE_UNAVAILABLE)
 
     def _admitted(self) -> None:
         """The budget let our waiting object in (or nothing of ours waits any more)."""
@@ -389,7 +388,7 @@ class ReceiverSession:
 
     # ------------------------------------------------------------ ending
 
-    def end(self, rc: str, *, tell_sender: bool = False) -> None:
+    def end(self, rc: str, *, tell_sender: bool = False, reason: str = "ended by receiver") -> None:
         """End the session with ``rc`` (first call wins) and cancel its work."""
         if self.rc is not None:
             return
@@ -397,7 +396,7 @@ class ReceiverSession:
         stream = self.stream
         if tell_sender and stream.state is StreamState.OPEN and not self.conn.closed.is_set():
             # Tell the sender now, not after finalize: it stops sending at once.
-            self.conn.send_control(stream.abort(rc, "ended by receiver", self.site_name))
+            self.conn.send_control(stream.abort(rc, reason, self.site_name))
         stream.end(rc)
         self.abort_signal.trigger(rc)
         self.scope.cancel()

@@ -18,8 +18,10 @@ What a ``receive``-type method returns:
 * ``None``: the frame was valid and there is nothing to act on yet (part of
   an object or reply);
 * :data:`DROPPED`: the frame came behind this side's own ending (END,
-  ABORT, ``last`` or DONE crossed it on the wire) and is ignored; bytes it
-  carried still count against the credit, and are granted back.
+  ABORT, ``last`` or DONE crossed it on the wire) and is ignored. On the
+  opening side the reply bytes it carried still count against the reply
+  credit, and are granted back (the connection lives on); on the receiving
+  side the session has ended and its credit no longer matters.
 
 The engine also builds the frames it sends through these objects (or
 reports them, :meth:`OpenerStream.sent_data`), so the same rules hold in
