@@ -270,6 +270,77 @@ async def test_streams_waiting_for_the_budget_cannot_spend_whole_windows() -> No
             await peer.stream.aclose()
 
 
+class Objects(ObjectProducer):
+    """``count`` objects of about ``size`` bytes, replies ignored."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.left = count
+        self.size = size
+
+    async def produce(
+        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[Shareable | None, float]:
+        self.left -= 1
+        return (Shareable({"b": b"x" * self.size}) if self.left >= 0 else None), 30.0
+
+    async def process_replies(
+        self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> Any:
+        return None
+
+
+async def test_many_peers_waiting_for_the_site_budget_are_queued_not_refused() -> None:
+    """A fedstream sender sends at most a credit step and a frame of an object
+    before a grant shows it was admitted, so peers whose objects all wait for
+    the site's budget hold little each and wait their turn: none is refused.
+    (Each spending its whole window, they would pass the site-wide bound on
+    early bytes: 6 x 2 MiB against 4 MiB.)"""
+    gate = trio.Event()
+
+    class Held(ConsumerFactory):
+        async def get_consumer(  # type: ignore[override]
+            self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+        ) -> ObjectConsumer:
+            if stream_ctx[StreamContextKey.TOPIC] == "hold":
+                await gate.wait()
+            return _Accepting()
+
+    hub_opts: dict[str, Any] = {
+        "max_receive_buffer": 4 * MIB,
+        "max_receive_buffer_per_peer": 4 * MIB,
+        "window": 2 * MIB,
+        "chunk_size": 256 * KIB,
+    }
+    results: dict[str, Any] = {}
+    early_peak = [0]
+    with trio.fail_after(60):
+        async with open_site("hub", listen=LOOP, **hub_opts) as hub:
+            hub.register_stream_processing(CH, "*", Held())
+
+            async def peer(name: str, topic: str, size: int) -> None:
+                async with open_site(name, connect=[hub.address], chunk_size=256 * KIB) as site:
+                    await site.wait_for_peers(["hub"])
+                    results[name] = await site.stream_objects(
+                        CH, topic, {}, ["hub"], Objects(1, size), None
+                    )
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(peer, "p0", "hold", int(3.5 * MIB))
+                await wait_until(lambda: hub._receive_budget.held > 3 * MIB)
+                for i in range(1, 7):
+                    nursery.start_soon(peer, f"p{i}", "x", 3 * MIB)
+                await wait_until(
+                    lambda: sum(c.receive_budget.waiting for c in hub._connections.values()) == 6,
+                    limit=20,
+                )
+                await trio.sleep(0.5)  # whatever they send before admission has arrived
+                early_peak[0] = hub._receive_budget.early
+                gate.set()
+    assert results == {f"p{i}": (ReturnCode.OK, None) for i in range(7)}
+    # Each waiting peer sent at most a credit step (256 KiB) and a frame (256 KiB).
+    assert 0 < early_peak[0] <= 6 * 512 * KIB
+
+
 async def test_a_pipelined_stream_refused_for_early_bytes_ends_cleanly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -285,21 +356,6 @@ async def test_a_pipelined_stream_refused_for_early_bytes_ends_cleanly(
             await gate.wait()
             return _Accepting()
 
-    class Objects(ObjectProducer):
-        def __init__(self) -> None:
-            self.left = 4
-
-        async def produce(
-            self, stream_ctx: dict[str, Any], fl_ctx: FLContext
-        ) -> tuple[Shareable | None, float]:
-            self.left -= 1
-            return (Shareable({"b": b"x" * (900 * KIB)}) if self.left >= 0 else None), 30.0
-
-        async def process_replies(
-            self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext
-        ) -> Any:
-            return None
-
     opts: dict[str, Any] = {
         "max_receive_buffer_per_peer": MIB,
         "window": 4 * MIB,
@@ -311,7 +367,7 @@ async def test_a_pipelined_stream_refused_for_early_bytes_ends_cleanly(
             async with open_site("tx", connect=[hub.address]) as tx:
                 await tx.wait_for_peers(["hub"])
                 result = await tx.stream_objects(
-                    CH, "t", {}, ["hub"], Objects(), None, max_in_flight=4
+                    CH, "t", {}, ["hub"], Objects(4, 900 * KIB), None, max_in_flight=4
                 )
                 gate.set()
     assert result == (ReturnCode.SERVICE_UNAVAILABLE, None)

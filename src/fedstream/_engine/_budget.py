@@ -24,11 +24,10 @@ per waiting stream (4,096 x 8 MiB at the defaults). Those *early* bytes
 as much again as the budget: per connection
 (:attr:`ReceiveBudget.early_limit`) and site-wide. A session whose early
 bytes would pass either bound is refused (``SERVICE_UNAVAILABLE``) and its
-bytes dropped. One fedstream peer reaches its own bound only with about a
-thousand waiting streams (streams that share a connection each keep at
-most their in-flight bound, ``chunk_size``, unacknowledged); but a stream
-alone on its connection may spend its whole window, so about 250 peers
-waiting at once reach the site-wide bound (docs/semantics.md).
+bytes dropped. A fedstream sender sends at most a credit step and a frame
+of an object before a grant shows it was admitted (``TargetLink._room``), so
+it reaches these bounds only with hundreds of waiting streams or peers
+(docs/semantics.md); a peer that spends whole windows reaches them first.
 
 The budget is sans-io and synchronous: it never awaits and never sends;
 sessions pass a callback that re-runs their credit grant.

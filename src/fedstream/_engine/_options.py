@@ -42,10 +42,11 @@ SHARED_CHUNK_SIZE: Final = 256 * 1024
 #: Bytes a sender may have in flight per stream before the receiver grants
 #: more. Credit returns as bytes arrive, so one stream moves at most about
 #: ``window / round trip`` (about 120 MB/s through 50 ms). A larger window
-#: would serve long links better, but a stream whose object waits for the
-#: receive budget can spend a whole window as early bytes, and those are
-#: bounded site-wide (``_budget``): at 8 MiB, about 250 peers can wait at
-#: once before any is refused, at 32 MiB about 60.
+#: would serve long links better, but a peer that ignores the sender's
+#: allowance before admission (``TargetLink._room``) can spend a whole
+#: window per waiting stream as early bytes, which the site-wide bound then
+#: refuses (``_budget``), and replies that wait for the budget may hold a
+#: window each.
 DEFAULT_WINDOW: Final = 8 * 1024 * 1024
 #: Idle time after which a PING is sent.
 DEFAULT_HEARTBEAT_INTERVAL: Final = 5.0

@@ -142,6 +142,8 @@ class TargetLink:
         #: Object bytes handed to the connection, and credit granted back.
         self.bytes_sent = 0
         self.credited = 0
+        #: ``bytes_sent`` when the object being sent started.
+        self._object_start = 0
         conn.senders[self.sid] = self
 
     @property
@@ -336,12 +338,26 @@ class TargetLink:
         that is unacknowledged, so a grant is on its way, unless the peer
         withholds credit on purpose (an object of this stream waits for its
         receive budget). Then we wait with fewer bytes sent than the window
-        would allow, until the object is admitted.
+        would allow, until the object is admitted. Until the first grant for
+        an object's own bytes arrives, the same bound holds on any connection.
         """
         window = self.stream.credit
         if window < nbytes:
             return False
-        if window == math.inf or not self.conn.shared():
+        if window == math.inf:
+            return True
+        start = self._object_start
+        # Nothing of this object credited back yet: the receiver may be
+        # holding it back for its receive budget, and every byte sent now
+        # would wait there as an early byte (bounded site-wide,
+        # docs/semantics.md). Send no more than a credit step and a frame of
+        # it until a grant shows it was admitted.
+        if (
+            self.credited <= start < self.bytes_sent
+            and self.bytes_sent - start + nbytes > self.conn.shared_in_flight
+        ):
+            return False
+        if not self.conn.shared():
             return True
         unacknowledged = self.bytes_sent - self.credited
         return unacknowledged <= 0 or unacknowledged + nbytes <= self.conn.shared_in_flight
@@ -386,6 +402,7 @@ class TargetLink:
                 self.release()  # an earlier object's reply that never completed
         conn = self.conn
         offset = 0
+        self._object_start = self.bytes_sent
         written: trio.Event | None = None
         armed = False  # whether the consumer's own deadline has started
         starved = False  # whether we are waiting for the peer's credit (not for the connection)
