@@ -204,6 +204,10 @@ class _ParkingConn:
         self.peer_window = float(window)
         self.peer_max_object_size = math.inf
         self.max_body = 1024 * 1024
+        # What a stream may send of an object before the peer's first grant
+        # for it: here the whole window (the stub never grants; the test is
+        # about waiting for the connection, not for admission).
+        self.shared_in_flight = 2 * window
         self.bytes_queued = self.bytes_sent = 0
         self.last_write = 0.0
         self.options = SiteOptions(finalize_timeout=1.0)
