@@ -96,6 +96,8 @@ tests/README.md for the recorded run.
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -533,6 +535,8 @@ async def run_schedule(schedule: Schedule, tcp: bool, exp: Expectation) -> Resul
     fired = set(exp.fired)
     token = trio.lowlevel.current_trio_token()
     release_holders = trio.Event()
+    #: The same release, seen from worker threads.
+    holders_released = threading.Event()
     holders_consuming: dict[str, trio.Event] = {}
     slow_steps = {f.step for f in schedule.faults if f.kind == "slow"}
 
@@ -653,7 +657,15 @@ async def run_schedule(schedule: Schedule, tcp: bool, exp: Expectation) -> Resul
     ) -> Any:
         if stream == "h":
             trio.from_thread.run_sync(holders_consuming[site].set, trio_token=token)
-            trio.from_thread.run(release_holders.wait, trio_token=token)
+            # A plain consume that behaves: it waits for its release or for its
+            # session to end, which a thread hears of through the abort signal
+            # (it cannot be cancelled). One that ignored the signal would be
+            # abandoned after finalize_timeout, as documented.
+            signal = r_ctx.get_run_abort_signal()
+            deadline = time.monotonic() + 60
+            while not holders_released.wait(0.01):
+                if signal.triggered or time.monotonic() > deadline:
+                    break
             return None
         fault = consume_fault(site, stream, seq)
         if fault is None:
@@ -770,6 +782,7 @@ async def run_schedule(schedule: Schedule, tcp: bool, exp: Expectation) -> Resul
                     if tag == "f"
                 }
                 release_holders.set()
+                holders_released.set()
             # Sessions the sender could not reach end on their own (peer lost).
             all_sites = list(sites.values())
             with trio.move_on_after(30):
