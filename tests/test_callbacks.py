@@ -217,27 +217,27 @@ async def test_plain_callbacks_returning_awaitables_are_refused_in_one_hop_too()
                 await tx.stream_objects("c", "t", {}, ["rx"], Producer(_Log(), 2), None)
 
 
-async def test_a_call_that_returns_normally_wakes_trio_once(
+async def test_a_call_that_returns_normally_wakes_trio_at_most_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The runner's own return signal is sent only to a cancelled caller that waits."""
+    """A hop's result reaches trio through one run_sync_soon at most; a
+    cancelled caller still waits (within its grace) for the call to return."""
+    runner = CallbackRunner(grace=5.0)
+    assert await runner(lambda: 5) == 5  # the worker thread exists
     sent = [0]
     token = trio.lowlevel.current_trio_token()
     real = type(token).run_sync_soon
 
     def counting(self: Any, fn: Any, *args: Any, **kwargs: Any) -> None:
-        if getattr(fn, "__name__", "") == "set":
-            sent[0] += 1
+        sent[0] += 1
         real(self, fn, *args, **kwargs)
 
     monkeypatch.setattr(type(token), "run_sync_soon", counting)
-    runner = CallbackRunner()
-    assert await runner(lambda: 5) == 5
-    assert sent == [0]
+    for _ in range(20):
+        assert await runner(lambda: 5) == 5
+    assert sent[0] <= 20
 
-    # Cancelled while the call runs: the caller waits for its return, which
-    # the thread signals.
-    runner = CallbackRunner(grace=5.0)
+    # Cancelled while the call runs: the caller waits for its return.
     release = threading.Event()
     waited = [0.0]
 
@@ -251,8 +251,8 @@ async def test_a_call_that_returns_normally_wakes_trio_once(
         nursery.start_soon(cancelled_call)
         await trio.sleep(0.3)
         release.set()
-    assert sent == [1]
     assert 0.3 <= waited[0] < 4.0
+    await runner.aclose()
 
 
 async def test_pipelined_sender_chains_process_replies_and_produce_too(

@@ -31,7 +31,7 @@ is given:
   session's cancel scope. When the session is aborted, times out or loses its
   peer, the callback is cancelled at its next checkpoint. This is the cheap
   and responsive choice for callbacks that do I/O with trio.
-* A plain function runs in a worker thread via ``trio.to_thread.run_sync``,
+* A plain function runs in a worker thread of the site's own pool,
   so a blocking callback (reading a file, running a model) does not stall
   the other sessions. Python cannot interrupt a thread, so the engine cannot
   stop a sync callback when the session ends: long-running sync callbacks

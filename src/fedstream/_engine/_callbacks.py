@@ -1,4 +1,5 @@
-"""Calling user code: coroutine functions in trio, plain functions in a thread."""
+"""Calling user code: coroutine functions in trio, plain functions in a thread
+(of the site's own pool, :mod:`._workers`)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,15 @@ import enum
 import functools
 import inspect
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
-import trio
+from ._workers import WorkerPool, not_awaitable
 
-__all__ = ["CallbackRunner", "SyncMode", "current_session"]
+__all__ = ["CallbackRunner", "SyncMode", "current_session", "not_awaitable"]
 
 #: The session (sending or receiving) whose callbacks run in this context.
-#: trio copies contexts into worker threads and back through trio.from_thread,
+#: Contexts are copied into worker threads, and back through trio.from_thread,
 #: so a callback that calls into the site is recognised wherever it runs.
 current_session: contextvars.ContextVar[object | None] = contextvars.ContextVar(
     "fedstream_current_session", default=None
@@ -48,7 +48,7 @@ class CallbackRunner:
         self, mode: SyncMode = SyncMode.THREAD, max_threads: float = 40, grace: float = 30.0
     ) -> None:
         self.mode = SyncMode(mode)
-        self._limiter = trio.CapacityLimiter(max_threads)
+        self._pool = WorkerPool(max_threads)
         #: How long a cancelled plain callback's thread is waited for before
         #: it is abandoned (``finalize_timeout``).
         self.grace = grace
@@ -104,70 +104,15 @@ class CallbackRunner:
         overlapping the session's ``finalize``; abandoning it after ``grace``
         keeps a callback that blocks forever and ignores the abort signal from
         holding its session (and the site's exit) forever. An abandoned thread
-        still holds its place under ``max_threads`` until it returns.
-
-        The thread signals its return to trio only when a cancelled caller is
-        waiting for it: a call that returns normally costs one wake-up (trio's
-        own, delivering the result), not two.
+        still holds its place under ``max_threads`` until it returns. A call
+        cancelled while it waits for a thread never runs.
         """
-        token = trio.lowlevel.current_trio_token()
-        returned = trio.Event()
-        # Where the call is (waiting for a thread, running, returned) and
-        # whether a cancelled caller waits for it: decided under the lock.
-        lock = threading.Lock()
-        state = {"started": False, "dropped": False, "returned": False, "waiting": False}
+        return await self._pool.run(call, grace)
 
-        def worker() -> Any:
-            with lock:
-                if state["dropped"]:
-                    return None
-                state["started"] = True
-            try:
-                return call()
-            finally:
-                with lock:
-                    state["returned"] = True
-                    waiting = state["waiting"]
-                if waiting:
-                    try:
-                        token.run_sync_soon(returned.set)
-                    except trio.RunFinishedError:
-                        pass
-
-        try:
-            return await trio.to_thread.run_sync(
-                worker, limiter=self._limiter, abandon_on_cancel=True
-            )
-        except trio.Cancelled:
-            with lock:
-                if not state["started"]:
-                    state["dropped"] = True
-                    raise
-                if state["returned"]:
-                    raise
-                state["waiting"] = True
-            if grace <= 0:
-                raise  # the caller chose to abandon at once, and says so itself
-            with trio.CancelScope(shield=True), trio.move_on_after(grace):
-                await returned.wait()
-            if not returned.is_set():
-                logger.error(
-                    "%s did not return within %s s of its session ending: abandoning its thread",
-                    getattr(call, "func", call),
-                    grace,
-                )
-            raise
-
-
-def not_awaitable(result: Any) -> Any:
-    """Refuse an awaitable returned by a plain callback in a worker thread, as
-    ``trio.to_thread.run_sync`` does for a single callback."""
-    if inspect.isawaitable(result):
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
-        raise TypeError("a plain callback run in a worker thread returned an awaitable")
-    return result
+    async def aclose(self) -> None:
+        """Let the worker threads go: idle ones now (waited for, bounded),
+        busy ones when their callback returns."""
+        await self._pool.aclose()
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

@@ -1228,6 +1228,7 @@ async def open_site(
             error = exc
         finally:
             await site.shutdown_streamer()
+            await site._runner.aclose()
     if error is not None:
         raise error
 
