@@ -284,14 +284,17 @@ class Connection:
         Raises:
             ConnectionLostError: the connection is closed.
         """
-        if not await self._writer.wait_for_room(frame.sid):
+        writer = self._writer
+        if not writer.has_room(frame.sid) and not await writer.wait_for_room(frame.sid):
             raise ConnectionLostError(f"connection to {self.peer} is closed: {self.close_reason}")
         if self._held and self.is_ours(frame.sid):
             # A stream of ours sends: the peer now counts the connection as
             # shared, and its streams may need the credit we hold.
             self.release_held_credit()
-        items = [self.protocol.send_parts(frame)]
-        items += [self.protocol.send_parts(f) for f in more]
+        send_parts = self.protocol.send_parts
+        items = [send_parts(frame)]
+        if more:
+            items += [send_parts(f) for f in more]
         size = 0
         for item in items:
             size += frame_size(item)
@@ -300,7 +303,7 @@ class Connection:
             self._other_data_at = self._last_data_at
             self._last_data_sid = frame.sid
         self._last_data_at = trio.current_time()
-        self._writer.send_data(frame.sid, items, size)
+        writer.send_data(frame.sid, items, size)
 
     def pending(self, sid: int) -> int:
         """Bytes of stream ``sid`` handed to the connection and not yet written."""

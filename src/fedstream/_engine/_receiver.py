@@ -187,7 +187,6 @@ class ReceiverSession:
         if event is DROPPED:
             return
         self._assembling_seq = frame.seq
-        self._progressed = trio.current_time()
         admitted = self._holds.add(frame.size)
         if not admitted and not self._holds.hold_early(len(frame.body)):
             self._refuse_early()
@@ -211,6 +210,7 @@ class ReceiverSession:
             self._staged = [bytes(frame.body)]
             self._staged_len = len(frame.body)
             self._staged_size = frame.size
+            self._progressed = trio.current_time()
             self._grant()
             return
         try:

@@ -238,6 +238,14 @@ class Writer:
         self.outbox.wakeup.set()
         return len(self.outbox.control) <= _MAX_CONTROL_QUEUE
 
+    def has_room(self, sid: int) -> bool:
+        """Whether stream ``sid``'s queue takes more now (no wait, open outbox)."""
+        outbox = self.outbox
+        if outbox.closed:
+            return False
+        queue = outbox.queues.get(sid)
+        return queue is None or queue.pending < outbox.data_limit
+
     async def wait_for_room(self, sid: int) -> bool:
         """Wait while stream ``sid``'s queue is full; False once the outbox is closed."""
         outbox = self.outbox
