@@ -315,3 +315,72 @@ async def test_held_credit_goes_on_its_own_after_a_bounded_time(
         [Credit, Reply],
     ]
     assert writes.credit(1) == 2 * object_size(MIB)
+
+
+async def test_held_credit_is_dropped_when_the_sender_aborts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sender aborts while its object's consume runs: the session ends
+    without sending the credit it held (the stream takes no more bytes), and
+    the connection forgets it."""
+    monkeypatch.setattr(_connection, "_CREDIT_HOLD", 60.0)
+    writes = Writes()
+    factory = Factory()
+    producer = Objects(2, MIB)
+    fl_ctx = FLContext()
+    with trio.fail_after(15):
+        async with fedstream.open_site("recv", listen=LOOP, sync_callbacks="inline") as recv:
+            recv.register_stream_processing(CHANNEL, "*", factory)
+            async with fedstream.open_site("send", connect=[recv.address]) as send:
+                conn = await _connection_of(recv, "send")
+                writes.watch(recv, "send")
+                with writes.recording(monkeypatch):
+
+                    async def abort_while_consuming() -> None:
+                        await factory.entered.wait()
+                        assert len(conn._held) == 1
+                        fl_ctx.get_run_abort_signal().trigger("enough")
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(abort_while_consuming)
+                        rc, _ = await send.stream_objects(
+                            CHANNEL, "t", {}, ["recv"], producer, fl_ctx
+                        )
+                    await poll(lambda: not recv._connections["send"].receivers)
+                    assert conn._held == {}
+    assert rc == ReturnCode.TASK_ABORTED
+    assert writes.credit(1) == 0
+    assert not any(Reply in w for w in writes.of(1))
+
+
+class Stopper(ObjectConsumer):
+    def consume(
+        self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[bool, Shareable | None]:
+        return False, None
+
+
+class StopperFactory(ConsumerFactory):
+    def get_consumer(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> ObjectConsumer:
+        return Stopper()
+
+
+async def test_a_consumer_that_ends_the_stream_sends_the_credit_with_its_last_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_connection, "_CREDIT_HOLD", 60.0)
+    writes = Writes()
+    producer = Objects(3, MIB)
+    with trio.fail_after(15):
+        async with fedstream.open_site("recv", listen=LOOP) as recv:
+            recv.register_stream_processing(CHANNEL, "*", StopperFactory())
+            async with fedstream.open_site("send", connect=[recv.address]) as send:
+                await _connection_of(recv, "send")
+                writes.watch(recv, "send")
+                with writes.recording(monkeypatch):
+                    rc, _ = await send.stream_objects(CHANNEL, "t", {}, ["recv"], producer, None)
+    assert rc == ReturnCode.OK
+    assert producer.replies == [ReturnCode.OK]
+    replies = [[(type(f), getattr(f, "last", None)) for f in w] for w in writes.writes]
+    assert [(Credit, None), (Reply, True)] in replies
+    assert writes.credit(1) == object_size(MIB)

@@ -7,7 +7,9 @@ END, ABORT, replies in order, DONE) is a sans-io
 first, and the session acts on what it answers. The session reassembles
 each object into its buffer (within the connection's receive budget),
 grants the credit the stream owes, and hands complete objects to the
-session task through a small inbox.
+session task through a small inbox. The grant due when an object completes
+may wait for that object's reply and go in the same write, when the sender
+cannot need it sooner (see :meth:`ReceiverSession._hold_credit`).
 The session task asks the factory for a consumer, runs ``consume`` for each
 object in order and sends the replies.
 
