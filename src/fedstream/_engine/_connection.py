@@ -11,6 +11,9 @@ own module:
   nothing at all was received for ``peer_timeout`` seconds, and reaps
   receiving sessions whose object stopped making progress.
 
+A fourth task sends the credit a receiving session holds for its reply
+(:meth:`Connection.hold_credit`) once it has held it for ``_CREDIT_HOLD``.
+
 The HELLO exchange that comes before is in :mod:`._handshake`. Receiver
 sessions opened by the peer also run in this nursery, so losing the
 connection cancels exactly them (their ``finalize`` still runs, shielded).
@@ -30,6 +33,7 @@ from .._errors import ConnectionLostError, LocalProtocolError, RemoteProtocolErr
 from .._wire import (
     Abort,
     Chunk,
+    Credit,
     Data,
     Done,
     End,
@@ -52,8 +56,9 @@ if TYPE_CHECKING:
 
     from ._options import SiteOptions
 
-    #: The frames that belong to one stream's ordered data.
-    StreamFrame: TypeAlias = Data | Chunk | Reply | Done | End | Abort
+    #: The frames that belong to one stream's ordered data (a CREDIT only
+    #: where it rides with the reply it belongs to).
+    StreamFrame: TypeAlias = Data | Chunk | Reply | Done | End | Abort | Credit
 
 __all__ = ["Connection", "ReceiveHandler", "SendHandler", "accept_handshake", "dial_handshake"]
 
@@ -67,6 +72,10 @@ _UNSENT_SLACK = 64 * 1024
 #: sending on the connection counts it as contended (see
 #: :meth:`Connection.contended`).
 _CONTENTION_WINDOW = 0.05
+#: Longest a receiving session may hold the credit for an object's last bytes
+#: to send it in one write with the object's reply (see
+#: :meth:`Connection.hold_credit`).
+_CREDIT_HOLD = 0.01
 
 
 class Connection:
@@ -136,6 +145,10 @@ class Connection:
         self.on_lost: Callable[[Connection], None] = lambda c: None
         #: Called from the reader for a DATA frame with seq 0 on an unknown sid.
         self.on_open: Callable[[Connection, Data], ReceiveHandler | None] = lambda c, f: None
+        #: Receiving sessions holding credit for their reply, and by when it
+        #: must go (in the order they began holding it).
+        self._held: dict[ReceiveHandler, float] = {}
+        self._hold_scope: trio.CancelScope | None = None
 
     # ----------------------------------------------------------------- identity
 
@@ -271,10 +284,17 @@ class Connection:
         Raises:
             ConnectionLostError: the connection is closed.
         """
-        if not await self._writer.wait_for_room(frame.sid):
+        writer = self._writer
+        if not writer.has_room(frame.sid) and not await writer.wait_for_room(frame.sid):
             raise ConnectionLostError(f"connection to {self.peer} is closed: {self.close_reason}")
-        items = [self.protocol.send_parts(frame)]
-        items += [self.protocol.send_parts(f) for f in more]
+        if self._held and self.is_ours(frame.sid):
+            # A stream of ours sends: the peer now counts the connection as
+            # shared, and its streams may need the credit we hold.
+            self.release_held_credit()
+        send_parts = self.protocol.send_parts
+        items = [send_parts(frame)]
+        if more:
+            items += [send_parts(f) for f in more]
         size = 0
         for item in items:
             size += frame_size(item)
@@ -283,7 +303,7 @@ class Connection:
             self._other_data_at = self._last_data_at
             self._last_data_sid = frame.sid
         self._last_data_at = trio.current_time()
-        self._writer.send_data(frame.sid, items, size)
+        writer.send_data(frame.sid, items, size)
 
     def pending(self, sid: int) -> int:
         """Bytes of stream ``sid`` handed to the connection and not yet written."""
@@ -295,6 +315,51 @@ class Connection:
         return self._writer.flushed_event(sid)
 
     # ---------------------------------------------------------------- receiving
+
+    def hold_credit(self, handler: ReceiveHandler) -> None:
+        """``handler`` holds the credit for its object's last bytes, to send
+        it with the object's reply in one write.
+
+        It goes on its own (``handler.release_credit()``) after at most
+        ``_CREDIT_HOLD`` seconds, or as soon as another stream starts on the
+        connection: whatever the session assumed about its sender's need
+        for it, the wait is bounded.
+        """
+        due = trio.current_time() + _CREDIT_HOLD
+        self._held.pop(handler, None)  # keep the dict in order of due time
+        self._held[handler] = due
+        scope = self._hold_scope
+        if scope is not None and due < scope.deadline:
+            scope.deadline = due
+
+    def unhold_credit(self, handler: ReceiveHandler) -> None:
+        """``handler`` sent (or no longer owes) the credit it held."""
+        self._held.pop(handler, None)
+
+    def release_held_credit(self) -> None:
+        """Every receiving session sends the credit it holds, now."""
+        held = self._held
+        while held:
+            handler = next(iter(held))
+            del held[handler]
+            handler.release_credit()
+
+    async def _release_late_credit(self) -> None:
+        """Send each held credit once it has been held ``_CREDIT_HOLD`` seconds."""
+        held = self._held
+        while True:
+            deadline = next(iter(held.values())) if held else math.inf
+            with trio.CancelScope(deadline=deadline) as scope:
+                self._hold_scope = scope
+                await trio.sleep_forever()
+            self._hold_scope = None
+            now = trio.current_time()
+            while held:
+                handler, due = next(iter(held.items()))
+                if due > now:
+                    break
+                del held[handler]
+                handler.release_credit()
 
     @property
     def bytes_received(self) -> int:
@@ -379,6 +444,7 @@ class Connection:
                         io.start_soon(self._guard, self._writer.run)
                         io.start_soon(self._guard, self._reader.run)
                         io.start_soon(self._heartbeat)
+                        io.start_soon(self._release_late_credit)
                         task_status.started()
                 finally:
                     self.lose("connection closed")

@@ -66,6 +66,7 @@ class ReceiveHandler(Protocol):
     def on_credit(self, frame: Credit) -> None: ...
     def progress_deadline(self) -> float: ...
     def reap(self) -> None: ...
+    def release_credit(self) -> None: ...
     def stats(self) -> StreamStats: ...
 
 
@@ -235,6 +236,9 @@ class Reader:
                     if len(self.conn.receivers) >= self.conn.options.max_streams_per_peer:
                         self._refuse_stream(sid)
                         return
+                    # Another stream shares the connection now: the peer's
+                    # streams may need the credit held for replies.
+                    self.conn.release_held_credit()
                     receiver = self.conn.on_open(self.conn, frame)
                     if receiver is not None:
                         self.conn.receivers[sid] = receiver

@@ -7,7 +7,9 @@ END, ABORT, replies in order, DONE) is a sans-io
 first, and the session acts on what it answers. The session reassembles
 each object into its buffer (within the connection's receive budget),
 grants the credit the stream owes, and hands complete objects to the
-session task through a small inbox.
+session task through a small inbox. The grant due when an object completes
+may wait for that object's reply and go in the same write, when the sender
+cannot need it sooner (see :meth:`ReceiverSession._hold_credit`).
 The session task asks the factory for a consumer, runs ``consume`` for each
 object in order and sends the replies.
 
@@ -138,6 +140,11 @@ class ReceiverSession:
         self._spare: bytearray | mmap.mmap | None = None
         #: This session's objects in the connection's receive budget.
         self._holds = ObjectHolds(conn.receive_budget, conn.options.max_object_size, self._admitted)
+        #: True while the credit for the last object's bytes waits to go
+        #: with its reply (see ``_hold_credit``); never again once the stream
+        #: showed it is pipelined.
+        self._credit_held = False
+        self._pipelined = False
         #: True while consume or consumed_cb runs.
         self._busy = False
         #: rc passed to END_STREAM from inside consume, applied when it returns.
@@ -166,6 +173,11 @@ class ReceiverSession:
     # ---------------------------------------------------- called by the reader
 
     def on_data(self, frame: Data) -> None:
+        if self._credit_held:
+            # The next object came before the last one's reply: the stream is
+            # pipelined, and its credit goes as its bytes arrive from now on.
+            self._pipelined = True
+            self.release_credit()
         try:
             event = self.stream.on_data(frame)
         except StreamViolation as exc:
@@ -177,7 +189,6 @@ class ReceiverSession:
         if event is DROPPED:
             return
         self._assembling_seq = frame.seq
-        self._progressed = trio.current_time()
         admitted = self._holds.add(frame.size)
         if not admitted and not self._holds.hold_early(len(frame.body)):
             self._refuse_early()
@@ -185,6 +196,7 @@ class ReceiverSession:
         if event is not None:
             # The whole object came in this one frame: no reassembly needed.
             body = frame.body
+            self._hold_credit()
             self._grant()
             # A frame body is read-only; an object with out-of-band buffers
             # (senders put objects of up to 128 KiB in one frame) gets a
@@ -200,6 +212,7 @@ class ReceiverSession:
             self._staged = [bytes(frame.body)]
             self._staged_len = len(frame.body)
             self._staged_size = frame.size
+            self._progressed = trio.current_time()
             self._grant()
             return
         try:
@@ -304,6 +317,8 @@ class ReceiverSession:
         assert assembler is not None
         complete = assembler.feed(offset, body)
         self._progressed = trio.current_time()
+        if complete:
+            self._hold_credit()
         self._grant()
         if complete:
             self._assembler = None
@@ -337,8 +352,52 @@ class ReceiverSession:
         # most half a window, so it can always make progress, and a sender
         # that shares the connection can bound what it has in flight
         # (TargetLink._room). None is granted while our object waits for
-        # the receive budget.
+        # the receive budget, or while the credit is held for the reply.
+        if self._credit_held:
+            return
         credit = self.stream.grant(self._holds.withholding)
+        if credit is not None:
+            self.conn.send_control(credit)
+
+    def _hold_credit(self) -> None:
+        """The object is complete: keep the credit its last bytes earn for
+        its reply, to go in the same write, when the sender cannot need it
+        before then.
+
+        A stop-and-wait sender starts nothing before the reply. A pipelined
+        one may, so the credit is held only while the sender can still send
+        a whole frame without it: its credit left is at least half a window
+        (no frame is larger), and no other stream shares the connection
+        (which would bound the sender's unacknowledged bytes to about a
+        credit step, see ``TargetLink._room``). The next object's DATA
+        arriving first releases it and marks the stream pipelined (never
+        held again); so do another stream starting on the connection, and
+        the connection's bound on how long a credit may be held, whatever
+        happens.
+        """
+        stream = self.stream
+        if (
+            self._pipelined
+            or stream.ungranted < stream.credit_step
+            or stream.credit < stream.window // 2
+            or self._holds.withholding
+            or self.conn.shared()
+        ):
+            return
+        self._credit_held = True
+        self.conn.hold_credit(self)
+
+    def _take_credit(self) -> Credit | None:
+        """The held credit, as a frame to send now (None when none is owed)."""
+        if not self._credit_held:
+            return None
+        self._credit_held = False
+        self.conn.unhold_credit(self)
+        return self.stream.grant(self._holds.withholding)
+
+    def release_credit(self) -> None:
+        """Send the credit held for the reply now, on its own."""
+        credit = self._take_credit()
         if credit is not None:
             self.conn.send_control(credit)
 
@@ -393,6 +452,7 @@ class ReceiverSession:
         if self.rc is not None:
             return
         self.rc = rc
+        self._forget_credit()
         stream = self.stream
         if tell_sender and stream.state is StreamState.OPEN and not self.conn.closed.is_set():
             # Tell the sender now, not after finalize: it stops sending at once.
@@ -400,6 +460,12 @@ class ReceiverSession:
         stream.end(rc)
         self.abort_signal.trigger(rc)
         self.scope.cancel()
+
+    def _forget_credit(self) -> None:
+        """The session ends: the stream owes no more credit."""
+        if self._credit_held:
+            self._credit_held = False
+            self.conn.unhold_credit(self)
 
     def _end_stream(self, rc: str = ReturnCode.OK, fl_ctx: FLContext | None = None) -> None:
         """``stream_ctx[END_STREAM](rc, fl_ctx)``: the consumer ends its own session.
@@ -528,7 +594,12 @@ class ReceiverSession:
             if reply is None and end_rc is None and keep_going:
                 # The plain acknowledgement, encoded once for all.
                 body = _PLAIN_OK_VIEW
-                await self.conn.send_data(self.stream.reply(len(body), last=False, body=body))
+                credit = self._take_credit()
+                frame = self.stream.reply(len(body), last=False, body=body)
+                if credit is None:
+                    await self.conn.send_data(frame)
+                else:
+                    await self.conn.send_data(credit, frame)
                 continue
             if reply is None:
                 reply = make_reply(end_rc or ReturnCode.OK)
@@ -574,13 +645,21 @@ class ReceiverSession:
         stream = self.stream
         max_body = conn.max_body
         free = encoded.size <= FREE_REPLY_MAX and encoded.size <= max_body
+        if not free:
+            self.release_credit()  # not behind a wait for reply credit
         first = True
         for view in encoded.chunks(max_body):
             if not free:
                 await self._reserve_reply(len(view))
             if first:
                 first = False
-                await conn.send_data(stream.reply(encoded.size, last=last, body=view))
+                # The credit held for the object's last bytes goes in the same write.
+                credit = self._take_credit()
+                frame = stream.reply(encoded.size, last=last, body=view)
+                if credit is None:
+                    await conn.send_data(frame)
+                else:
+                    await conn.send_data(credit, frame)
             else:
                 await conn.send_data(stream.reply_chunk(view))
 
@@ -600,6 +679,7 @@ class ReceiverSession:
         """Run the end-of-session steps exactly once, shielded and bounded."""
         rc = self.rc or ReturnCode.EXECUTION_EXCEPTION
         self.rc = rc
+        self._forget_credit()
         self._assembler = None  # release what the session held
         self._staged = None
         self._inbox.clear()

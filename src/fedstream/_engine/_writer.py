@@ -5,7 +5,8 @@ queue of *control* frames (credit, pong, done, rejections: small, produced
 by the reader, never waited for, written first) and one queue of *data*
 frames per stream (object and reply chunks, each bounded in bytes: a session
 waits for room in its own queue, which is the connection-level
-backpressure). The writer takes one data frame per stream in turn and
+backpressure; a CREDIT held for a reply rides in that queue, right before
+the reply). The writer takes one data frame per stream in turn and
 coalesces small frames into one ``send_all``; large bodies go out without
 being copied, at most one per write and after the small frames taken with
 it, so a small stream's object never waits behind more than the large frame
@@ -237,6 +238,14 @@ class Writer:
         self.outbox.control.append(item)
         self.outbox.wakeup.set()
         return len(self.outbox.control) <= _MAX_CONTROL_QUEUE
+
+    def has_room(self, sid: int) -> bool:
+        """Whether stream ``sid``'s queue takes more now (no wait, open outbox)."""
+        outbox = self.outbox
+        if outbox.closed:
+            return False
+        queue = outbox.queues.get(sid)
+        return queue is None or queue.pending < outbox.data_limit
 
     async def wait_for_room(self, sid: int) -> bool:
         """Wait while stream ``sid``'s queue is full; False once the outbox is closed."""
