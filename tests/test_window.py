@@ -27,7 +27,7 @@ import pytest
 import trio
 import trio.testing
 
-from engine_helpers import AcceptingFactory, engine_leaks
+from engine_helpers import AcceptingConsumer, AcceptingFactory, engine_leaks
 from fedstream import (
     ConsumerFactory,
     FLContext,
@@ -135,11 +135,10 @@ async def test_a_pipelined_stream_keeps_its_window_of_objects_in_flight_at_the_d
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """16 objects of 1 MiB in flight through a 50 ms round trip, default options:
-    the replies pace the stream (one window of objects per round trip), not
-    the credit. 64 objects take 4 round trips for the pipeline, plus one for
-    the first object's way out and the last reply's way back, and the END.
-    With credit for 8 MiB per round trip (the old default window) they took
-    8 round trips and more."""
+    the replies pace the stream (16 objects per round trip), not the credit.
+    64 objects take 4 round trips of the pipeline and one more for the END
+    and DONE: 5 in all (the bound leaves one spare). With credit for 8 MiB
+    per round trip (the old default window) they took 11."""
     objects, in_flight = 64, 16
     async with delayed_pair() as (_, tx):
         producer = Blobs(objects, MIB)
@@ -162,10 +161,9 @@ async def test_one_large_object_fills_a_long_link_at_the_defaults(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """A stream moves one window per round trip: a 96 MiB object through a
-    50 ms round trip takes 3 of them at the default window, plus one for its
-    first bytes' way out and its reply's way back (at 8 MiB it took 14), so
-    one stream alone can fill a 450 MB/s link with that round trip (22.5 MB
-    in flight)."""
+    50 ms round trip takes 3 at the default window and 2 more for its reply,
+    the END and DONE, 5 in all (14 at 8 MiB); and one stream alone can fill
+    a 450 MB/s link with that round trip (22.5 MB in flight)."""
     size = 96 * MIB
     async with delayed_pair() as (_, tx):
         elapsed = await _timed(tx, Blobs(1, size))
@@ -176,23 +174,17 @@ async def test_one_large_object_fills_a_long_link_at_the_defaults(
 # ------------------------------------------------ peers waiting for the budget
 
 
-class _Accepting(ObjectConsumer):
-    async def consume(  # type: ignore[override]
-        self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
-    ) -> tuple[bool, Shareable | None]:
-        return True, None
-
-
 async def _hold_the_budget_then_release(
-    hub_opts: dict[str, Any], held: int, peers: list[tuple[int, int, int]]
+    hub_opts: dict[str, Any], held: int, peers: list[tuple[int, int, int]], min_early: int = 1
 ) -> tuple[dict[str, Any], list[int], int]:
     """Peer ``p0`` takes ``held`` bytes of the hub's site budget and keeps them;
     then peers ``p1 …`` (``(objects, size, max_in_flight)`` each, default
     options) stream objects that cannot be admitted. No consumer is made
     until they all wait (so no object is taken either); then all are.
 
-    Returns each peer's result, the early bytes each waiting connection held,
-    and the site-wide early bytes.
+    Returns each peer's result, the early bytes each waiting connection held
+    (once each holds ``min_early`` and whatever else was sent had time to
+    arrive), and the site-wide early bytes.
     """
     gate = trio.Event()
 
@@ -201,7 +193,7 @@ async def _hold_the_budget_then_release(
             self, stream_ctx: dict[str, Any], fl_ctx: FLContext
         ) -> ObjectConsumer:
             await gate.wait()
-            return _Accepting()
+            return AcceptingConsumer()
 
     results: dict[str, Any] = {}
     early: list[int] = []
@@ -217,6 +209,9 @@ async def _hold_the_budget_then_release(
                         CH, topic, {}, ["hub"], Blobs(objects, size), None, max_in_flight=window
                     )
 
+            def early_bytes() -> list[int]:
+                return [c.receive_budget.early for n, c in hub._connections.items() if n != "p0"]
+
             def waiting() -> int:
                 return sum(c.receive_budget.waiting for c in hub._connections.values())
 
@@ -230,8 +225,10 @@ async def _hold_the_budget_then_release(
                 with trio.fail_after(20):
                     while waiting() < expected:
                         await trio.sleep(0.01)
-                await trio.sleep(0.5)  # whatever they send before admission has arrived
-                early = [c.receive_budget.early for n, c in hub._connections.items() if n != "p0"]
+                    while min(early_bytes()) < min_early:
+                        await trio.sleep(0.01)
+                await trio.sleep(0.5)  # whatever else they send before admission has arrived
+                early = early_bytes()
                 site_early[0] = hub._receive_budget.early
                 gate.set()
     return results, early, site_early[0]
@@ -269,6 +266,7 @@ async def test_pipelined_peers_waiting_hold_their_objects_in_flight_at_most(
         {"max_receive_buffer": 32 * MIB},
         32 * MIB - 256 * KIB,
         [(2 * in_flight, size, in_flight)] * peers,
+        min_early=in_flight * size,
     )
     assert results == {f"p{i}": (ReturnCode.OK, None) for i in range(peers + 1)}
     window = SiteOptions().window
