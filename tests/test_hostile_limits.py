@@ -220,7 +220,7 @@ async def test_streams_waiting_for_the_budget_cannot_spend_whole_windows() -> No
     every later stream announces an object and sends its whole window. Credit
     cannot be taken back, so without a bound of their own these early bytes
     would add a window per stream (here 40 x 128 KiB = 5 MiB against a 1 MiB
-    budget; at the defaults 4,096 x 8 MiB). docs/semantics.md bounds them by
+    budget; at the defaults 4,096 x 32 MiB). docs/semantics.md bounds them by
     as much again as the budget: the streams beyond it are refused.
     """
     streams = 40 * SCALE

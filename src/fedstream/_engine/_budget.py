@@ -19,15 +19,18 @@ arrived whole within the window and was consumed while waiting).
 
 Credit was granted before the object was announced, so it cannot be taken
 back: a peer with many streams could make a site hold one window of bytes
-per waiting stream (4,096 x 8 MiB at the defaults). Those *early* bytes
-(what arrived for objects not admitted yet) are bounded on their own, by
-as much again as the budget: per connection
+per waiting stream (4,096 x 32 MiB at the defaults). Those *early* bytes
+(what arrived for objects not admitted yet and not taken by their consumer)
+are bounded on their own, by as much again as the budget: per connection
 (:attr:`ReceiveBudget.early_limit`) and site-wide. A session whose early
 bytes would pass either bound is refused (``SERVICE_UNAVAILABLE``) and its
 bytes dropped. A fedstream sender sends at most a credit step and a frame
-of an object before a grant shows it was admitted (``TargetLink._room``), so
-it reaches these bounds only with hundreds of waiting streams or peers
-(docs/semantics.md); a peer that spends whole windows reaches them first.
+of an object before a grant shows it was admitted (``TargetLink._room``),
+so stop-and-wait streams hold at most that much each and reach these
+bounds only by the hundreds; a pipelined stream also sends the objects
+behind a waiting one that each fit in that much, up to its window
+(docs/semantics.md gives the numbers). A peer that spends whole windows
+on purpose reaches the bounds first.
 
 The budget is sans-io and synchronous: it never awaits and never sends;
 sessions pass a callback that re-runs their credit grant.

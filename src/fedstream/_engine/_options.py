@@ -41,13 +41,16 @@ DEFAULT_CHUNK_SIZE: Final = 1024 * 1024
 SHARED_CHUNK_SIZE: Final = 256 * 1024
 #: Bytes a sender may have in flight per stream before the receiver grants
 #: more. Credit returns as bytes arrive, so one stream moves at most about
-#: ``window / round trip`` (about 120 MB/s through 50 ms). A larger window
-#: would serve long links better, but a peer that ignores the sender's
-#: allowance before admission (``TargetLink._room``) can spend a whole
-#: window per waiting stream as early bytes, which the site-wide bound then
-#: refuses (``_budget``), and replies that wait for the budget may hold a
-#: window each.
-DEFAULT_WINDOW: Final = 8 * 1024 * 1024
+#: ``window / round trip``: 32 MiB keeps a 450 MB/s link with 50 ms of round
+#: trip (22.5 MB in flight) full, and leaves a pipelined stream of 16 objects
+#: of 1 MiB held back by its replies, not by credit (benchmarks/README.md,
+#: ``wan``). The window allocates nothing: memory is bounded by the receive
+#: budgets and their bound on early bytes (``_budget``). What it does bound is
+#: what a pipelined stream whose object waits for its receive budget can make
+#: the receiver hold as early bytes (at most the window, and at most about
+#: ``shared_in_flight`` per object in flight: ``TargetLink._room``), and what
+#: a large reply that waits for this site's budget can hold (the window).
+DEFAULT_WINDOW: Final = 32 * 1024 * 1024
 #: Idle time after which a PING is sent.
 DEFAULT_HEARTBEAT_INTERVAL: Final = 5.0
 #: Silence after which the peer counts as lost (COMMUNICATION_ERROR).
