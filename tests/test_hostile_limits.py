@@ -665,15 +665,19 @@ async def test_a_callback_cancelled_while_waiting_for_a_thread_never_runs_nor_de
     runner = CallbackRunner(SyncMode.THREAD, max_threads=1, grace=30.0)
     release = threading.Event()
     ran: list[str] = []
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(runner, release.wait, 10)  # holds the only thread
-        await trio.sleep(0.05)
-        with trio.move_on_after(0.1):
-            await runner(ran.append, "late")
-        start = trio.current_time()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner, release.wait, 10)  # holds the only thread
+            await trio.sleep(0.05)
+            with trio.move_on_after(0.1):
+                await runner(ran.append, "late")
+            start = trio.current_time()
+            release.set()
+        assert trio.current_time() - start < 5
+        assert ran == []
+    finally:
         release.set()
-    assert trio.current_time() - start < 5
-    assert ran == []
+        await runner.aclose()
 
 
 # ================================================================ protocol version 2
