@@ -553,11 +553,11 @@ def test_objects_with_very_many_buffers_use_one_buffer() -> None:
 
 def test_plain_ok_reply_shortcut_matches_the_decoder() -> None:
     """The sender recognises the receiver's plain OK reply without decoding it."""
-    from fedstream._engine import _receiver, _sender
+    from fedstream._engine import _receiver, _target
     from fedstream._shareable import ReturnCode, make_reply
 
-    assert _receiver._PLAIN_OK_ENCODED.to_bytes() == _sender._PLAIN_OK_BYTES
-    decoded = decode_object(_sender._PLAIN_OK_BYTES)
+    assert _receiver._PLAIN_OK_ENCODED.to_bytes() == _target._PLAIN_OK_BYTES
+    decoded = decode_object(_target._PLAIN_OK_BYTES)
     shortcut = make_reply(ReturnCode.OK)
     assert decoded == shortcut
     assert decoded.get_return_code() == shortcut.get_return_code() == "OK"
