@@ -762,3 +762,37 @@ def test_parts_are_allocated_as_their_bytes_arrive(arrays: bool) -> None:
         tracemalloc.stop()
     got = decode_object(assembler.take())
     assert len(got) == count + 1
+
+
+@given(shareables())
+def test_objects_without_out_of_band_parts_encode_as_the_general_path_does(
+    value: Shareable,
+) -> None:
+    """The shortcut for objects with nothing out of band or tagged (cbor2's own
+    encoder, no check by decoding) writes the same bytes as the general path,
+    and refuses what it refuses."""
+    from fedstream._wire._payload import _encode_value
+
+    try:
+        cbor_value, buffers = _encode_value(value)
+    except Exception:
+        with pytest.raises(LocalProtocolError):
+            encode_object(value)
+        return
+    head = cbor2.dumps([len(b) for b in buffers]) + cbor_value
+    want = U32.pack(len(head)) + head + b"".join(bytes(b) for b in buffers)
+    assert encode_object(value).to_bytes() == want
+
+
+def test_the_usual_small_object_takes_the_shortcut() -> None:
+    """A Shareable of small byte strings, texts and numbers (headers included)
+    needs neither out-of-band parts nor tags; a large or nested one does."""
+    from fedstream._wire._payload import _PLAIN_DEPTH, _inline
+
+    small = Shareable({"data": b"x" * 1024, "round": 3, "names": ["a", ("b", 1.5)]})
+    small.set_header("peer", "site-1")
+    assert _inline(small, _PLAIN_DEPTH)
+    assert not _inline(Shareable({"data": b"x" * OUT_OF_BAND_MIN}), _PLAIN_DEPTH)
+    assert not _inline(Shareable({"inner": Shareable({"a": 1})}), _PLAIN_DEPTH)
+    assert not _inline(Shareable({"n": 2**64}), _PLAIN_DEPTH)
+    assert not _inline({"v": memoryview(b"ab")}, _PLAIN_DEPTH)

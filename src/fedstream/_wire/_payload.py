@@ -152,6 +152,16 @@ def encode_object(obj: Mapping[str, Any]) -> EncodedObject:
             that a receiver would refuse. The message names the value's key
             path (``shareable['a'][3]``) and its type.
     """
+    if (type(obj) is dict or isinstance(obj, Shareable)) and _inline(obj, _PLAIN_DEPTH):
+        # Nothing out of band, nothing tagged, nothing to check: cbor2's own
+        # encoder writes exactly what the general path would.
+        try:
+            head = _NO_BUFFERS + cbor2.dumps(dict(obj))
+        except Exception:  # e.g. a lone surrogate: the general path reports it
+            pass
+        else:
+            first = memoryview(_LEN.pack(len(head)) + head)
+            return EncodedObject((first,), len(first))
     error: Exception | None = None
     try:
         value, buffers = _encode_value(obj)
@@ -219,6 +229,66 @@ def _plain(value: Any, depth: int) -> bool:
                 return False
         return True
     return False
+
+
+#: The (empty) ``lengths`` array of an object with no out-of-band buffer.
+_NO_BUFFERS: Final = cbor2.dumps([])
+#: Byte strings shorter than this always travel inside the CBOR value.
+_INLINE_BYTES: Final = (bytes, bytearray)
+
+
+def _inline(value: Any, depth: int) -> bool:
+    """Whether ``value`` is :func:`_plain` and encodes the same without
+    fedstream's encoders: every byte string is shorter than
+    :data:`OUT_OF_BAND_MIN` (so none goes out of band) and every nested map is
+    an exact ``dict`` (a nested ``Shareable`` needs its tag).
+
+    The top-level value may be a ``Shareable``: it is encoded as its plain map.
+    """
+    for key, item in value.items():
+        if type(key) is not str:
+            return False
+        kind = type(item)
+        if kind is str or kind is float or kind is bool or item is None:
+            continue
+        if kind is int:
+            if not -_INT_LIMIT <= item < _INT_LIMIT:
+                return False
+        elif kind in _INLINE_BYTES:
+            if len(item) >= OUT_OF_BAND_MIN:
+                return False
+        elif kind is dict:
+            if depth <= 1 or not _inline(item, depth - 1):
+                return False
+        elif kind is list or kind is tuple:
+            if depth <= 1 or not _inline_items(item, depth - 1):
+                return False
+        else:
+            return False
+    return True
+
+
+def _inline_items(values: list[Any] | tuple[Any, ...], depth: int) -> bool:
+    """:func:`_inline` for the items of a list or tuple."""
+    for item in values:
+        kind = type(item)
+        if kind is str or kind is float or kind is bool or item is None:
+            continue
+        if kind is int:
+            if not -_INT_LIMIT <= item < _INT_LIMIT:
+                return False
+        elif kind in _INLINE_BYTES:
+            if len(item) >= OUT_OF_BAND_MIN:
+                return False
+        elif kind is dict:
+            if depth <= 1 or not _inline(item, depth - 1):
+                return False
+        elif kind is list or kind is tuple:
+            if depth <= 1 or not _inline_items(item, depth - 1):
+                return False
+        else:
+            return False
+    return True
 
 
 #: Tags the receivers' CBOR decoder turns into other values (datetimes,
