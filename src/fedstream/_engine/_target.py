@@ -116,6 +116,8 @@ class TargetLink:
         self._staged_len = 0
         self._reply_size = 0
         self._changed = trio.Event()
+        #: Whether a delivery waits on ``_changed`` for credit (:meth:`_room`).
+        self._awaiting_credit = False
         self.objects_sent = 0
         #: Object bytes handed to the connection, and credit granted back.
         self.bytes_sent = 0
@@ -303,7 +305,10 @@ class TargetLink:
     def on_credit(self, frame: Credit) -> None:
         self.stream.on_credit(frame)
         self.credited += frame.increment
-        self._notify()
+        if self._awaiting_credit:
+            # Only a delivery waiting for room wants to know; a task waiting
+            # for a reply is not woken for nothing (once per target per grant).
+            self._notify()
 
     def _room(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more object bytes may go out now.
@@ -396,13 +401,17 @@ class TargetLink:
                 body = conn.max_body
                 views = list(encoded.chunks(body, offset))
                 index = 0
+                # Whether we awaited since ``body`` was read: only then can
+                # another stream have come or gone.
+                stale = False
                 while index < len(views):
-                    if conn.max_body != body:
+                    if stale and conn.max_body != body:
                         # Another stream came or went: the rest goes in the
                         # connection's frame size now.
                         body = conn.max_body
                         views = list(encoded.chunks(body, offset))
                         index = 0
+                    stale = False
                     view = views[index]
                     size = len(view)
                     # A small part (the object's head) goes out together
@@ -413,12 +422,16 @@ class TargetLink:
                         and self._room(size + len(views[index + 1]))
                     )
                     while not self._room(size) and not self._ended():
-                        starved = True
-                        await self._changed.wait()
+                        starved = stale = True
+                        self._awaiting_credit = True
+                        try:
+                            await self._changed.wait()
+                        finally:
+                            self._awaiting_credit = False
                     starved = False
                     if self._ended():
                         break
-                    if conn.max_body != body:
+                    if stale and conn.max_body != body:
                         continue  # re-sliced at the top of the loop
                     if offset == 0 and not (ctx is not None and seq == 0):
                         frame: Data | Chunk = Data(
@@ -427,6 +440,7 @@ class TargetLink:
                     else:
                         frame = Chunk(self.sid, seq, offset, view)
                     follow: Chunk | None = None
+                    stale = True
                     if pair:
                         index += 1
                         follow = Chunk(self.sid, seq, offset + size, views[index])
