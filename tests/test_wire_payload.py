@@ -784,15 +784,25 @@ def test_objects_without_out_of_band_parts_encode_as_the_general_path_does(
     assert encode_object(value).to_bytes() == want
 
 
-def test_the_usual_small_object_takes_the_shortcut() -> None:
-    """A Shareable of small byte strings, texts and numbers (headers included)
-    needs neither out-of-band parts nor tags; a large or nested one does."""
-    from fedstream._wire._payload import _PLAIN_DEPTH, _inline
+def test_the_usual_object_takes_the_shortcut() -> None:
+    """A Shareable of byte strings (large ones at the top), texts and numbers,
+    headers included, is encoded without fedstream's encoders; one with a
+    large byte string deeper down, a nested Shareable, a big integer or a
+    memoryview is not."""
+    from fedstream._wire._payload import _encode_simple
 
-    small = Shareable({"data": b"x" * 1024, "round": 3, "names": ["a", ("b", 1.5)]})
-    small.set_header("peer", "site-1")
-    assert _inline(small, _PLAIN_DEPTH)
-    assert not _inline(Shareable({"data": b"x" * OUT_OF_BAND_MIN}), _PLAIN_DEPTH)
-    assert not _inline(Shareable({"inner": Shareable({"a": 1})}), _PLAIN_DEPTH)
-    assert not _inline(Shareable({"n": 2**64}), _PLAIN_DEPTH)
-    assert not _inline({"v": memoryview(b"ab")}, _PLAIN_DEPTH)
+    usual = Shareable(
+        {"data": b"x" * 1024, "round": 3, "names": ["a", ("b", 1.5)], "w": b"y" * OUT_OF_BAND_MIN}
+    )
+    usual.set_header("peer", "site-1")
+    encoded = _encode_simple(usual)
+    assert encoded is not None
+    assert len(encoded.parts) == 2
+    assert encoded.parts[1].obj is usual["w"]  # not copied
+    for unusual in (
+        {"inner": {"data": b"x" * OUT_OF_BAND_MIN}},
+        {"inner": Shareable({"a": 1})},
+        {"n": 2**64},
+        {"v": memoryview(b"ab")},
+    ):
+        assert _encode_simple(Shareable(unusual)) is None
