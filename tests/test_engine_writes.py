@@ -224,7 +224,7 @@ async def test_paired_views_never_overdraw_the_window(
     window: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Pairing a head with the next part never spends credit the sender does not have."""
-    from fedstream._engine import _sender
+    from fedstream._engine import _target
 
     over: list[float] = []
 
@@ -234,7 +234,7 @@ async def test_paired_views_never_overdraw_the_window(
         self.__dict__["_w"] = value
 
     monkeypatch.setattr(
-        _sender.TargetLink,
+        _target.TargetLink,
         "window",
         property(lambda self: self.__dict__["_w"], set_window),
         raising=False,

@@ -246,7 +246,7 @@ async def test_waiting_for_room_with_credit_in_hand_is_not_a_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """A short next view that waits for room in a busy connection is making progress."""
-    from fedstream._engine._sender import TargetLink
+    from fedstream._engine._target import TargetLink
     from fedstream._wire import encode_object
 
     mib = 1024 * 1024

@@ -553,11 +553,11 @@ def test_objects_with_very_many_buffers_use_one_buffer() -> None:
 
 def test_plain_ok_reply_shortcut_matches_the_decoder() -> None:
     """The sender recognises the receiver's plain OK reply without decoding it."""
-    from fedstream._engine import _receiver, _sender
+    from fedstream._engine import _receiver, _target
     from fedstream._shareable import ReturnCode, make_reply
 
-    assert _receiver._PLAIN_OK_ENCODED.to_bytes() == _sender._PLAIN_OK_BYTES
-    decoded = decode_object(_sender._PLAIN_OK_BYTES)
+    assert _receiver._PLAIN_OK_ENCODED.to_bytes() == _target._PLAIN_OK_BYTES
+    decoded = decode_object(_target._PLAIN_OK_BYTES)
     shortcut = make_reply(ReturnCode.OK)
     assert decoded == shortcut
     assert decoded.get_return_code() == shortcut.get_return_code() == "OK"
@@ -762,3 +762,47 @@ def test_parts_are_allocated_as_their_bytes_arrive(arrays: bool) -> None:
         tracemalloc.stop()
     got = decode_object(assembler.take())
     assert len(got) == count + 1
+
+
+@given(shareables())
+def test_objects_without_out_of_band_parts_encode_as_the_general_path_does(
+    value: Shareable,
+) -> None:
+    """The shortcut for objects with nothing out of band or tagged (cbor2's own
+    encoder, no check by decoding) writes the same bytes as the general path,
+    and refuses what it refuses."""
+    from fedstream._wire._payload import _encode_value
+
+    try:
+        cbor_value, buffers = _encode_value(value)
+    except Exception:
+        with pytest.raises(LocalProtocolError):
+            encode_object(value)
+        return
+    head = cbor2.dumps([len(b) for b in buffers]) + cbor_value
+    want = U32.pack(len(head)) + head + b"".join(bytes(b) for b in buffers)
+    assert encode_object(value).to_bytes() == want
+
+
+def test_the_usual_object_takes_the_shortcut() -> None:
+    """A Shareable of byte strings (large ones at the top), texts and numbers,
+    headers included, is encoded without fedstream's encoders; one with a
+    large byte string deeper down, a nested Shareable, a big integer or a
+    memoryview is not."""
+    from fedstream._wire._payload import _encode_simple
+
+    usual = Shareable(
+        {"data": b"x" * 1024, "round": 3, "names": ["a", ("b", 1.5)], "w": b"y" * OUT_OF_BAND_MIN}
+    )
+    usual.set_header("peer", "site-1")
+    encoded = _encode_simple(usual)
+    assert encoded is not None
+    assert len(encoded.parts) == 2
+    assert encoded.parts[1].obj is usual["w"]  # not copied
+    for unusual in (
+        {"inner": {"data": b"x" * OUT_OF_BAND_MIN}},
+        {"inner": Shareable({"a": 1})},
+        {"n": 2**64},
+        {"v": memoryview(b"ab")},
+    ):
+        assert _encode_simple(Shareable(unusual)) is None

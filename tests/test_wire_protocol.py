@@ -828,3 +828,65 @@ def test_garbage_fed_byte_by_byte_only_raises_remote_errors(
         protocol.receive_data(b"")
         _pull(protocol)
         assert protocol.their_state in (ProtocolState.CLOSED, ProtocolState.ERROR)
+
+
+def _decode_by_spec(data: bytes) -> Any:
+    """A frame decoded through the field specs alone (no shortcut for the
+    per-object frames), or the RemoteProtocolError that path raises."""
+    from fedstream._wire._protocol import _check_semantics, _parse_head
+
+    try:
+        cls, kwargs, head_len = _parse_head(data, len(data))
+        if head_len < len(data):
+            kwargs["body"] = memoryview(data)[head_len:]
+        frame = cls(**kwargs)
+        _check_semantics(frame, RemoteProtocolError)
+    except RemoteProtocolError as exc:
+        return RemoteProtocolError, str(exc)
+    return frame
+
+
+def _decode(data: bytes) -> Any:
+    try:
+        return decode_head(data)
+    except RemoteProtocolError as exc:
+        return RemoteProtocolError, str(exc)
+
+
+@given(stream_frames(), st.data())
+def test_per_object_frames_decode_as_their_field_specs_say(frame: Any, data: st.DataObject) -> None:
+    """DATA, CHUNK, REPLY and CREDIT heads are read by a shortcut: it gives the
+    same frame, or the same error, as the field specs for any head, including
+    one with a field of the wrong type, an extra field, a body longer than
+    its size or bytes after a CREDIT."""
+    head, body = encode_frame(frame)
+    encoded = head[4:] + (bytes(body) if body is not None else b"")
+    fields = cbor2.loads(head[4:])
+    mutate = data.draw(st.sampled_from(["none", "field", "extra", "tail"]))
+    if mutate == "field":
+        index = data.draw(st.integers(1, len(fields) - 1))
+        fields[index] = data.draw(st.sampled_from([None, True, "x", 2**64, -1, 1.5]))
+    elif mutate == "extra":
+        fields.append(data.draw(st.sampled_from([0, None, "x"])))
+    if mutate != "none":
+        tail = bytes(body) if body is not None else b""
+        if mutate == "tail":
+            tail += data.draw(st.binary(min_size=1, max_size=8))
+        encoded = cbor2.dumps(fields) + tail
+    assert _decode(encoded) == _decode_by_spec(encoded)
+
+
+def test_the_per_object_frames_take_the_shortcut() -> None:
+    from fedstream._wire._protocol import _hot_frame, _loads_simple
+
+    for frame in (
+        Data(1, 0, 10, "ch", "t", None, b"abc"),
+        Chunk(1, 0, 3, b"defg"),
+        Reply(2, 0, 5, True, b"ok"),
+        Credit(1, 4096),
+    ):
+        head, body = encode_frame(frame)
+        encoded = head[4:] + (bytes(body) if body is not None else b"")
+        simple = _loads_simple(encoded)
+        assert simple is not None
+        assert _hot_frame(simple[0], simple[1], encoded) == frame

@@ -152,6 +152,10 @@ def encode_object(obj: Mapping[str, Any]) -> EncodedObject:
             that a receiver would refuse. The message names the value's key
             path (``shareable['a'][3]``) and its type.
     """
+    if type(obj) is dict or isinstance(obj, Shareable):
+        simple = _encode_simple(obj)
+        if simple is not None:
+            return simple
     error: Exception | None = None
     try:
         value, buffers = _encode_value(obj)
@@ -219,6 +223,106 @@ def _plain(value: Any, depth: int) -> bool:
                 return False
         return True
     return False
+
+
+#: Byte-string types whose values :func:`_encode_simple` takes as they are.
+_INLINE_BYTES: Final = (bytes, bytearray)
+
+
+def _encode_simple(obj: Mapping[str, Any]) -> EncodedObject | None:
+    """:func:`encode_object` for the usual object, or None for any other.
+
+    The usual object maps text keys to :func:`_inline` values and to byte
+    strings (``bytes``, ``bytearray``) of any size. Its large byte strings
+    are all at the top, so the buffer index of each is its rank among them,
+    and nothing else needs a tag or a check by decoding: cbor2's own encoder
+    writes exactly what the general path would (a test pins that), without
+    setting up fedstream's encoders.
+    """
+    value = dict(obj)
+    buffers: list[memoryview] = []
+    for key, item in value.items():
+        if type(key) is not str:
+            return None
+        kind = type(item)
+        if kind is str or kind is float or kind is bool or item is None:
+            continue
+        if kind is int:
+            if not -_INT_LIMIT <= item < _INT_LIMIT:
+                return None
+        elif kind in _INLINE_BYTES:
+            if len(item) >= OUT_OF_BAND_MIN:
+                # (Replacing the value of a key does not disturb the iteration.)
+                value[key] = cbor2.CBORTag(TAG_BUFFER, len(buffers))
+                buffers.append(memoryview(item))
+        elif kind is dict:
+            if not _inline(item, _PLAIN_DEPTH - 1):
+                return None
+        elif kind is list or kind is tuple:
+            if not _inline_items(item, _PLAIN_DEPTH - 1):
+                return None
+        else:
+            return None
+    try:
+        head = cbor2.dumps([len(b) for b in buffers]) + cbor2.dumps(value)
+    except Exception:  # e.g. a lone surrogate: the general path reports it
+        return None
+    first = memoryview(_LEN.pack(len(head)) + head)
+    return EncodedObject((first, *buffers), len(first) + sum(len(b) for b in buffers))
+
+
+def _inline(value: Any, depth: int) -> bool:
+    """Whether ``value`` is :func:`_plain` and encodes the same without
+    fedstream's encoders: every byte string is shorter than
+    :data:`OUT_OF_BAND_MIN` (so none goes out of band) and every nested map is
+    an exact ``dict`` (a nested ``Shareable`` needs its tag).
+
+    The top-level value may be a ``Shareable``: it is encoded as its plain map.
+    """
+    for key, item in value.items():
+        if type(key) is not str:
+            return False
+        kind = type(item)
+        if kind is str or kind is float or kind is bool or item is None:
+            continue
+        if kind is int:
+            if not -_INT_LIMIT <= item < _INT_LIMIT:
+                return False
+        elif kind in _INLINE_BYTES:
+            if len(item) >= OUT_OF_BAND_MIN:
+                return False
+        elif kind is dict:
+            if depth <= 1 or not _inline(item, depth - 1):
+                return False
+        elif kind is list or kind is tuple:
+            if depth <= 1 or not _inline_items(item, depth - 1):
+                return False
+        else:
+            return False
+    return True
+
+
+def _inline_items(values: list[Any] | tuple[Any, ...], depth: int) -> bool:
+    """:func:`_inline` for the items of a list or tuple."""
+    for item in values:
+        kind = type(item)
+        if kind is str or kind is float or kind is bool or item is None:
+            continue
+        if kind is int:
+            if not -_INT_LIMIT <= item < _INT_LIMIT:
+                return False
+        elif kind in _INLINE_BYTES:
+            if len(item) >= OUT_OF_BAND_MIN:
+                return False
+        elif kind is dict:
+            if depth <= 1 or not _inline(item, depth - 1):
+                return False
+        elif kind is list or kind is tuple:
+            if depth <= 1 or not _inline_items(item, depth - 1):
+                return False
+        else:
+            return False
+    return True
 
 
 #: Tags the receivers' CBOR decoder turns into other values (datetimes,

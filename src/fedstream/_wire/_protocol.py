@@ -267,7 +267,14 @@ def decode_head(data: bytes, *, max_depth: int = MAX_HEAD_DEPTH) -> Frame:
     Raises:
         RemoteProtocolError: the bytes are not a valid frame.
     """
-    cls, kwargs, head_len = _parse_head(data, len(data), max_depth=max_depth)
+    simple = _loads_simple(data)
+    if simple is not None:
+        frame = _hot_frame(simple[0], simple[1], data)
+        if frame is not None:
+            return frame
+        cls, kwargs, head_len = _fields(simple[0], simple[1], len(data))
+    else:
+        cls, kwargs, head_len = _parse_strict(data, len(data), max_depth=max_depth)
     if head_len < len(data):
         kwargs["body"] = memoryview(data)[head_len:]
     frame = cls(**kwargs)
@@ -290,6 +297,13 @@ def _parse_head(
     if simple is not None:
         head, head_len = simple
         return _fields(head, head_len, frame_len)
+    return _parse_strict(data, frame_len, max_depth=max_depth)
+
+
+def _parse_strict(
+    data: bytes, frame_len: int, *, max_depth: int = MAX_HEAD_DEPTH
+) -> tuple[type[Frame], dict[str, Any], int]:
+    """:func:`_parse_head` for a head that :func:`_loads_simple` does not read."""
     try:
         head, head_len = _loads_strict(data, max_depth=max_depth)
     except cbor2.CBORDecodeEOF:
@@ -299,6 +313,59 @@ def _parse_head(
     except Exception as exc:  # cbor2 raises CBORDecodeError, but be total here
         raise RemoteProtocolError(f"frame head is not valid CBOR: {exc}") from exc
     return _fields(head, head_len, frame_len)
+
+
+_DATA: Final = FrameType.DATA.value
+_CHUNK: Final = FrameType.CHUNK.value
+_REPLY: Final = FrameType.REPLY.value
+_CREDIT: Final = FrameType.CREDIT.value
+
+
+def _hot_frame(head: list[Any], head_len: int, data: bytes) -> Frame | None:
+    """The frame of a simple head (:func:`_loads_simple`) if it is one of the
+    per-object frames (DATA without a context, CHUNK, REPLY, CREDIT) with
+    exactly its fields, each plainly valid; else None.
+
+    Simple heads hold only unsigned integers of at most 64 bits, texts,
+    booleans and nulls, so a type check is all a field needs here. Anything
+    else (extra fields, a body longer than its size, bytes after a CREDIT)
+    returns None and takes the general path (:func:`_fields`), which accepts
+    or reports it.
+    """
+    ftype = head[0]
+    count = len(head)
+    body: memoryview | bytes = memoryview(data)[head_len:] if head_len < len(data) else b""
+    if ftype == _CHUNK and count == 4:
+        sid, seq, offset = head[1], head[2], head[3]
+        if type(sid) is int and type(seq) is int and type(offset) is int:
+            return Chunk(sid, seq, offset, body)
+    elif ftype == _REPLY and count == 5:
+        sid, seq, size, last = head[1], head[2], head[3], head[4]
+        if (
+            type(sid) is int
+            and type(seq) is int
+            and type(size) is int
+            and type(last) is bool
+            and len(body) <= size
+        ):
+            return Reply(sid, seq, size, last, body)
+    elif ftype == _DATA and count == 7:
+        sid, seq, size, channel, topic = head[1], head[2], head[3], head[4], head[5]
+        if (
+            head[6] is None
+            and type(sid) is int
+            and type(seq) is int
+            and type(size) is int
+            and type(channel) is str
+            and type(topic) is str
+            and len(body) <= size
+        ):
+            return Data(sid, seq, size, channel, topic, None, body)
+    elif ftype == _CREDIT and count == 3:
+        sid, increment = head[1], head[2]
+        if type(sid) is int and type(increment) is int and head_len == len(data):
+            return Credit(sid, increment)
+    return None
 
 
 def _fields(head: Any, head_len: int, frame_len: int) -> tuple[type[Frame], dict[str, Any], int]:
