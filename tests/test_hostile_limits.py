@@ -374,6 +374,7 @@ async def test_a_pipelined_stream_refused_for_early_bytes_ends_cleanly(
     errors = [r.getMessage() for r in caplog.records if "protocol error" in r.getMessage()]
     assert not errors
 
+
 async def test_the_site_wide_budget_bounds_what_many_peer_names_can_make_a_site_hold() -> None:
     """Names are free: each raw peer connects as a new site and claims a budget's worth."""
     peers = 4 * SCALE
