@@ -14,6 +14,7 @@ idle socket).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -199,11 +200,14 @@ async def test_pipelined_stream_gets_credit_while_its_first_object_is_consumed(
     one's consume waits: the credit held for that object's reply goes as soon
     as the next object arrives, and credit flows from then on."""
     monkeypatch.setattr(_connection, "_CREDIT_HOLD", 60.0)
-    count = 12  # 12 MiB: more than the default 8 MiB window
+    window = 8 * MIB
+    count = 12  # 12 MiB: more than the window
     factory = Factory()
     producer = Objects(count, MIB)
     with trio.fail_after(15):
-        async with fedstream.open_site("recv", listen=LOOP, sync_callbacks="inline") as recv:
+        async with fedstream.open_site(
+            "recv", listen=LOOP, sync_callbacks="inline", window=window
+        ) as recv:
             recv.register_stream_processing(CHANNEL, "*", factory)
             async with fedstream.open_site("send", connect=[recv.address]) as send:
                 conn = await _connection_of(recv, "send")
@@ -384,3 +388,95 @@ async def test_a_consumer_that_ends_the_stream_sends_the_credit_with_its_last_re
     replies = [[(type(f), getattr(f, "last", None)) for f in w] for w in writes.writes]
     assert [(Credit, None), (Reply, True)] in replies
     assert writes.credit(1) == object_size(MIB)
+
+
+class _SlowConsumer(ObjectConsumer):
+    async def consume(  # type: ignore[override]
+        self, shareable: Shareable, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[bool, Shareable | None]:
+        await trio.sleep(0.05)
+        return True, None
+
+
+class _SlowFactory(ConsumerFactory):
+    def get_consumer(self, stream_ctx: dict[str, Any], fl_ctx: FLContext) -> ObjectConsumer:
+        return _SlowConsumer()
+
+
+class _NotYet(ObjectProducer):
+    """A stream whose first object is not ready yet (a model still loading)."""
+
+    def __init__(self) -> None:
+        self.gate = trio.Event()
+
+    async def produce(  # type: ignore[override]
+        self, stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> tuple[Shareable | None, float]:
+        await self.gate.wait()
+        return None, 30.0
+
+    def process_replies(
+        self, replies: dict[str, Shareable], stream_ctx: dict[str, Any], fl_ctx: FLContext
+    ) -> Any:
+        return None
+
+
+@pytest.mark.parametrize("stream_not_open_yet", [False, True])
+async def test_a_pipelined_opener_never_waits_for_a_credit_held_for_a_reply(
+    stream_not_open_yet: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both sides count a stream as sharing the connection only once its first
+    DATA went out (and until its session ended): a stream of the opener that
+    has not sent anything yet must not make the opener bound its
+    unacknowledged bytes while the receiver, which knows nothing of that
+    stream, holds the last credit of each object for its reply. (Found in
+    review: each object of the pipelined stream then waited for the reply or
+    the 10 ms bound.)"""
+    from fedstream._engine import _receiver, _target
+
+    producer = Objects(8, 0)
+    # Text travels inside the object's head (bytes would go out of band
+    # behind a small first frame): a whole 1 MiB first frame, then the rest.
+    producer.data = "x" * (3 * MIB // 2)  # type: ignore[assignment]
+    not_yet = _NotYet()
+    links: list[_target.TargetLink] = []
+    stalls: list[str] = []
+    init = _target.TargetLink.__init__
+    release = _receiver.ReceiverSession.release_credit
+
+    def spy_init(self: _target.TargetLink, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        links.append(self)
+
+    def spy_release(self: _receiver.ReceiverSession) -> None:
+        # The connection's time bound sends a held credit while the opener's
+        # delivery waits for credit: a stall. (The next object's DATA also
+        # releases it, legitimately, while the opener waits for that
+        # object's admission grant.)
+        timer = sys._getframe(1).f_code.co_name == "_release_late_credit"
+        if timer and self._credit_held and any(link._awaiting_credit for link in links):
+            stalls.append(f"stream {self.sid}: credit released while the opener waited for it")
+        release(self)
+
+    monkeypatch.setattr(_target.TargetLink, "__init__", spy_init)
+    monkeypatch.setattr(_receiver.ReceiverSession, "release_credit", spy_release)
+    with trio.fail_after(30):
+        async with fedstream.open_site("recv", listen=LOOP, sync_callbacks="inline") as recv:
+            recv.register_stream_processing(CHANNEL, "*", _SlowFactory())
+            async with fedstream.open_site("send", connect=[recv.address]) as send:
+                await _connection_of(recv, "send")
+                async with trio.open_nursery() as nursery:
+                    if stream_not_open_yet:
+                        nursery.start_soon(
+                            send.stream_objects, CHANNEL, "idle", {}, ["recv"], not_yet, None
+                        )
+                        with trio.fail_after(5):
+                            while len(links) < 1:
+                                await trio.sleep(0.01)
+                    rc, _ = await send.stream_objects(
+                        CHANNEL, "busy", {}, ["recv"], producer, None, max_in_flight=4
+                    )
+                    not_yet.gate.set()
+    assert rc == ReturnCode.OK
+    assert producer.replies == [ReturnCode.OK] * 8
+    assert stalls == []

@@ -224,21 +224,20 @@ async def test_paired_views_never_overdraw_the_window(
     window: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Pairing a head with the next part never spends credit the sender does not have."""
-    from fedstream._engine import _target
+    from fedstream._wire import _stream
 
-    over: list[float] = []
+    over: list[tuple[int, float]] = []
+    spent = [0]
+    spend = _stream.OpenerStream._spend
 
-    def set_window(self: Any, value: float) -> None:
-        if value < 0:
-            over.append(value)
-        self.__dict__["_w"] = value
+    def checked_spend(self: _stream.OpenerStream, nbytes: int) -> None:
+        # (The stream would refuse it too, and the stream would then fail.)
+        spent[0] += nbytes
+        if nbytes > self.credit:
+            over.append((nbytes, self.credit))
+        spend(self, nbytes)
 
-    monkeypatch.setattr(
-        _target.TargetLink,
-        "window",
-        property(lambda self: self.__dict__["_w"], set_window),
-        raising=False,
-    )
+    monkeypatch.setattr(_stream.OpenerStream, "_spend", checked_spend)
     shapes = [[33_000] * 3 + [50_000], [40_000, 600], [100_000, 33_000, 33_000], [600] * 9]
     with trio.fail_after(30):
         async with fedstream.open_site(
@@ -250,4 +249,5 @@ async def test_paired_views_never_overdraw_the_window(
             ) as send:
                 rc, _ = await send.stream_objects(CHANNEL, "t", {}, ["recv"], Blobs(shapes), None)
     assert rc == ReturnCode.OK
+    assert spent[0] > window  # the check saw the object bytes
     assert over == [], "the sender spent credit it did not have"

@@ -13,6 +13,7 @@ import contextvars
 import gc
 import itertools
 import logging
+import socket
 import threading
 import traceback
 import warnings
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from fedstream import (
     ConsumerFactory,
@@ -452,3 +454,37 @@ async def test_no_worker_thread_is_left_once_open_site_exits() -> None:
     # for 0.1 s; on a loaded machine a thread's own exit may take longer.
     await _wait_for(lambda: _pool_threads() == [])
     assert threading.active_count() == before
+
+
+async def test_quick_calls_in_a_row_still_let_other_tasks_run() -> None:
+    """A call that returns within the fast wait still gives trio a schedule
+    point: a task whose socket became readable meanwhile runs after a call
+    or two, not after the whole loop (review: it waited 300 calls)."""
+    pool = WorkerPool(1, fast_wait=0.05)
+    plain_a, plain_b = socket.socketpair()
+    a, b = plain_a, trio.socket.from_stdlib_socket(plain_b)
+    woke_after: list[int] = []
+    calls = [0]
+
+    async def reader() -> None:
+        await b.recv(1)
+        woke_after.append(calls[0])
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                await trio.testing.wait_all_tasks_blocked()
+                a.send(b"x")  # readable now; trio learns it at its next I/O poll
+                for _ in range(200):
+                    await pool.run(lambda: None, grace=0)
+                    calls[0] += 1
+                    if woke_after:
+                        break
+                nursery.cancel_scope.cancel()
+    finally:
+        a.close()
+        b.close()
+        await pool.aclose()
+    assert woke_after, "the reader never ran during 200 quick calls"
+    assert woke_after[0] <= 5

@@ -211,8 +211,24 @@ class Connection:
         return self.peer_credit_step + self.max_body
 
     def shared(self) -> bool:
-        """Whether more than one stream (either way) uses the connection."""
-        return len(self.senders) + len(self.receivers) > 1
+        """Whether more than one stream (either way) uses the connection.
+
+        Streams of ours count once their first DATA went out and until their
+        session ended (:attr:`SendHandler.on_wire`): the peer sees only those,
+        and it decides from the same count whether it may hold a credit for
+        a reply (:meth:`hold_credit`), so both sides must agree on it.
+        """
+        receivers = len(self.receivers)
+        if receivers + len(self.senders) <= 1:
+            return False
+        if receivers > 1:
+            return True
+        for link in self.senders.values():
+            if link.on_wire:
+                receivers += 1
+                if receivers > 1:
+                    return True
+        return False
 
     def contended(self) -> bool:
         """Whether more than one stream is sending: the connection is shared and

@@ -131,6 +131,12 @@ class TargetLink:
         """Whether seq 0 went out, i.e. the target has (or had) a session to finalize."""
         return self.stream.next_seq > 0
 
+    @property
+    def on_wire(self) -> bool:
+        """Whether the peer knows this stream now: seq 0 went out and the
+        target's session has not ended (see :meth:`Connection.shared`)."""
+        return self.ended_rc is None and self.stream.next_seq > 0
+
     def stats(self) -> StreamStats:
         window = self.stream.credit
         return StreamStats(

@@ -230,6 +230,10 @@ class WorkerPool:
             if trio.lowlevel.current_statistics().run_sync_soon_queue_size == 0:
                 job.task = None
                 assert job.outcome is not None
+                # A schedule point, as every trio call that may block gives
+                # (the cancellation point was taken on the way in): a loop of
+                # quick callbacks must not starve the other tasks.
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 return job.outcome.unwrap()
             # The call queued work for trio (an abort signal's listener, say):
             # that work runs first, as it would if the thread had delivered.
