@@ -280,49 +280,30 @@ def _inline(value: Any, depth: int) -> bool:
     The top-level value may be a ``Shareable``: it is encoded as its plain map.
     """
     for key, item in value.items():
-        if type(key) is not str:
-            return False
-        kind = type(item)
-        if kind is str or kind is float or kind is bool or item is None:
-            continue
-        if kind is int:
-            if not -_INT_LIMIT <= item < _INT_LIMIT:
-                return False
-        elif kind in _INLINE_BYTES:
-            if len(item) >= OUT_OF_BAND_MIN:
-                return False
-        elif kind is dict:
-            if depth <= 1 or not _inline(item, depth - 1):
-                return False
-        elif kind is list or kind is tuple:
-            if depth <= 1 or not _inline_items(item, depth - 1):
-                return False
-        else:
+        if type(key) is not str or not _inline_item(item, depth):
             return False
     return True
 
 
 def _inline_items(values: list[Any] | tuple[Any, ...], depth: int) -> bool:
     """:func:`_inline` for the items of a list or tuple."""
-    for item in values:
-        kind = type(item)
-        if kind is str or kind is float or kind is bool or item is None:
-            continue
-        if kind is int:
-            if not -_INT_LIMIT <= item < _INT_LIMIT:
-                return False
-        elif kind in _INLINE_BYTES:
-            if len(item) >= OUT_OF_BAND_MIN:
-                return False
-        elif kind is dict:
-            if depth <= 1 or not _inline(item, depth - 1):
-                return False
-        elif kind is list or kind is tuple:
-            if depth <= 1 or not _inline_items(item, depth - 1):
-                return False
-        else:
-            return False
-    return True
+    return all(_inline_item(item, depth) for item in values)
+
+
+def _inline_item(item: Any, depth: int) -> bool:
+    """One value of a map, list or tuple at nesting ``depth`` (see :func:`_inline`)."""
+    kind = type(item)
+    if kind is str or kind is float or kind is bool or item is None:
+        return True
+    if kind is int:
+        return bool(-_INT_LIMIT <= item < _INT_LIMIT)
+    if kind in _INLINE_BYTES:
+        return len(item) < OUT_OF_BAND_MIN
+    if kind is dict:
+        return depth > 1 and _inline(item, depth - 1)
+    if kind is list or kind is tuple:
+        return depth > 1 and _inline_items(item, depth - 1)
+    return False
 
 
 #: Tags the receivers' CBOR decoder turns into other values (datetimes,
